@@ -1,0 +1,169 @@
+"""Tiny SD1.5- and SDXL-shaped diffusers models built from config, offline and seeded.
+
+They keep the block structure of the real architectures (SD1.5: three cross-attention levels
+and a plain one, one text encoder; SDXL: a plain level then cross-attention levels with a
+transformer depth above one, two text encoders whose hidden states are concatenated, and the
+``text_time`` added conditioning), so code that runs on them runs on the real models. Only the
+widths are small. Building one takes well under a second on a CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tokenizer import tiny_clip_tokenizer
+
+TINY_BASES = ("tiny-sd15", "tiny-sdxl")
+
+# Noise schedule of SD1.5 and SDXL (scaled-linear betas over 1000 steps).
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Widths of a tiny model; the structure comes from the architecture it imitates."""
+
+    text_hidden: int = 32
+    text_layers: int = 2
+    unet_channels: tuple[int, ...] = (32, 32, 64, 64)
+    vae_channels: tuple[int, ...] = (16, 32, 32, 32)
+
+
+def _clip_config(hidden: int, layers: int, projection: int | None = None):
+    from transformers import CLIPTextConfig
+
+    from .tokenizer import vocabulary
+
+    vocab, _ = vocabulary()
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=projection or hidden,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+
+
+def _vae(channels: tuple[int, ...], scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    # Four levels: three downsamplings, the /8 latent of the real VAEs.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def tiny_sd15_components(seed: int = 0, spec: TinySpec = TinySpec()) -> dict:
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    ch = spec.unet_channels
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=ch,
+        layers_per_block=2,
+        attention_head_dim=4,
+        cross_attention_dim=spec.text_hidden,
+        norm_num_groups=8,
+    )
+    vae = _vae(spec.vae_channels, scaling_factor=0.18215)
+    text_encoder = CLIPTextModel(_clip_config(spec.text_hidden, spec.text_layers))
+    scheduler = DDIMScheduler(
+        **SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    )
+    return dict(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tiny_clip_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_components(seed: int = 0, spec: TinySpec = TinySpec()) -> dict:
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    hidden_1, hidden_2 = spec.text_hidden, spec.text_hidden * 2
+    time_dim = 8
+    ch = spec.unet_channels[:3]
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=ch,
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        cross_attention_dim=hidden_1 + hidden_2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        # pooled projection of text encoder 2 + six size/crop numbers embedded at time_dim each
+        projection_class_embeddings_input_dim=hidden_2 + 6 * time_dim,
+        norm_num_groups=8,
+    )
+    vae = _vae(spec.vae_channels, scaling_factor=0.13025)
+    text_encoder = CLIPTextModel(_clip_config(hidden_1, spec.text_layers))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _clip_config(hidden_2, spec.text_layers, projection=hidden_2)
+    )
+    scheduler = EulerDiscreteScheduler(**SD_SCHEDULE, steps_offset=1, timestep_spacing="leading")
+    return dict(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        scheduler=scheduler,
+    )
+
+
+def build_tiny_pipeline(base: str, seed: int = 0):
+    """A working StableDiffusionPipeline (``tiny-sd15``) or StableDiffusionXLPipeline
+    (``tiny-sdxl``) with seeded random weights."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if base == "tiny-sd15":
+        pipe = StableDiffusionPipeline(**tiny_sd15_components(seed))
+    elif base == "tiny-sdxl":
+        pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed))
+    else:
+        raise ValueError(f"unknown tiny base {base!r}; expected one of {', '.join(TINY_BASES)}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def architecture_of(pipe) -> str:
+    """'sdxl' or 'sd15', read from the pipeline's UNet config."""
+    return "sdxl" if pipe.unet.config.addition_embed_type == "text_time" else "sd15"

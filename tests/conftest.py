@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+
+import comfyui_harness
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = comfyui_harness.missing_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "comfyui" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """One real ComfyUI server for the whole session, with this pack in its custom_nodes."""
+    server = comfyui_harness.ComfyServer(tmp_path_factory.mktemp("comfyui-base")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15():
+    from core.models import build_tiny_pipeline
+
+    return build_tiny_pipeline("tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    from core.models import build_tiny_pipeline
+
+    return build_tiny_pipeline("tiny-sdxl")
