@@ -1,0 +1,37 @@
+"""``python -m trainers bench NAME``: benchmarks that print ratio tables measured side by side.
+
+Each benchmark is a module ``trainers/benchmarks/<name>.py`` with ``add_arguments(parser)`` and
+``run(args) -> int``; only the chosen one is imported.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHMARKS = {
+    "fairhuman": "plain LoRA step vs. MPD step vs. reference-style step (time and memory)",
+    "dpo": "peak memory of a Diffusion-DPO step vs. a plain LoRA step",
+    "lan": "LAN sampling vs. plain sampling (time and peak memory)",
+    "annotate": "annotation throughput (images/s) on ~1024 px photos",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark: " + "; ".join(
+        f"{k}: {v}" for k, v in BENCHMARKS.items()))
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
+
+
+def run(args: argparse.Namespace) -> int:
+    module_name = f"{__package__}.benchmarks.{args.name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        print(f"python -m trainers bench {args.name}: not implemented yet in this version", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog=f"python -m trainers bench {args.name}", description=BENCHMARKS[args.name])
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(args.rest)) or 0)
