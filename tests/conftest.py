@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import comfyui_harness
+
+# Fixture modules of each feature: tests/fixtures_*.py (tests/ is on pytest's pythonpath).
+pytest_plugins = sorted(p.stem for p in Path(__file__).parent.glob("fixtures_*.py"))
 
 
 def pytest_collection_modifyitems(config, items):
