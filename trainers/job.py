@@ -1,0 +1,89 @@
+"""One training job end to end: load the base, attach the LoRA, train, export the LoRA file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .jobs import EventLog, atomic_path
+from .loop import train
+from .methods import method_module
+from .model import TrainableModel
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_base(base: str):
+    try:
+        from core.checkpoints import load_pipeline
+    except ImportError:  # before single-file support existed, only the tiny bases
+        from core.models import build_tiny_pipeline as load_pipeline
+    return load_pipeline(base)
+
+
+def build_model(cfg) -> TrainableModel:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.mixed_precision != "no" and device == "cpu":
+        raise ValueError(f"--mixed-precision {cfg.mixed_precision} needs a GPU; use 'no' on the CPU")
+    return TrainableModel(
+        load_base(cfg.base), rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
+        dtype=DTYPES[cfg.mixed_precision], device=device,
+        gradient_checkpointing=cfg.gradient_checkpointing, init_seed=cfg.seed,
+    )
+
+
+def make_sampler(cfg, model: TrainableModel, run_dir: Path, events: EventLog):
+    """Validation images: the same prompts and seeds at every sampling step, LoRA on."""
+    if not (cfg.sample_every and cfg.sample_prompts):
+        return None
+
+    def sample(step: int) -> None:
+        model.unet.eval()
+        paths = []
+        with torch.no_grad():
+            for k, prompt in enumerate(cfg.sample_prompts):
+                image = model.pipe(
+                    prompt, num_inference_steps=cfg.sample_steps, height=cfg.resolution,
+                    width=cfg.resolution, generator=torch.Generator().manual_seed(cfg.seed + k),
+                ).images[0]
+                path = run_dir / "samples" / f"step_{step:07d}_{k}.png"
+                with atomic_path(path) as tmp:
+                    image.save(tmp, format="PNG")
+                paths.append(str(path))
+        model.unet.train()
+        events.emit("sample", step=step, paths=paths)
+
+    return sample
+
+
+def lora_metadata(cfg, model: TrainableModel, method, result: dict) -> dict:
+    return {
+        "method": cfg.method,
+        "base_arch": model.arch,
+        "base": cfg.base,
+        "rank": cfg.rank,
+        "alpha": model.alpha,
+        "target_modules": cfg.target_modules,
+        "objectives": list(method.objective_names),
+        "steps": result["steps"],
+        "dataset_size": method.dataset_size(),
+        "final_weights": result.get("final_weights"),
+        **method.summary(),
+        "config": cfg.to_dict(),
+    }
+
+
+def run_job(cfg, run_dir: Path, events: EventLog, *, resume: bool, stop_requested) -> dict:
+    from core.lora_format import save_lora
+
+    model = build_model(cfg)
+    method = method_module(cfg.method).METHOD(cfg, model)
+    result = train(cfg, method, run_dir, events, resume=resume,
+                   sampler=make_sampler(cfg, model, run_dir, events), stop_requested=stop_requested)
+    if result["status"] == "done":
+        name = cfg.lora_name or f"{cfg.method.replace('-', '')}_{model.arch}.safetensors"
+        path = run_dir / name
+        save_lora(path, model.unet, metadata=lora_metadata(cfg, model, method, result))
+        result["lora"] = str(path)
+    return result

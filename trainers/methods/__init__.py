@@ -1,0 +1,17 @@
+"""Training methods: what a step's objectives are and where its data comes from.
+
+The loop (``trainers.loop``) is shared; a method supplies ``objective_names``, ``combine``
+("fair": per-objective gradients combined by a weighting; "sum": one backward of a fixed
+weighted sum), ``batch(step, micro)`` and ``losses(model, batch, generator)``.
+"""
+from __future__ import annotations
+
+import importlib
+
+METHODS = {"fairhuman": "fairhuman", "hg-dpo": "hg_dpo"}
+
+
+def method_module(name: str):
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}")
+    return importlib.import_module(f"{__name__}.{METHODS[name]}")

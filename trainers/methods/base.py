@@ -1,0 +1,44 @@
+"""The interface between the shared training loop and a method."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class StepLosses:
+    """A micro-batch's objectives. ``losses`` is (K,) in ``objective_names`` order; an inactive
+    objective (e.g. no hand in the batch) has weight 0 this step. ``metrics`` are extra numbers
+    for the event log (DPO reward margin, accuracy, ...)."""
+
+    losses: torch.Tensor
+    active: torch.Tensor | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+class Method:
+    name: str = ""
+    objective_names: tuple[str, ...] = ()
+    combine: str = "sum"  # "fair" or "sum"
+    defaults: dict = {}
+
+    def __init__(self, cfg, model):
+        self.cfg, self.model = cfg, model
+
+    def sum_weights(self) -> torch.Tensor:
+        """Fixed weights of the objectives when ``combine == "sum"``."""
+        return torch.ones(len(self.objective_names))
+
+    def batch(self, step: int, micro: int) -> dict:
+        raise NotImplementedError
+
+    def losses(self, batch: dict, generator: torch.Generator) -> StepLosses:
+        raise NotImplementedError
+
+    def dataset_size(self) -> int:
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        """Method-specific facts for the LoRA metadata."""
+        return {}

@@ -1,0 +1,65 @@
+"""FairHuman: global, face-masked and hand-masked diffusion losses from one UNet forward,
+combined by a fairness weighting of their gradients (MPD by default)."""
+from __future__ import annotations
+
+import torch
+
+from core.objectives import regional_losses
+
+from ..data import RegionDataset, StepBatches, collate
+from .base import Method, StepLosses
+
+
+class FairHuman(Method):
+    name = "fairhuman"
+    objective_names = ("global", "face", "hand")
+    combine = "fair"
+    # Paper defaults for an SDXL LoRA: rank 256, lr 1e-5, 1024 px, batch 1, Adam.
+    defaults = dict(rank=256, lr=1e-5, resolution=1024, batch_size=1)
+
+    def __init__(self, cfg, model):
+        super().__init__(cfg, model)
+        self.dataset = RegionDataset(
+            cfg.data, resolution=cfg.resolution, seed=cfg.seed, random_crop=cfg.random_crop,
+            flip_p=cfg.flip_p, bucketing=cfg.bucketing,
+        )
+        self.order = StepBatches(self.dataset.bucket_of, cfg.batch_size, cfg.seed)
+        self._text_cache: dict[str, object] = {}
+
+    def dataset_size(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, step: int, micro: int) -> dict:
+        epoch, indices = self.order.batch(step * self.cfg.grad_accum + micro)
+        return collate([self.dataset.item(i, epoch) for i in indices])
+
+    def _conditioning(self, texts: list[str]):
+        # Captions repeat across epochs: encode each once (the text encoders are frozen).
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        if missing:
+            encoded = self.model.encode_prompts(missing)
+            for i, text in enumerate(missing):
+                self._text_cache[text] = (encoded.hidden[i], None if encoded.pooled is None else encoded.pooled[i])
+        from ..model import Conditioning
+
+        hidden = torch.stack([self._text_cache[t][0] for t in texts])
+        pooled = None if self.model.arch != "sdxl" else torch.stack([self._text_cache[t][1] for t in texts])
+        return Conditioning(hidden, pooled)
+
+    def losses(self, batch: dict, generator: torch.Generator) -> StepLosses:
+        model = self.model
+        latents = model.encode_images(batch["pixels"], generator)
+        noise, timesteps = model.sample_noise_and_timesteps(latents, generator)
+        noisy = model.add_noise(latents, noise, timesteps)
+        pred = model.predict(noisy, timesteps, self._conditioning(batch["text"]), batch["time_ids"])
+        target = model.target(latents, noise, timesteps)
+        masks = batch["latent_masks"].to(pred.device)
+        losses, active = regional_losses(
+            pred, target, masks[:, 0:1], masks[:, 1:2], normalization=self.cfg.normalization
+        )
+        return StepLosses(losses, active)
+
+    def summary(self) -> dict:
+        return {"weighting": self.cfg.weighting, "normalization": self.cfg.normalization}
+
+METHOD = FairHuman

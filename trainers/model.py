@@ -1,0 +1,178 @@
+"""The model being trained: a diffusers pipeline with a peft LoRA on its UNet.
+
+Both methods see the same small surface: encode prompts and images, noise latents, predict, the
+prediction target, and ``reference()`` — the same UNet with the adapter disabled, which is the
+frozen base model without a second copy in memory (HG-DPO's reference; LAN's reference).
+
+Dtype policy: the frozen VAE and text encoders run in the training dtype except the VAE, which
+stays fp32 (its fp16 decode/encode overflows on SD VAEs); the trainable LoRA parameters are kept
+in fp32 whatever the compute dtype, so the optimizer updates them at full precision.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from core.models import architecture_of
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch. ``pooled`` is SDXL's pooled text_encoder_2 embedding."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def to(self, device) -> "Conditioning":
+        return Conditioning(self.hidden.to(device), None if self.pooled is None else self.pooled.to(device))
+
+    def repeat(self, n: int) -> "Conditioning":
+        return Conditioning(
+            self.hidden.repeat(n, 1, 1), None if self.pooled is None else self.pooled.repeat(n, 1)
+        )
+
+
+class TrainableModel:
+    def __init__(
+        self,
+        pipe,
+        *,
+        rank: int,
+        alpha: float | None = None,
+        target_modules=DEFAULT_TARGETS,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        gradient_checkpointing: bool = False,
+        init_seed: int = 0,
+    ):
+        from diffusers import DDPMScheduler
+        from peft import LoraConfig
+
+        self.pipe = pipe
+        self.arch = architecture_of(pipe)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
+        self.target_modules = list(target_modules)
+        pipe.to(self.device)
+        pipe.vae.to(dtype=torch.float32)
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        unet = pipe.unet
+        unet.requires_grad_(False)
+        unet.to(dtype=dtype)
+        torch.manual_seed(init_seed)  # peft draws LoRA A from the global generator
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=self.alpha, target_modules=self.target_modules, init_lora_weights=True)
+        )
+        for param in self.lora_parameters():
+            param.data = param.data.float()
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        self.unet = unet
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        self._alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+
+    # ---- parameters -----------------------------------------------------------------------
+    def _frozen_modules(self):
+        names = ("vae", "text_encoder", "text_encoder_2")
+        return [getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None]
+
+    def named_lora_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.unet.named_parameters() if "lora_" in n]
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.named_lora_parameters()]
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under peft's names (detached, on the CPU)."""
+        return {n: p.detach().cpu().clone() for n, p in self.named_lora_parameters()}
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_lora_parameters())
+        missing = set(params) - set(state)
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name])
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen base model: the same UNet with the LoRA adapter switched off."""
+        self.unet.disable_adapters()
+        try:
+            yield self
+        finally:
+            self.unet.enable_adapters()
+
+    # ---- encoding ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        if self.arch == "sdxl":
+            hidden, _, pooled, _ = self.pipe.encode_prompt(
+                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return Conditioning(hidden.to(self.dtype), pooled.to(self.dtype))
+        hidden, _ = self.pipe.encode_prompt(
+            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return Conditioning(hidden.to(self.dtype))
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] (B,3,H,W) -> scaled latents (B,4,H/8,W/8), in fp32."""
+        vae = self.pipe.vae
+        dist = vae.encode(pixels.to(self.device, torch.float32)).latent_dist
+        return dist.sample(generator) * vae.config.scaling_factor
+
+    # ---- diffusion --------------------------------------------------------------------------
+    def sample_noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator):
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
+        return noise, timesteps
+
+    def add_noise(self, latents, noise, timesteps) -> torch.Tensor:
+        return self.noise_scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents, noise, timesteps) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+
+    def added_conditions(self, cond: Conditioning, time_ids: torch.Tensor | None) -> dict | None:
+        """SDXL's text_time conditioning: pooled text embedding and the six size/crop numbers
+        (original h, w, crop top, left, target h, w) per sample."""
+        if self.arch != "sdxl":
+            return None
+        return {"text_embeds": cond.pooled, "time_ids": time_ids.to(self.device, self.dtype)}
+
+    def predict(self, noisy, timesteps, cond: Conditioning, time_ids: torch.Tensor | None = None):
+        out = self.unet(
+            noisy.to(self.dtype),
+            timesteps,
+            encoder_hidden_states=cond.hidden,
+            added_cond_kwargs=self.added_conditions(cond, time_ids),
+            return_dict=False,
+        )[0]
+        return out.float()
+
+    def predicted_x0_and_eps(self, noisy, timesteps, pred):
+        """(x0, eps) implied by a model output at the given timesteps."""
+        a = self._alphas_cumprod[timesteps].view(-1, 1, 1, 1).float()
+        if self.prediction_type == "epsilon":
+            eps = pred
+            x0 = (noisy - (1 - a).sqrt() * eps) / a.sqrt()
+        else:  # v-prediction
+            x0 = a.sqrt() * noisy - (1 - a).sqrt() * pred
+            eps = (1 - a).sqrt() * noisy + a.sqrt() * pred
+        return x0, eps
