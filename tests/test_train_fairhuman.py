@@ -1,0 +1,80 @@
+"""The FairHuman trainer end to end on the tiny models: learning, exact resume, export."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from train_helpers import ROOT, lora_tensors, make_region_dataset, offline_env, train_cli
+from trainers.jobs import read_events
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["--method", "fairhuman", "--resolution", "128", "--rank", "4", "--lr", "2e-3",
+          "--batch-size", "2", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_region_dataset(tmp_path_factory.mktemp("regions"))
+
+
+@pytest.mark.parametrize("base", ["tiny-sdxl", "tiny-sd15"])
+def test_mpd_training_lowers_all_three_losses(dataset, tmp_path, base):
+    result = train_cli(*COMMON, "--base", base, "--data", dataset, "--output", tmp_path, "--steps", 30,
+                       "--weighting", "mpd", "--checkpoint-every", 0)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    events = read_events(tmp_path / "events.jsonl")
+    progress = [e for e in events if e["event"] == "progress"]
+    assert len(progress) == 30 and events[-1]["event"] == "done"
+    for name in ("global", "face", "hand"):
+        values = [e["losses"][name] for e in progress]
+        first, last = sum(values[:10]) / 10, sum(values[-10:]) / 10
+        assert last < first, f"{base} {name}: first-10 mean {first:.4f}, last-10 mean {last:.4f}"
+    weights = progress[-1]["weights"]
+    assert len(weights) == 3 and all(w > 0 for w in weights)
+    lora = tmp_path / f"fairhuman_{'sdxl' if base == 'tiny-sdxl' else 'sd15'}.safetensors"
+    assert lora.is_file()
+    assert all(k.startswith("lora_unet_") for k in lora_tensors(lora))
+
+
+def test_sigkill_then_resume_equals_uninterrupted(dataset, tmp_path):
+    steps = ["--steps", 12, "--checkpoint-every", 4, "--base", "tiny-sd15"]
+    straight = tmp_path / "straight"
+    assert train_cli(*COMMON, *steps, "--data", dataset, "--output", straight).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainers", "train", *map(str, COMMON + steps), "--data", str(dataset),
+         "--output", str(killed)], cwd=ROOT, env=offline_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        events = read_events(killed / "events.jsonl")
+        if any(e["event"] == "checkpoint" and e["step"] == 8 for e in events):
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(killed.glob("*.safetensors")), "killed before the end: no LoRA may exist yet"
+
+    resumed = train_cli(*COMMON, *steps, "--data", dataset, "--output", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert any(e["event"] == "resume" for e in read_events(killed / "events.jsonl"))
+    a = lora_tensors(straight / "fairhuman_sd15.safetensors")
+    b = lora_tensors(killed / "fairhuman_sd15.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bitwise: CPU fp32, every draw seeded by step
+
+
+def test_bad_input_gives_an_error_event(tmp_path):
+    result = train_cli("--method", "fairhuman", "--base", "tiny-sd15", "--data", tmp_path / "nope",
+                       "--output", tmp_path / "run", "--steps", 1)
+    assert result.returncode == 1
+    error = read_events(tmp_path / "run" / "events.jsonl")[-1]
+    assert error["event"] == "error" and "annotate the folder first" in error["message"]

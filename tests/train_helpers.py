@@ -1,0 +1,62 @@
+"""Small fixed datasets and CLI runners for the trainer tests."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_region_dataset(folder: Path, count: int = 4, size: int = 128, seed: int = 0) -> Path:
+    """Images with a 'face' disc and a small 'hand' square, their masks and metadata.jsonl in
+    the annotate format; image 3 has no hand (an empty hand mask must be handled)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(exist_ok=True)
+    rows = []
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(count):
+        image = (rng.random((size, size, 3)) * 60 + 90).astype(np.uint8)
+        cx, cy, r = rng.integers(size // 4, 3 * size // 4, 2).tolist() + [size // 8]
+        face = ((xx - cx) ** 2 + (yy - cy) ** 2) <= r * r
+        image[face] = (230, 180, 150)
+        hand = np.zeros_like(face)
+        if i != 3:
+            hx, hy = rng.integers(4, size - 20, 2).tolist()
+            hand[hy: hy + 12, hx: hx + 10] = True
+            image[hand] = (200, 150, 120)
+        name = f"img{i}.png"
+        Image.fromarray(image).save(folder / name)
+        Image.fromarray(face.astype(np.uint8) * 255).save(folder / "masks" / f"img{i}_face.png")
+        Image.fromarray(hand.astype(np.uint8) * 255).save(folder / "masks" / f"img{i}_hand.png")
+        rows.append({
+            "image": name, "text": "a photo of a person waving hands", "width": size, "height": size,
+            "status": "ok", "reason": None,
+            "faces": [{"box": [cx - r, cy - r, cx + r, cy + r], "score": 1.0}], "hands": [],
+            "mask_face": f"masks/img{i}_face.png", "mask_hand": f"masks/img{i}_hand.png",
+        })
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def offline_env() -> dict:
+    """No hub, and any attempt at the network fails fast."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HTTPS_PROXY="http://127.0.0.1:9",
+                HTTP_PROXY="http://127.0.0.1:9", PYTHONUNBUFFERED="1")
+
+
+def train_cli(*args, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainers", "train", *map(str, args)], cwd=ROOT,
+                          env=offline_env(), capture_output=True, text=True, timeout=900, **popen)
+
+
+def lora_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
