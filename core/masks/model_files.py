@@ -95,6 +95,7 @@ def _wheel_hand_task(root: Path | None) -> Path | None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as bundle:
             bundle.write(palm, "hand_detector.tflite")
             bundle.write(marks, "hand_landmarks_detector.tflite")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)  # atomic: concurrent builders each write a whole file
     finally:
         if os.path.exists(tmp):
