@@ -1,0 +1,335 @@
+"""``python -m trainers annotate DIR``: detect faces and hands in a folder of images and write
+the FairHuman dataset: ``metadata.jsonl`` (one record per image) and face/hand mask PNGs.
+
+Record (one JSON object per line; the trainer reads it)::
+
+    {"image": "<path relative to the jsonl's folder>", "text": "<caption or ''>",
+     "width": W, "height": H, "status": "ok" | "no_people" | "error", "reason": null | "<why>",
+     "faces": [{"box": [x0, y0, x1, y1], "score": s}],
+     "hands": [{"box": [...], "score": s, "handedness": "Left", "handedness_score": s}],
+     "mask_face": "<png path relative to the jsonl's folder, or null>", "mask_hand": ...}
+
+Captions come from a sidecar ``<stem>.txt`` (the kohya convention). Masks go to ``masks/`` in
+the output folder as 8-bit grayscale PNGs of the image's size, tagged as ours in a PNG text
+chunk: a mask file without the tag was made by the user and is kept and used, never replaced.
+The run is resumable (images already in metadata.jsonl are skipped; each record is appended as
+soon as its image is done), survives bad files (each gets a record with the reason) and uses
+every core (a process pool; each process creates its detectors once).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+METADATA = "metadata.jsonl"
+MASKS = "masks"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+SIDE_FILES = {".txt"}  # captions: read with their image, not images themselves
+OWNER_KEY, OWNER_VALUE = "fairhuman-hgdpo", "annotate"  # PNG text chunk marking our masks
+DONE_STATUS = ("ok", "no_people")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", type=Path, help="folder of images (searched recursively), with optional <stem>.txt captions")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where metadata.jsonl and masks/ go (default: DIR itself)")
+    parser.add_argument("--min-confidence", type=float, default=0.5,
+                        help="minimum face-detection / hand-presence confidence (default 0.5)")
+    parser.add_argument("--padding", type=float, default=0.1,
+                        help="grow each box by this fraction of its size on every side (default 0.1)")
+    parser.add_argument("--dilation", type=int, default=0, help="grow masks by this many pixels (default 0)")
+    parser.add_argument("--feather", type=int, default=0,
+                        help="soft edge: masks fall to 0 over this many pixels outside the region (default 0)")
+    parser.add_argument("--no-tiles", action="store_true",
+                        help="detect on the whole image only (faster; misses small faces and hands)")
+    parser.add_argument("--max-side", type=int, default=2048,
+                        help="detect on a copy downscaled to this long side (default 2048; boxes map back)")
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="folder with blaze_face_short_range.tflite and hand_landmarker.task "
+                             "(default: the models bundled in mediapipe 0.10.21)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes (default: one per CPU core; 1 runs in this process)")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="annotate again the images whose record has status 'error'")
+
+
+@dataclass(frozen=True)
+class Settings:
+    min_confidence: float
+    padding: float
+    dilation: int
+    feather: int
+    tiles: bool
+    max_side: int | None
+    models_dir: str | None
+
+
+@dataclass(frozen=True)
+class Job:
+    image: Path  # absolute
+    key: str  # the record's "image": path relative to the output folder
+    caption: Path | None
+    mask_face: Path  # absolute
+    mask_hand: Path
+    out: Path
+
+
+# ---- one image (runs in a worker process) -----------------------------------------------------
+def read_caption(path: Path | None) -> tuple[str, str | None]:
+    """(caption, note): a non-UTF-8 file is decoded with replacement characters and noted."""
+    if path is None or not path.is_file():
+        return "", None
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig").strip(), None
+    except UnicodeDecodeError as err:
+        return raw.decode("utf-8", errors="replace").strip(), (
+            f"caption {path.name} is not UTF-8 (byte {err.start}): decoded with replacement characters")
+
+
+def is_our_mask(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "text", {}).get(OWNER_KEY) == OWNER_VALUE
+    except Exception:
+        return False  # unreadable: not ours either, so it is left alone
+
+
+def write_mask(path: Path, mask) -> None:
+    """8-bit grayscale PNG tagged as ours, written atomically (a killed run leaves no half file)."""
+    import numpy as np
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(OWNER_KEY, OWNER_VALUE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        Image.fromarray((np.clip(mask, 0, 1) * 255 + 0.5).astype(np.uint8), mode="L").save(tmp, pnginfo=info)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _relative(path: Path, out: Path) -> str:
+    return Path(os.path.relpath(path, out)).as_posix()
+
+
+def annotate_one(job: Job, settings: Settings) -> dict:
+    """The record of one image; its masks are written (or the user's kept) on the way."""
+    from core.masks import boxes_mask, detect, load_rgb
+
+    record = {"image": job.key, "text": "", "width": None, "height": None, "status": "error", "reason": None,
+              "faces": [], "hands": [], "mask_face": None, "mask_hand": None}
+    notes = []
+    try:
+        record["text"], note = read_caption(job.caption)
+        if note:
+            notes.append(note)
+    except OSError as err:
+        notes.append(f"caption unreadable: {err}")
+    try:
+        rgb = load_rgb(job.image)
+    except Exception as err:  # corrupt, truncated, empty, not an image: PIL raises many kinds
+        record["reason"] = "; ".join([f"unreadable image: {type(err).__name__}: {err}"] + notes)
+        return record
+    height, width = rgb.shape[:2]
+    record.update(width=width, height=height)
+    faces, hands = detect(rgb, min_confidence=settings.min_confidence, tiles=settings.tiles,
+                          models_dir=settings.models_dir, max_side=settings.max_side)
+    record["faces"] = [f.to_json() for f in faces]
+    record["hands"] = [h.to_json() for h in hands]
+    record["status"] = "ok" if faces or hands else "no_people"
+    for kind, found, path in (("face", faces, job.mask_face), ("hand", hands, job.mask_hand)):
+        if path.exists() and not is_our_mask(path):
+            from PIL import Image
+
+            try:
+                with Image.open(path) as im:
+                    size = im.size
+            except Exception as err:
+                size, bad = None, f"{type(err).__name__}: {err}"
+            if size != (width, height):
+                record["status"] = "error"
+                notes.append(f"user {kind} mask {_relative(path, job.out)} is "
+                             + (f"{size[0]}x{size[1]}" if size else f"unreadable ({bad})")
+                             + f", the image is {width}x{height}: fix or remove it")
+                continue
+            notes.append(f"kept the user's {kind} mask {_relative(path, job.out)}")
+        else:
+            mask = boxes_mask([d.box for d in found], (height, width), padding=settings.padding,
+                              dilation=settings.dilation, feather=settings.feather)
+            write_mask(path, mask)
+        record[f"mask_{kind}"] = _relative(path, job.out)
+    if record["status"] == "error":
+        record["mask_face"] = record["mask_hand"] = None
+    record["reason"] = "; ".join(notes) or None
+    return record
+
+
+# ---- the folder ---------------------------------------------------------------------------------
+def list_files(root: Path, out: Path) -> tuple[list[Path], list[Path]]:
+    """(images, ignored): image files by suffix, recursively, sorted; hidden files, captions,
+    our metadata and the output's masks folder are left out; other files are 'ignored'."""
+    images, ignored = [], []
+    skip_dir = (out / MASKS).resolve()
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() != skip_dir)
+        for name in sorted(files):
+            path = here / name
+            suffix = path.suffix.lower()
+            if name.startswith(".") or suffix in SIDE_FILES or name == METADATA:
+                continue
+            (images if suffix in IMAGE_SUFFIXES else ignored).append(path)
+    return images, ignored
+
+
+def make_jobs(root: Path, out: Path, images: list[Path]) -> list[Job]:
+    stems = Counter((p.parent, p.stem) for p in images)
+    jobs = []
+    for path in images:
+        rel = path.relative_to(root)
+        # "a.jpg" and "a.png" side by side must not share masks
+        base = rel.with_suffix("") if stems[(path.parent, path.stem)] == 1 else rel.with_name(
+            f"{path.stem}_{path.suffix.lstrip('.').lower()}")
+        caption = path.with_suffix(".txt")
+        jobs.append(Job(
+            image=path.resolve(), key=_relative(path.resolve(), out.resolve()),
+            caption=caption if caption.is_file() else None,
+            mask_face=(out / MASKS / f"{base}_face.png").resolve(),
+            mask_hand=(out / MASKS / f"{base}_hand.png").resolve(), out=out.resolve(),
+        ))
+    return jobs
+
+
+def read_metadata(path: Path) -> dict[str, dict]:
+    """Records by image key (the last one wins); unreadable lines are reported and dropped."""
+    records: dict[str, dict] = {}
+    if not path.is_file():
+        return records
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            records[row["image"]] = row
+        except (json.JSONDecodeError, KeyError, TypeError):
+            print(f"warning: {path}:{number} is not a record; it will be dropped", file=sys.stderr)
+    return records
+
+
+def is_done(record: dict | None, out: Path, retry_errors: bool) -> bool:
+    if record is None:
+        return False
+    if record.get("status", "ok") == "error":
+        return not retry_errors
+    masks = [record.get(k) for k in ("mask_face", "mask_hand")]
+    return all((out / m).is_file() for m in masks if m)  # a deleted mask is made again
+
+
+def write_metadata(path: Path, records: dict[str, dict]) -> None:
+    """Rewrite the jsonl sorted by image, one record per image, atomically."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        for key in sorted(records):
+            handle.write(json.dumps(records[key], ensure_ascii=False) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _results(jobs: list[Job], settings: Settings, workers: int):
+    """Yield records as images finish: in this process or in a pool of ``workers``."""
+    if workers <= 1:
+        for job in jobs:
+            yield annotate_one(job, settings)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn: workers start clean (no inherited mediapipe or torch threads) and build their own detectors
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(annotate_one, job, settings): job for job in jobs}
+        try:
+            for future in as_completed(futures):
+                try:
+                    yield future.result()
+                except Exception as err:  # a worker died on this image: record it, go on
+                    job = futures[future]
+                    yield {"image": job.key, "text": "", "width": None, "height": None, "status": "error",
+                           "reason": f"annotation failed: {type(err).__name__}: {err}", "faces": [], "hands": [],
+                           "mask_face": None, "mask_hand": None}
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from core.masks import ModelFilesMissing, resolve_model_files
+
+    root = args.dir
+    if not root.is_dir():
+        print(f"error: {root} is not a folder", file=sys.stderr)
+        return 2
+    out = args.out or root
+    out.mkdir(parents=True, exist_ok=True)
+    if not 0 < args.min_confidence <= 1 or args.padding < 0 or args.dilation < 0 or args.feather < 0:
+        print("error: --min-confidence must be in (0, 1]; --padding, --dilation, --feather >= 0", file=sys.stderr)
+        return 2
+    try:
+        files = resolve_model_files(args.models_dir)
+    except ModelFilesMissing as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    settings = Settings(min_confidence=args.min_confidence, padding=args.padding, dilation=args.dilation,
+                        feather=args.feather, tiles=not args.no_tiles, max_side=args.max_side or None,
+                        models_dir=str(args.models_dir) if args.models_dir else None)
+
+    images, ignored = list_files(root, out)
+    meta_path = out / METADATA
+    records = read_metadata(meta_path)
+    jobs = make_jobs(root, out, images)
+    todo = [job for job in jobs if not is_done(records.get(job.key), out.resolve(), args.retry_errors)]
+    print(f"annotate {root}: {len(jobs)} images, {len(jobs) - len(todo)} already done, {len(todo)} to do "
+          f"(models: {files.origin})", flush=True)
+
+    counts: Counter = Counter()
+    start = time.perf_counter()
+    if todo:
+        workers = max(1, min(args.workers, len(todo)))
+        with open(meta_path, "a", encoding="utf-8") as journal, tqdm(total=len(todo), unit="img", desc="annotate") as bar:
+            for record in _results(todo, settings, workers):
+                journal.write(json.dumps(record, ensure_ascii=False) + "\n")
+                journal.flush()  # a killed run keeps every finished image
+                records[record["image"]] = record
+                counts[record["status"]] += 1
+                if record["status"] == "error":
+                    tqdm.write(f"  error {record['image']}: {record['reason']}")
+                elif record["reason"]:
+                    tqdm.write(f"  note  {record['image']}: {record['reason']}")
+                bar.update(1)
+    write_metadata(meta_path, records)
+    elapsed = time.perf_counter() - start
+
+    print(f"done in {elapsed:.1f} s: ok {counts['ok']}, no_people {counts['no_people']}, error {counts['error']}, "
+          f"skipped as done {len(jobs) - len(todo)}, not images {len(ignored)}")
+    if ignored:
+        shown = ", ".join(_relative(p, root) for p in ignored[:5])
+        print(f"  not images (ignored by suffix): {shown}{' ...' if len(ignored) > 5 else ''}")
+    print(f"  {meta_path}")
+    return 0
