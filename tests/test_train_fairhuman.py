@@ -13,8 +13,8 @@ from trainers.jobs import read_events
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["--method", "fairhuman", "--resolution", "128", "--rank", "4", "--lr", "2e-3",
-          "--batch-size", "2", "--seed", "0"]
+COMMON = ["--method", "fairhuman", "--resolution", "128", "--rank", "8", "--lr", "1e-2",
+          "--batch-size", "4", "--seed", "0"]
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,7 @@ def _load_rgb(path: Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.array(im.convert("RGB"))
 
 
 def _load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:

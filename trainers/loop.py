@@ -76,38 +76,41 @@ class Distributed:
 
 
 class Combiner:
-    """Turns a micro-batch's losses into gradients in ``.grad``; returns weights used."""
+    """Turns each micro-batch's losses into gradients; ``finish`` completes ``.grad`` for the
+    optimizer step and returns the objective weights used."""
 
     def __init__(self, method: Method, params: list[torch.Tensor], cfg, dist: Distributed):
         self.method, self.params, self.dist = method, params, dist
-        self.weighting = None
+        self.weighting = self.fair = None
         if method.combine == "fair":
+            from core.combine import GradientCombiner
             from core.weighting import get_weighting
 
             self.weighting = get_weighting(cfg.weighting, **(cfg.weighting_options or {}))
+            self.fair = GradientCombiner(params, self.weighting, len(method.objective_names),
+                                         reduce=dist.average if dist.active else None)
 
     def extra_parameters(self) -> list[torch.Tensor]:
         params = getattr(self.weighting, "parameters", None)
         return list(params()) if callable(params) else []
 
-    def backward(self, out, scale: float, micro: int, generator: torch.Generator):
-        if self.method.combine == "fair":
-            from core.combine import fair_backward
+    def backward(self, out, scale: float) -> None:
+        if self.fair is not None:
+            self.fair.add(out.losses * scale, out.active)
+        else:
+            weights = self.method.sum_weights().to(out.losses)
+            (out.losses * weights * scale).sum().backward()
 
-            step = fair_backward(
-                out.losses * scale, self.params, self.weighting, active=out.active,
-                reduce=self.dist.average if self.dist.active else None, accumulate=micro > 0,
-                generator=generator,
-            )
-            return step.weights
-        weights = self.method.sum_weights().to(out.losses)
-        (out.losses * weights * scale).sum().backward()
-        return weights
+    def reset(self) -> None:
+        if self.fair is not None:
+            self.fair.reset()
 
-    def finish(self) -> None:
-        """After the last micro-batch: average a plain-sum gradient over processes."""
-        if self.method.combine != "fair":
-            self.dist.average([p.grad for p in self.params if p.grad is not None])
+    def finish(self, generator: torch.Generator) -> torch.Tensor:
+        if self.fair is not None:
+            return self.fair.step(generator).weights.detach().cpu()
+        # a plain sum: average the gradient over processes, as DDP would
+        self.dist.average([p.grad for p in self.params if p.grad is not None])
+        return self.method.sum_weights()
 
     def state_dict(self) -> dict:
         state = getattr(self.weighting, "state_dict", None)
@@ -154,7 +157,6 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
     for step in range(start, cfg.steps):
         optimizer.zero_grad(set_to_none=True)
         step_losses = torch.zeros(len(names))
-        weights_sum = torch.zeros(len(names))
         finite, extra = True, {}
         for micro in range(cfg.grad_accum):
             generator = step_generator(cfg.seed, step, micro)
@@ -163,14 +165,14 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
             if not torch.isfinite(values).all():
                 finite = False
                 break
-            weights = combiner.backward(out, 1.0 / cfg.grad_accum, micro, generator)
+            combiner.backward(out, 1.0 / cfg.grad_accum)
             step_losses += values / cfg.grad_accum
-            weights_sum += torch.as_tensor(weights).detach().float().cpu() / cfg.grad_accum
             for key, value in out.metrics.items():
                 extra[key] = extra.get(key, 0.0) + float(value) / cfg.grad_accum
         if not finite:
             # Skip the whole optimizer step: a partial accumulation would bias the update.
             optimizer.zero_grad(set_to_none=True)
+            combiner.reset()
             nan_streak, nan_total = nan_streak + 1, nan_total + 1
             events.emit("nan", step=step + 1, streak=nan_streak, total=nan_total)
             if nan_streak >= cfg.max_nan_steps:
@@ -180,11 +182,11 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
                 )
             continue
         nan_streak = 0
-        combiner.finish()
+        weights = combiner.finish(step_generator(cfg.seed, step, cfg.grad_accum))
         grad_norm = _clip(params, cfg.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
-        last_weights = weights_sum.tolist()
+        last_weights = weights.float().tolist()
         done = step + 1
         if dist.is_main and (done % cfg.log_every == 0 or done == cfg.steps):
             elapsed = time.perf_counter() - begin

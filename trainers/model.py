@@ -59,12 +59,12 @@ class TrainableModel:
         self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
         self.target_modules = list(target_modules)
         pipe.to(self.device)
-        pipe.vae.to(dtype=torch.float32)
         for module in self._frozen_modules():
             module.requires_grad_(False)
-        unet = pipe.unet
+        self.unet = unet = pipe.unet
         unet.requires_grad_(False)
-        unet.to(dtype=dtype)
+        if unet.dtype != dtype:
+            unet.to(dtype=dtype)
         torch.manual_seed(init_seed)  # peft draws LoRA A from the global generator
         unet.add_adapter(
             LoraConfig(r=rank, lora_alpha=self.alpha, target_modules=self.target_modules, init_lora_weights=True)
@@ -74,7 +74,6 @@ class TrainableModel:
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
-        self.unet = unet
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self._alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
