@@ -170,7 +170,9 @@ def test_tiles_cover_the_image_and_merge_prefers_whole_views():
         assert x1 - x0 == 480 and y1 - y0 == 480
         covered[y0:y1, x0:x1] = True
     assert covered.all()
-    assert tile_windows(400, 480, 480) == []
+    assert tile_windows(400, 480, 480) == [] and tile_windows(590, 600, 480) == []
+    # a side within 25 % of a tile is not split: one row of full-height windows
+    assert {(y0, y1) for _, y0, _, y1 in tile_windows(683, 1024, 640)} == {(0, 683)}
     # any object up to half a tile lies wholly inside some window
     for x, y in itertools.product(range(0, 1920 - 240, 97), range(0, 1367 - 240, 89)):
         assert any(wx0 <= x and x + 240 <= wx1 and wy0 <= y and y + 240 <= wy1 for wx0, wy0, wx1, wy1 in windows)

@@ -260,8 +260,11 @@ def _results(jobs: list[Job], settings: Settings, workers: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    # spawn: workers start clean (no inherited mediapipe or torch threads) and build their own detectors
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # forkserver: workers start clean (no threads inherited from a caller that loaded torch) and
+    # build their own detectors; mediapipe (1 s to import) is imported once, in the server.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["mediapipe.tasks.python.vision", "core.masks", "trainers.annotate"])
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = {pool.submit(annotate_one, job, settings): job for job in jobs}
         try:
             for future in as_completed(futures):

@@ -7,30 +7,34 @@ wide lies wholly inside some tile; bigger ones are the whole-image pass's job.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1
 
 
-def _starts(length: int, tile: int, stride: int) -> list[int]:
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile + 1, stride))
-    if starts[-1] + tile < length:
-        starts.append(length - tile)  # last tile flush with the edge
-    return starts
+def _spans(length: int, tile: int, stride: int, slack: float) -> list[tuple[int, int]]:
+    """Evenly spaced (start, end) spans of ``tile`` px, at most ``stride`` apart, covering
+    ``length``; one full-length span when the length is within ``slack`` of a tile (splitting a
+    683-px side into two 640-px rows would run the detector twice on nearly the same pixels)."""
+    if length <= tile * (1.0 + slack):
+        return [(0, length)]
+    count = math.ceil((length - tile) / stride) + 1
+    return [(round(i * (length - tile) / (count - 1)), round(i * (length - tile) / (count - 1)) + tile)
+            for i in range(count)]
 
 
-def tile_windows(height: int, width: int, tile: int, overlap: float = 0.5) -> list[Window]:
-    """Windows of ``tile`` px covering the image with the given overlap; [] when the image
-    fits in one tile (the whole-image pass covers it)."""
+def tile_windows(height: int, width: int, tile: int, overlap: float = 0.5, slack: float = 0.25) -> list[Window]:
+    """Windows of about ``tile`` px covering the image, neighbours overlapping by at least
+    ``overlap`` of a tile; [] when the image is about one tile (the whole-image pass covers it)."""
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if height <= tile and width <= tile:
+    if height <= tile * (1.0 + slack) and width <= tile * (1.0 + slack):
         return []
-    stride = max(1, int(round(tile * (1.0 - overlap))))
-    return [(x, y, min(x + tile, width), min(y + tile, height))
-            for y in _starts(height, tile, stride) for x in _starts(width, tile, stride)]
+    stride = max(1, int(tile * (1.0 - overlap)))
+    return [(x0, y0, x1, y1) for y0, y1 in _spans(height, tile, stride, slack)
+            for x0, x1 in _spans(width, tile, stride, slack)]
 
 
 def touches_inner_edge(box, window: Window, height: int, width: int, margin: float = 2.0) -> bool:
