@@ -1,6 +1,9 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from trainers.cli import COMMANDS
 
@@ -25,8 +28,11 @@ def test_unknown_command_is_a_usage_error():
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
-def test_demo_writes_a_png(tmp_path):
-    result = _cli("demo", "--output", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    pngs = list(tmp_path.glob("*.png"))
-    assert pngs and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+@pytest.mark.slow
+def test_demo_writes_its_report(tmp_path, sample_photos):
+    result = _cli("demo", "--output", str(tmp_path), "--steps", "3")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("losses.png", "weights.png", "samples_base_vs_lora.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert Path(report["lora"]).is_file() and Path(report["annotations"]).is_file()

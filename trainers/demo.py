@@ -19,7 +19,7 @@ PROMPTS = ("a photo of people waving hands", "a portrait of a smiling woman", "t
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=Path("outputs/demo"), help="report folder")
     parser.add_argument("--steps", type=int, default=40, help="training steps")
-    parser.add_argument("--resolution", type=int, default=256, help="training side in pixels")
+    parser.add_argument("--resolution", type=int, default=128, help="training side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, data order and noise")
 
 
@@ -54,7 +54,7 @@ def sample_grid(base: str, lora: Path, prompts, seed: int, size: int, out: Path)
     pipe = build_tiny_pipeline(base, seed=seed)
 
     def render():
-        return [np.asarray(pipe(prompt, num_inference_steps=20, height=size, width=size,
+        return [np.asarray(pipe(prompt, num_inference_steps=12, height=size, width=size,
                                 generator=torch.Generator().manual_seed(seed + k)).images[0])
                 for k, prompt in enumerate(prompts)]
 
@@ -62,7 +62,8 @@ def sample_grid(base: str, lora: Path, prompts, seed: int, size: int, out: Path)
     pipe.load_lora_weights(str(lora))
     with_lora = render()
     rows = [np.concatenate(pair, axis=1) for pair in zip(without, with_lora)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST).save(out)  # tiny images: enlarge
     return out
 
 
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     train_cmd.add_arguments(parser)
     train_args = parser.parse_args([
         "--method", "fairhuman", "--base", "tiny-sdxl", "--data", str(data), "--output", str(run_dir),
-        "--steps", str(args.steps), "--resolution", str(args.resolution), "--rank", "8", "--lr", "2e-3",
+        "--steps", str(args.steps), "--resolution", str(args.resolution), "--rank", "8", "--lr", "5e-3", "--batch-size", "2",
         "--checkpoint-every", "10", "--log-every", "1", "--seed", str(args.seed), "--resume",
     ])
     if train_cmd.run(train_args) != 0:

@@ -48,12 +48,17 @@ def plot_run(events_path: str | Path, out_dir: str | Path, names: list[str] | No
     plt.close(fig)
 
     if progress[0].get("weights"):
+        # Shares w_i / Σ w: the raw MPD weights scale with 1/|g|^(4/3) and swing over decades.
         fig, ax = plt.subplots(figsize=(6, 3.6))
+        totals = [sum(float(w) for w in e["weights"]) or 1.0 for e in progress]
         for i, name in enumerate(names):
-            ax.plot(steps, [float(e["weights"][i]) for e in progress], lw=2, label=name)
-        ax.set_title("objective weights per step")
+            shares = [float(e["weights"][i]) / t for e, t in zip(progress, totals)]
+            ax.plot(steps, shares, color=f"C{i}", lw=0.8, alpha=0.35)
+            ax.plot(steps, _smooth(shares, window), color=f"C{i}", lw=2, label=name)
+        ax.set_title("objective weight shares  w_i / Σ w  (thin: per step)")
         ax.set_xlabel("step")
-        ax.set_ylabel("weight")
+        ax.set_ylabel("weight share")
+        ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
