@@ -262,8 +262,12 @@ def _results(jobs: list[Job], settings: Settings, workers: int):
 
     # forkserver: workers start clean (no threads inherited from a caller that loaded torch) and
     # build their own detectors; mediapipe (1 s to import) is imported once, in the server.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["mediapipe.tasks.python.vision", "core.masks", "trainers.annotate"])
+    # Windows has no forkserver: spawn there.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["mediapipe.tasks.python.vision", "core.masks", "trainers.annotate"])
+    else:
+        context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = {pool.submit(annotate_one, job, settings): job for job in jobs}
         try:
