@@ -78,3 +78,63 @@ def test_bad_input_gives_an_error_event(tmp_path):
     assert result.returncode == 1
     error = read_events(tmp_path / "run" / "events.jsonl")[-1]
     assert error["event"] == "error" and "annotate the folder first" in error["message"]
+
+
+@pytest.mark.parametrize("base", ["tiny-sdxl", "tiny-sd15"])
+def test_trained_lora_round_trips_through_diffusers(dataset, tmp_path, base):
+    """The exported file, loaded by diffusers into a fresh pipeline, reproduces the trained
+    UNet's output."""
+    from core.lora_format import read_lora_metadata
+    from core.models import build_tiny_pipeline
+    from trainers.config import TrainConfig
+    from trainers.job import run_job
+    from trainers.jobs import EventLog
+
+    cfg = TrainConfig(method="fairhuman", base=base, data=str(dataset), output=str(tmp_path), steps=3,
+                      resolution=128, rank=8, alpha=4.0, lr=1e-2, batch_size=2, checkpoint_every=0)
+    result = run_job(cfg, tmp_path, EventLog(tmp_path / "events.jsonl", echo=False), resume=False,
+                     stop_requested=lambda: False, keep_model=True)
+    trained = result["model"]
+    trained.unet.eval()
+    fresh = build_tiny_pipeline(base)
+    fresh.load_lora_weights(result["lora"])
+
+    generator = torch.Generator().manual_seed(1)
+    noisy = torch.randn(1, 4, 16, 16, generator=generator)
+    cond = trained.encode_prompts(["a photo of hands"])
+    time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]])
+    t = torch.tensor([500])
+    with torch.no_grad():
+        expected = trained.predict(noisy, t, cond, time_ids)
+        got = fresh.unet(noisy, t, encoder_hidden_states=cond.hidden,
+                         added_cond_kwargs=trained.added_conditions(cond, time_ids)).sample
+        base_out = build_tiny_pipeline(base).unet(
+            noisy, t, encoder_hidden_states=cond.hidden,
+            added_cond_kwargs=trained.added_conditions(cond, time_ids)).sample
+    assert (got - expected).abs().max() <= 1e-4
+    assert (base_out - expected).abs().max() > 1e-3  # the LoRA really changes the output
+    meta = {k.removeprefix("fairhuman."): v for k, v in read_lora_metadata(result["lora"]).items()}
+    assert meta["method"] == "fairhuman" and meta["rank"] == 8 and meta["steps"] == 3
+    assert meta["base_arch"] == ("sdxl" if base == "tiny-sdxl" else "sd15")
+    assert len(meta["final_weights"]) == 3 and meta["weighting"] == "mpd"
+    assert meta["dataset_size"] == 4 and meta["objectives"] == ["global", "face", "hand"]
+
+
+def test_validation_samples_and_clear_optimizer_errors(dataset, tmp_path):
+    result = train_cli(*COMMON, "--base", "tiny-sd15", "--data", dataset, "--output", tmp_path / "a",
+                       "--steps", 2, "--sample-every", 2, "--sample-prompts", "a photo of hands",
+                       "--sample-steps", 2, "--checkpoint-every", 0)
+    assert result.returncode == 0, result.stderr[-2000:]
+    samples = [e for e in read_events(tmp_path / "a" / "events.jsonl") if e["event"] == "sample"]
+    assert samples and all(os.path.isfile(p) for p in samples[0]["paths"])
+
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed here")
+    except Exception:
+        pass
+    result = train_cli(*COMMON, "--base", "tiny-sd15", "--data", dataset, "--output", tmp_path / "b",
+                       "--steps", 1, "--optimizer", "adamw8bit")
+    assert result.returncode == 1
+    error = read_events(tmp_path / "b" / "events.jsonl")[-1]
+    assert error["event"] == "error" and "--optimizer adamw" in error["message"]

@@ -74,7 +74,9 @@ def lora_metadata(cfg, model: TrainableModel, method, result: dict) -> dict:
     }
 
 
-def run_job(cfg, run_dir: Path, events: EventLog, *, resume: bool, stop_requested) -> dict:
+def run_job(cfg, run_dir: Path, events: EventLog, *, resume: bool, stop_requested,
+            keep_model: bool = False) -> dict:
+    """Train and export; ``keep_model`` returns the trained model too (tests, notebooks)."""
     from core.lora_format import save_lora
 
     model = build_model(cfg)
@@ -86,4 +88,6 @@ def run_job(cfg, run_dir: Path, events: EventLog, *, resume: bool, stop_requeste
         path = run_dir / name
         save_lora(path, model.unet, metadata=lora_metadata(cfg, model, method, result))
         result["lora"] = str(path)
+    if keep_model:
+        result["model"] = model
     return result
