@@ -25,7 +25,7 @@ CONFIGS = {  # name -> extra annotate arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", type=int, default=24, help="images per configuration (default 24)")
+    parser.add_argument("--images", type=int, default=48, help="images per configuration (default 48)")
     parser.add_argument("--side", type=int, default=1024, help="long side of the photos in px (default 1024)")
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS),
                         help="configurations to time (default: all)")
