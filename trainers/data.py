@@ -87,10 +87,9 @@ def nearest_bucket(width: int, height: int, options: list[tuple[int, int]]) -> t
 
 
 def _load_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
+    from core.masks import load_rgb  # EXIF orientation applied, as annotate and ComfyUI do
 
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"))
+    return np.array(load_rgb(path))
 
 
 def _load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:

@@ -7,10 +7,12 @@ on that problem, in float64, with a fraction-to-the-boundary step so w stays pos
 number of iterations of 3×3 linear algebra on K's own device — no scipy, no ``.item()``, no host
 synchronisation.
 
-Regularization: K is replaced by K + ε·mean(diag K)·I with ε = 1e-12. This only matters when
-some non-negative combination of the gradients cancels exactly (then no solution exists and the
-weights would grow without bound); for ill-conditioned (cond 1e8) or rank-deficient K whose
-gradients do not cancel, the solution is unchanged to far below the 1e-6 residual tested.
+No regularization is needed by the solver: the Newton system's matrix K + diag(w^(-1/α-1)/α) is
+positive definite for any positive semi-definite K, so ill-conditioned (cond 1e8) and
+rank-deficient K are solved to the 1e-6 residual tested. A solution exists unless some
+non-negative combination of the gradients cancels exactly (then the weights would grow without
+bound); the fixed iteration count keeps them finite in that case. K is normalized by its mean
+diagonal first and the weights rescaled after, so its units do not matter.
 
 Scale (MPD is not scale-invariant, which is why the loss normalization matters):
 - all gradients scaled by c: K → c²K, w → c^(-2α/(α+1)) w, and d → c^((1-α)/(1+α)) d
@@ -26,18 +28,17 @@ from __future__ import annotations
 
 import torch
 
-EPS = 1e-12
+EIGEN_FLOOR = 1e-12  # closed form only: K^(-p) of a singular K
 
 
 def _normalized(gram: torch.Tensor):
     k = gram.to(torch.float64)
     k = 0.5 * (k + k.T)
     scale = torch.diagonal(k).mean().clamp_min(torch.finfo(torch.float64).tiny)
-    k = k / scale + EPS * torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
-    return k, scale
+    return k / scale, scale
 
 
-def mpd_weights(gram: torch.Tensor, alpha: float = 2.0, iterations: int = 60) -> torch.Tensor:
+def mpd_weights(gram: torch.Tensor, alpha: float = 2.0, iterations: int = 80) -> torch.Tensor:
     """Exact α-fair weights (K w)_i = w_i^(-1/α), returned in ``gram``'s dtype and device."""
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be square, got shape {tuple(gram.shape)}")
@@ -65,13 +66,13 @@ def mpd_closed_form(gram: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
     for diagonal K; entries can come out negative when gradients conflict."""
     k, scale = _normalized(gram)
     vals, vecs = torch.linalg.eigh(k)
-    power = vecs @ torch.diag(vals.clamp_min(EPS) ** (-alpha / (alpha + 1.0))) @ vecs.T
+    power = vecs @ torch.diag(vals.clamp_min(EIGEN_FLOOR) ** (-alpha / (alpha + 1.0))) @ vecs.T
     w = power @ torch.ones(k.shape[0], dtype=k.dtype, device=k.device)
     return (w * scale ** (-alpha / (alpha + 1.0))).to(gram.dtype)
 
 
 class MPD:
-    def __init__(self, alpha: float = 2.0, iterations: int = 60):
+    def __init__(self, alpha: float = 2.0, iterations: int = 80):
         self.alpha, self.iterations = float(alpha), int(iterations)
 
     def __call__(self, gram, losses=None, generator=None):
