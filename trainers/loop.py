@@ -32,8 +32,9 @@ class TrainingError(RuntimeError):
     """A failure the user can act on; its message goes into the error event."""
 
 
-def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + micro)
+def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
+    """Noise and timesteps of one micro-batch on one process, a function of its coordinates."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 1009 + rank)
 
 
 def make_optimizer(cfg, params):
@@ -69,6 +70,14 @@ class Distributed:
         for tensor in tensors:
             self.dist.all_reduce(tensor)
             tensor.div_(self.world)
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every process (so all skip, or all step, together)."""
+        if not self.active:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0])
+        self.dist.all_reduce(value, op=self.dist.ReduceOp.MIN)
+        return bool(value.item() > 0)
 
     @property
     def is_main(self) -> bool:
@@ -133,6 +142,7 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
 
     model = method.model
     dist = Distributed()
+    method.rank, method.world = dist.rank, dist.world
     params = model.lora_parameters()
     combiner = Combiner(method, params, cfg, dist)
     optimizer = make_optimizer(cfg, params + combiner.extra_parameters())
@@ -159,7 +169,7 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
         step_losses = torch.zeros(len(names))
         finite, extra = True, {}
         for micro in range(cfg.grad_accum):
-            generator = step_generator(cfg.seed, step, micro)
+            generator = step_generator(cfg.seed, step, micro, dist.rank)
             out = method.losses(method.batch(step, micro), generator)
             values = out.losses.detach().float().cpu()
             if not torch.isfinite(values).all():
@@ -169,7 +179,7 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
             step_losses += values / cfg.grad_accum
             for key, value in out.metrics.items():
                 extra[key] = extra.get(key, 0.0) + float(value) / cfg.grad_accum
-        if not finite:
+        if not dist.all_true(finite):
             # Skip the whole optimizer step: a partial accumulation would bias the update.
             optimizer.zero_grad(set_to_none=True)
             combiner.reset()

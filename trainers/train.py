@@ -59,10 +59,16 @@ class _StopFlag:
 
 
 def _init_distributed() -> None:
+    """Join the process group that a launcher (``accelerate launch``, ``torchrun``) described in
+    the environment: NCCL on GPUs, gloo on CPUs."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+        import torch
+        import torch.distributed as dist
 
-        PartialState()  # initializes torch.distributed from the launcher's environment
+        if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def run(args: argparse.Namespace) -> int:

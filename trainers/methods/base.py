@@ -25,6 +25,12 @@ class Method:
 
     def __init__(self, cfg, model):
         self.cfg, self.model = cfg, model
+        # set by the loop: each process trains on its own share of every step's batches
+        self.rank, self.world = 0, 1
+
+    def batch_number(self, step: int, micro: int) -> int:
+        """The global index of this process's micro-batch ``micro`` of optimizer step ``step``."""
+        return (step * self.cfg.grad_accum + micro) * self.world + self.rank
 
     def sum_weights(self) -> torch.Tensor:
         """Fixed weights of the objectives when ``combine == "sum"``."""

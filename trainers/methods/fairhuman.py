@@ -30,7 +30,7 @@ class FairHuman(Method):
         return len(self.dataset)
 
     def batch(self, step: int, micro: int) -> dict:
-        epoch, indices = self.order.batch(step * self.cfg.grad_accum + micro)
+        epoch, indices = self.order.batch(self.batch_number(step, micro))
         return collate([self.dataset.item(i, epoch) for i in indices])
 
     def _conditioning(self, texts: list[str]):

@@ -1,0 +1,39 @@
+"""One rank of the 2-process CPU test (launched by torch.distributed.run with gloo): trains a
+few FairHuman steps with the real loop and saves what this rank ended with."""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def main(data: str, out: str) -> None:
+    from trainers.config import TrainConfig
+    from trainers.job import build_model
+    from trainers.jobs import EventLog
+    from trainers.loop import train
+    from trainers.methods.fairhuman import FairHuman
+    from trainers.train import _init_distributed
+
+    _init_distributed()
+    rank = dist.get_rank()
+    cfg = TrainConfig(method="fairhuman", base="tiny-sdxl", data=data, output=out, steps=3, resolution=128,
+                      rank=4, lr=1e-2, batch_size=1, checkpoint_every=0, max_grad_norm=1.0)
+    model = build_model(cfg)
+    method = FairHuman(cfg, model)
+    seen = []
+    original = method.losses
+
+    def spy(batch, generator):
+        seen.append(list(batch["index"]))
+        return original(batch, generator)
+
+    method.losses = spy
+    result = train(cfg, method, Path(out), EventLog(Path(out) / f"events{rank}.jsonl", echo=False))
+    torch.save({"lora": model.lora_state_dict(), "weights": result["final_weights"], "seen": seen},
+               Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
