@@ -153,3 +153,17 @@ def test_two_processes_agree_on_weights_and_lora(tmp_path):
     assert r0["weights"] == r1["weights"]
     for key in r0["lora"]:
         assert torch.equal(r0["lora"][key], r1["lora"][key]), key
+
+
+def test_batched_vjp_equals_k_backward_passes(lora_unet):
+    unet, params = lora_unet
+    b = _batch(seed=5)
+    batched = GradientCombiner(params, get_weighting("mpd"), 3, batched=True)
+    batched.add(*_losses(unet, b))
+    assert batched.batched, "the batched product fell back to K backward passes on the tiny UNet"
+    w_batched = batched.step().weights
+    g_batched = _grads(params)
+    looped = GradientCombiner(params, get_weighting("mpd"), 3, batched=False)
+    looped.add(*_losses(unet, b))
+    assert torch.allclose(w_batched, looped.step().weights, rtol=1e-5)
+    assert _close(g_batched, _grads(params), rtol=1e-5)

@@ -39,6 +39,8 @@ class TrainConfig:
     weighting: str = "mpd"
     weighting_options: dict = field(default_factory=dict)
     normalization: str = "reference"  # reference | area
+    batched_vjp: bool = True
+    tokenizer: str = ""
     random_crop: bool = True
     flip_p: float = 0.5
     bucketing: bool = True
@@ -85,6 +87,8 @@ HELP = {
     "weighting": "mpd, mpd-closed-form, ls, dwa, uw, rlw, si, nash-mtl",
     "weighting_options": "JSON object of weighting options, e.g. '{\"alpha\": 2}'",
     "normalization": "masked-loss normalization: reference (FairHuman code) or area",
+    "batched_vjp": "objective gradients by one batched vector-Jacobian product (faster) or K backward passes (less transient memory)",
+    "tokenizer": "folder with CLIP's vocab.json and merges.txt, for single-file checkpoints outside a ComfyUI tree",
     "random_crop": "random crops (else centred)",
     "flip_p": "probability of a horizontal flip",
     "bucketing": "aspect-ratio buckets (else square crops)",

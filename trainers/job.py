@@ -14,12 +14,10 @@ from .model import TrainableModel
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def load_base(base: str):
-    try:
-        from core.checkpoints import load_pipeline
-    except ImportError:  # before single-file support existed, only the tiny bases
-        from core.models import build_tiny_pipeline as load_pipeline
-    return load_pipeline(base)
+def load_base(cfg):
+    from core.checkpoints import load_pipeline
+
+    return load_pipeline(cfg.base, tokenizer=cfg.tokenizer or None)
 
 
 def build_model(cfg) -> TrainableModel:
@@ -27,7 +25,7 @@ def build_model(cfg) -> TrainableModel:
     if cfg.mixed_precision != "no" and device == "cpu":
         raise ValueError(f"--mixed-precision {cfg.mixed_precision} needs a GPU; use 'no' on the CPU")
     return TrainableModel(
-        load_base(cfg.base), rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
+        load_base(cfg), rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
         dtype=DTYPES[cfg.mixed_precision], device=device,
         gradient_checkpointing=cfg.gradient_checkpointing, init_seed=cfg.seed,
     )

@@ -97,7 +97,7 @@ class Combiner:
 
             self.weighting = get_weighting(cfg.weighting, **(cfg.weighting_options or {}))
             self.fair = GradientCombiner(params, self.weighting, len(method.objective_names),
-                                         reduce=dist.average if dist.active else None)
+                                         reduce=dist.average if dist.active else None, batched=cfg.batched_vjp)
 
     def extra_parameters(self) -> list[torch.Tensor]:
         params = getattr(self.weighting, "parameters", None)

@@ -1,0 +1,172 @@
+"""``python -m trainers bench fairhuman``: the cost of a fair step, side by side in one run.
+
+On the tiny SDXL-shaped UNet with a LoRA on the attention projections, one batch, each step
+timed as the median of interleaved rounds after warm-up:
+
+- plain:      forward, one backward of the summed loss (a plain LoRA step's gradient work);
+- floor:      forward + K = 3 backward passes (what any exact per-objective method must do);
+- batched:    forward + one batched 3-way vector-Jacobian product (``is_grads_batched``);
+- mpd:        this pack's step (``core.combine.GradientCombiner`` with exact MPD), batched product;
+- mpd-loop:   the same with K backward passes (``--batched-vjp false``): less transient memory;
+- reference:  the reference code's recipe, written from its description: three backward
+              passes, a fresh fp32 params×3 buffer every step, the weights solved on the CPU
+              with numpy least squares (a host round trip), the combined gradient written back.
+
+Ratios are to the plain step. Peak memory is the peak of live tensor bytes during the step
+(see ``measure.TensorMemory``), minus nothing: every variant starts from the same state.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from core.combine import GradientCombiner
+from core.models import build_tiny_pipeline
+from core.objectives import regional_losses
+from core.weighting import get_weighting
+
+from .measure import interleaved_medians, mib, peak_bytes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64], help="LoRA ranks to measure")
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (median reported)")
+    parser.add_argument("--batch", type=int, default=2, help="batch size")
+    parser.add_argument("--latent", type=int, default=32, help="latent side (image side / 8)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+
+def _setup(rank: int, batch: int, latent: int):
+    from peft import LoraConfig
+
+    unet = build_tiny_pipeline("tiny-sdxl").unet
+    unet.requires_grad_(False)
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(batch, 4, latent, latent, generator=g)
+    noise = torch.randn(batch, 4, latent, latent, generator=g)
+    face = torch.zeros(batch, 1, latent, latent)
+    face[:, :, latent // 8: latent // 3, latent // 4: latent // 2] = 1
+    hand = torch.zeros(batch, 1, latent, latent)
+    hand[:, :, -latent // 4: -latent // 8, -latent // 5: -latent // 10] = 1
+    cross = unet.config.cross_attention_dim
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    inputs = dict(
+        sample=lat + noise, timestep=torch.tensor([500] * batch),
+        encoder_hidden_states=torch.randn(batch, 77, cross, generator=g),
+        added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, generator=g),
+                           "time_ids": torch.tensor([[latent * 8.0, latent * 8, 0, 0, latent * 8, latent * 8]] * batch)},
+    )
+
+    def losses():
+        pred = unet(**inputs).sample
+        return regional_losses(pred, noise, face, hand)
+
+    return unet, params, losses
+
+
+def _reference_solve(gram: np.ndarray, alpha: float = 2.0, iterations: int = 20) -> np.ndarray:
+    """Fixed-point least squares for (K w) = w^(-1/α) on the CPU, as a scipy-style solver would."""
+    w = np.ones(gram.shape[0])
+    for _ in range(iterations):
+        w_new, *_ = np.linalg.lstsq(gram, np.power(np.maximum(w, 1e-12), -1.0 / alpha), rcond=None)
+        w = np.maximum(0.5 * w + 0.5 * w_new, 1e-12)
+    return w
+
+
+def steps_for(params, losses):
+    combiner = GradientCombiner(params, get_weighting("mpd"), 3, batched=True)
+    looped = GradientCombiner(params, get_weighting("mpd"), 3, batched=False)
+    eye = torch.eye(3)
+
+    def zero():
+        for p in params:
+            p.grad = None
+
+    def plain():
+        zero()
+        values, _ = losses()
+        values.sum().backward()
+
+    def floor():
+        zero()
+        values, _ = losses()
+        for i in range(3):
+            torch.autograd.grad(values[i], params, retain_graph=i < 2)
+
+    def batched():
+        zero()
+        values, _ = losses()
+        torch.autograd.grad(values, params, grad_outputs=eye, is_grads_batched=True)
+
+    def mpd():
+        zero()
+        values, active = losses()
+        combiner.add(values, active)
+        combiner.step()
+
+    def mpd_loop():
+        zero()
+        values, active = losses()
+        looped.add(values, active)
+        looped.step()
+
+    def reference():
+        zero()
+        values, _ = losses()
+        numel = sum(p.numel() for p in params)
+        buffer = torch.zeros(numel, 3, dtype=torch.float32)  # fresh every step, as the reference does
+        for i in range(3):
+            for p in params:
+                p.grad = None
+            values[i].backward(retain_graph=i < 2)
+            buffer[:, i] = torch.cat([p.grad.reshape(-1).float() for p in params])
+        gram = (buffer.T @ buffer).cpu().numpy()  # host round trip
+        w = torch.from_numpy(_reference_solve(gram)).float()
+        combined = buffer @ w
+        offset = 0
+        for p in params:
+            p.grad = combined[offset: offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+
+    return {"plain": plain, "floor": floor, "batched": batched, "mpd": mpd, "mpd-loop": mpd_loop,
+            "reference": reference}
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    print(f"tiny SDXL-shaped UNet, batch {args.batch}, {args.latent}x{args.latent} latents, CPU "
+          f"{args.threads} threads, median of {args.steps} interleaved rounds after 2 warm-up\n")
+    header = "| rank | LoRA params | step | time (ms) | / plain | peak MiB | extra MiB vs plain | (K-1) x LoRA MiB |"
+    print(header)
+    print("|" + "---|" * 8)
+    for rank in args.ranks:
+        unet, params, losses = _setup(rank, args.batch, args.latent)
+        fns = steps_for(params, losses)
+        try:
+            fns["batched"]()
+        except RuntimeError as err:  # vmap over backward is not supported by every kernel
+            print(f"(batched VJP unavailable: {str(err).splitlines()[0][:80]})")
+            fns.pop("batched")
+            fns.pop("mpd-loop")
+        times = interleaved_medians(fns, args.steps)
+        peaks = {name: peak_bytes(fn) for name, fn in fns.items()}
+        lora_bytes = sum(p.numel() * 4 for p in params)
+        lora_params = sum(p.numel() for p in params)
+        for name in fns:
+            print(f"| {rank} | {lora_params:,} | {name} | {times[name] * 1e3:.0f} | "
+                  f"{times[name] / times['plain']:.2f} | {mib(peaks[name])} | "
+                  f"{mib(peaks[name] - peaks['plain'])} | {mib(2 * lora_bytes)} |")
+        floor = times["floor"] / times["plain"]
+        print(f"|  |  | **mpd / floor** | | {times['mpd'] / times['floor']:.3f} (floor ratio {floor:.2f}) | | | |")
+        if "mpd-loop" in times:
+            print(f"|  |  | **mpd-loop / floor** | | {times['mpd-loop'] / times['floor']:.3f} | | | |")
+        print(f"|  |  | **reference / mpd** | | {times['reference'] / times['mpd']:.2f} | | | |")
+    return 0
