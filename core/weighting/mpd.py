@@ -38,7 +38,7 @@ def _normalized(gram: torch.Tensor):
     return k / scale, scale
 
 
-def mpd_weights(gram: torch.Tensor, alpha: float = 2.0, iterations: int = 80) -> torch.Tensor:
+def mpd_weights(gram: torch.Tensor, alpha: float = 2.0, iterations: int = 30) -> torch.Tensor:
     """Exact α-fair weights (K w)_i = w_i^(-1/α), returned in ``gram``'s dtype and device."""
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be square, got shape {tuple(gram.shape)}")
@@ -72,7 +72,7 @@ def mpd_closed_form(gram: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
 
 
 class MPD:
-    def __init__(self, alpha: float = 2.0, iterations: int = 80):
+    def __init__(self, alpha: float = 2.0, iterations: int = 30):
         self.alpha, self.iterations = float(alpha), int(iterations)
 
     def __call__(self, gram, losses=None, generator=None):

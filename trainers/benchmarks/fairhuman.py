@@ -73,7 +73,16 @@ def _setup(rank: int, batch: int, latent: int):
 
 
 def _reference_solve(gram: np.ndarray, alpha: float = 2.0, iterations: int = 20) -> np.ndarray:
-    """Fixed-point least squares for (K w) = w^(-1/α) on the CPU, as a scipy-style solver would."""
+    """(K w) = w^(-1/α) by least squares on the CPU: scipy's ``least_squares`` with w > 0, as the
+    reference code does; a numpy fixed point where scipy is not installed."""
+    try:
+        from scipy.optimize import least_squares
+
+        result = least_squares(lambda w: gram @ w - np.power(w, -1.0 / alpha), np.ones(gram.shape[0]),
+                               bounds=(1e-12, np.inf))
+        return result.x
+    except ImportError:
+        pass
     w = np.ones(gram.shape[0])
     for _ in range(iterations):
         w_new, *_ = np.linalg.lstsq(gram, np.power(np.maximum(w, 1e-12), -1.0 / alpha), rcond=None)
