@@ -16,7 +16,7 @@ def test_image_and_masks_stay_aligned_under_crop_and_flip():
     stack = torch.cat([image, mask, mask])
     flipped_seen = 0
     for seed in range(40):
-        out, top, left = aligned_transform(stack, (64, 64), torch.Generator().manual_seed(seed),
+        out, top, left, _ = aligned_transform(stack, (64, 64), torch.Generator().manual_seed(seed),
                                            random_crop=True, flip_p=0.5)
         img_marker = (out[0] + 1) / 2
         assert torch.allclose(img_marker, out[3], atol=1e-5)

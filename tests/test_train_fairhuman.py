@@ -138,3 +138,30 @@ def test_validation_samples_and_clear_optimizer_errors(dataset, tmp_path):
     assert result.returncode == 1
     error = read_events(tmp_path / "b" / "events.jsonl")[-1]
     assert error["event"] == "error" and "--optimizer adamw" in error["message"]
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_single_file_checkpoints_train_offline(dataset, tmp_path, tiny_single_files, arch):
+    """Original-layout single-file checkpoints (what ComfyUI users have) load and train with the
+    hub unreachable (HF_HUB_OFFLINE and a dead proxy, see offline_env)."""
+    result = train_cli(*COMMON, "--base", tiny_single_files[arch], "--data", dataset, "--output", tmp_path,
+                       "--steps", 2, "--checkpoint-every", 0)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    meta = read_events(tmp_path / "events.jsonl")
+    assert meta[-1]["event"] == "done" and meta[-1]["lora"].endswith(f"fairhuman_{arch}.safetensors")
+
+
+def test_latent_cache_gives_the_same_lora(dataset, tmp_path):
+    args = [*COMMON, "--base", "tiny-sd15", "--data", dataset, "--steps", 3, "--checkpoint-every", 0,
+            "--random-crop", "false"]
+    assert train_cli(*args, "--output", tmp_path / "plain").returncode == 0
+    cached = train_cli(*args, "--output", tmp_path / "cached", "--cache-latents", "true")
+    assert cached.returncode == 0, cached.stderr[-2000:]
+    assert len(list((tmp_path / "cached" / "cache" / "latents").glob("*.pt"))) >= 2
+    a = lora_tensors(tmp_path / "plain" / "fairhuman_sd15.safetensors")
+    b = lora_tensors(tmp_path / "cached" / "fairhuman_sd15.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    refused = train_cli(*COMMON, "--base", "tiny-sd15", "--data", dataset, "--steps", 1,
+                        "--output", tmp_path / "refused", "--cache-latents", "true")
+    assert refused.returncode == 1
+    assert "--random-crop false" in read_events(tmp_path / "refused" / "events.jsonl")[-1]["message"]

@@ -44,6 +44,7 @@ class TrainConfig:
     random_crop: bool = True
     flip_p: float = 0.5
     bucketing: bool = True
+    cache_latents: bool = False
     # HG-DPO
     beta: float | None = None  # None: method default by architecture
     lambda_stat: float = 10000.0
@@ -92,6 +93,7 @@ HELP = {
     "random_crop": "random crops (else centred)",
     "flip_p": "probability of a horizontal flip",
     "bucketing": "aspect-ratio buckets (else square crops)",
+    "cache_latents": "keep each image view's VAE latent in the run directory (needs --random-crop false)",
     "beta": "DPO beta (default 2500 for SD1.5, 5000 for SDXL)",
     "lambda_stat": "weight of the statistic-matching loss (paper: 10000)",
     "checkpoint_every": "save a resumable checkpoint every N steps",

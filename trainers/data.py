@@ -109,7 +109,8 @@ def aligned_transform(
 ):
     """Resize a (C,H,W) stack to cover ``bucket``, crop and maybe flip it — every channel alike.
 
-    Returns (stack, crop_top, crop_left) with crop offsets in resized pixels (SDXL conditioning).
+    Returns (stack, crop_top, crop_left, flipped); crop offsets are in resized pixels (SDXL
+    conditioning).
     """
     _, height, width = stack.shape
     target_w, target_h = bucket
@@ -123,9 +124,10 @@ def aligned_transform(
     else:
         top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
     out = resized[:, top: top + target_h, left: left + target_w]
-    if draws[2] < flip_p:
+    flipped = bool(draws[2] < flip_p)
+    if flipped:
         out = out.flip(-1)
-    return out, top, left
+    return out, top, left, flipped
 
 
 class RegionDataset(torch.utils.data.Dataset):
@@ -163,7 +165,8 @@ class RegionDataset(torch.utils.data.Dataset):
         ])
         generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & 0x7FFFFFFF)
         bucket = self.bucket_of[index]
-        out, top, left = aligned_transform(stack, bucket, generator, random_crop=self.random_crop, flip_p=self.flip_p)
+        out, top, left, flipped = aligned_transform(stack, bucket, generator, random_crop=self.random_crop,
+                                                    flip_p=self.flip_p)
         latent_hw = (bucket[1] // self.latent_factor, bucket[0] // self.latent_factor)
         masks = out[3:].clamp(0, 1)
         latent_masks = torch.stack([torch.as_tensor(to_latent(m, latent_hw)).float() for m in masks])
@@ -175,6 +178,8 @@ class RegionDataset(torch.utils.data.Dataset):
             # SDXL micro-conditioning: original size, crop top-left, target size (h, w order)
             "time_ids": torch.tensor([shape[0], shape[1], top, left, bucket[1], bucket[0]], dtype=torch.float32),
             "index": index,
+            # what the pixels are a function of: the key of the latent cache (no random crop)
+            "view": f"{index}-{bucket[0]}x{bucket[1]}-{'flip' if flipped else 'orig'}",
         }
 
 

@@ -125,11 +125,21 @@ class TrainableModel:
         return Conditioning(hidden.to(self.dtype))
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def latent_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior of pixels in [-1, 1] (B,3,H,W) as (B,2,4,h,w): mean and std, fp32.
+        Deterministic, so it can be cached; ``sample_latents`` draws from it."""
+        dist = self.pipe.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
+        return torch.stack([dist.mean, dist.std], dim=1)
+
+    def sample_latents(self, moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents drawn from posterior moments with the step's generator."""
+        mean, std = moments[:, 0], moments[:, 1]
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return (mean + std * noise) * self.pipe.vae.config.scaling_factor
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Pixels in [-1, 1] (B,3,H,W) -> scaled latents (B,4,H/8,W/8), in fp32."""
-        vae = self.pipe.vae
-        dist = vae.encode(pixels.to(self.device, torch.float32)).latent_dist
-        return dist.sample(generator) * vae.config.scaling_factor
+        return self.sample_latents(self.latent_moments(pixels), generator)
 
     # ---- diffusion --------------------------------------------------------------------------
     def sample_noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator):

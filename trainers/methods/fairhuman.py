@@ -2,10 +2,13 @@
 combined by a fairness weighting of their gradients (MPD by default)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from core.objectives import regional_losses
 
+from ..cache import TensorCache
 from ..data import RegionDataset, StepBatches, collate
 from .base import Method, StepLosses
 
@@ -25,6 +28,11 @@ class FairHuman(Method):
         )
         self.order = StepBatches(self.dataset.bucket_of, cfg.batch_size, cfg.seed)
         self._text_cache: dict[str, object] = {}
+        self.latent_cache = None
+        if cfg.cache_latents:
+            if cfg.random_crop:
+                raise ValueError("--cache-latents needs --random-crop false: a random crop changes every latent")
+            self.latent_cache = TensorCache(Path(cfg.output) / "cache" / "latents")
 
     def dataset_size(self) -> int:
         return len(self.dataset)
@@ -46,9 +54,19 @@ class FairHuman(Method):
         pooled = None if self.model.arch != "sdxl" else torch.stack([self._text_cache[t][1] for t in texts])
         return Conditioning(hidden, pooled)
 
+    def _moments(self, batch: dict) -> torch.Tensor:
+        # One image at a time: a latent never depends on its batch-mates, cached or not.
+        def encode(i):
+            return self.model.latent_moments(batch["pixels"][i: i + 1])[0]
+
+        if self.latent_cache is None:
+            return torch.stack([encode(i) for i in range(len(batch["view"]))])
+        return torch.stack([self.latent_cache.get_or_compute(view, lambda i=i: encode(i))
+                            for i, view in enumerate(batch["view"])]).to(self.model.device)
+
     def losses(self, batch: dict, generator: torch.Generator) -> StepLosses:
         model = self.model
-        latents = model.encode_images(batch["pixels"], generator)
+        latents = model.sample_latents(self._moments(batch), generator)
         noise, timesteps = model.sample_noise_and_timesteps(latents, generator)
         noisy = model.add_noise(latents, noise, timesteps)
         pred = model.predict(noisy, timesteps, self._conditioning(batch["text"]), batch["time_ids"])
