@@ -41,3 +41,23 @@ def comfy_sd15_checkpoint() -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         build_random_checkpoint("sd15", path)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_sd15_lora(tmp_path_factory, comfy_sd15_checkpoint) -> Path:
+    """A FairHuman LoRA made by this pack's trainer (1 step) on the full-size SD1.5 checkpoint."""
+    import comfyui_harness
+    from train_helpers import make_region_dataset, train_cli
+
+    data = make_region_dataset(tmp_path_factory.mktemp("regions"), count=2, size=64)
+    run = tmp_path_factory.mktemp("run")
+    tree = comfyui_harness.comfyui_tree()
+    if tree is None:
+        pytest.skip("needs ComfyUI's CLIP vocabulary: " + str(comfyui_harness.missing_reason()))
+    # The trainer finds CLIP's real vocabulary in the ComfyUI tree: no hub, no download.
+    os.environ.setdefault("COMFYUI_PATH", str(tree))
+    result = train_cli("--method", "fairhuman", "--base", comfy_sd15_checkpoint, "--data", data,
+                       "--output", run, "--steps", 1, "--resolution", 64, "--rank", 4, "--lr", "1e-3",
+                       "--batch-size", 1, "--checkpoint-every", 0)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run / "fairhuman_sd15.safetensors"

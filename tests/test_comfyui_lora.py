@@ -1,29 +1,11 @@
 """A LoRA made by this pack's trainer, on a checkpoint ComfyUI detects as SD1.5, loaded by
 ComfyUI's own LoraLoader: every key consumed, and the sampled latent changes."""
-import os
 import shutil
 
 import pytest
 import torch
 
-from train_helpers import make_region_dataset, train_cli
-
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def trained_full_size_lora(tmp_path_factory, comfy_sd15_checkpoint):
-    import comfyui_harness
-
-    data = make_region_dataset(tmp_path_factory.mktemp("regions"), count=2, size=64)
-    run = tmp_path_factory.mktemp("run")
-    # The trainer finds CLIP's real vocabulary in the ComfyUI tree: no hub, no download.
-    os.environ.setdefault("COMFYUI_PATH", str(comfyui_harness.comfyui_tree()))
-    result = train_cli("--method", "fairhuman", "--base", comfy_sd15_checkpoint, "--data", data,
-                       "--output", run, "--steps", 1, "--resolution", 64, "--rank", 4, "--lr", "1e-3",
-                       "--batch-size", 1, "--checkpoint-every", 0)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run / "fairhuman_sd15.safetensors"
 
 
 def _graph(ckpt: str, lora: str) -> dict:
@@ -43,17 +25,17 @@ def _graph(ckpt: str, lora: str) -> dict:
     }
 
 
-def test_comfyui_lora_loader_consumes_every_key(comfy_server, comfy_sd15_checkpoint, trained_full_size_lora):
+def test_comfyui_lora_loader_consumes_every_key(comfy_server, comfy_sd15_checkpoint, trained_sd15_lora):
     from safetensors.torch import load_file
 
     models = comfy_server.base_dir / "models"
-    for kind, src in (("checkpoints", comfy_sd15_checkpoint), ("loras", trained_full_size_lora)):
+    for kind, src in (("checkpoints", comfy_sd15_checkpoint), ("loras", trained_sd15_lora)):
         (models / kind).mkdir(parents=True, exist_ok=True)
         dst = models / kind / src.name
         if not dst.exists():
             dst.symlink_to(src) if kind == "checkpoints" else shutil.copyfile(src, dst)
     before = len(comfy_server.log())
-    comfy_server.run(_graph(comfy_sd15_checkpoint.name, trained_full_size_lora.name), timeout=900)
+    comfy_server.run(_graph(comfy_sd15_checkpoint.name, trained_sd15_lora.name), timeout=900)
     log = comfy_server.log()[before:]
     assert "lora key not loaded" not in log and "NOT LOADED" not in log and "ERROR lora" not in log, log[-3000:]
     output = comfy_server.base_dir / "output"

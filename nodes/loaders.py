@@ -1,0 +1,194 @@
+"""Loader nodes for the weights the trainers make: FairHuman LoRA, HG-DPO LoRA, FairHuman
+ControlNet.
+
+They load through ComfyUI's own machinery (so LoRAs from other trainers — kohya, diffusers,
+PEFT layouts — load as with LoraLoader), and add what a user needs to trust the result: the
+file's training metadata, a warning when the file was trained for another architecture than the
+model's (the LoRA is then not applied: its tensors would not fit), and how many of the file's
+keys were applied. A missing or corrupt file is an error that names the file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from ..core.lora_format import read_lora_metadata
+
+log = logging.getLogger("fairhuman-hgdpo")
+
+ARCH_OF_COMFY_MODEL = {"SD15": "sd15", "SD20": "sd2", "SD21UnclipL": "sd2", "SDXL": "sdxl",
+                       "SDXLRefiner": "sdxl-refiner", "SSD1B": "sdxl", "Segmind_Vega": "sdxl"}
+LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight",
+                 ".lora.down.weight", ".lora.up.weight", ".lora_mid.weight", ".diff", ".diff_b", ".dora_scale")
+
+
+def model_arch(model) -> str:
+    name = type(model.model.model_config).__name__
+    return ARCH_OF_COMFY_MODEL.get(name, name.lower())
+
+
+def resolve(kind: str, name: str) -> str:
+    import folder_paths
+
+    path = folder_paths.get_full_path(kind, name)
+    if path is None or not os.path.isfile(path):
+        searched = ", ".join(folder_paths.get_folder_paths(kind))
+        raise FileNotFoundError(f"{kind} file {name!r} not found (searched: {searched})")
+    return path
+
+
+def read_file(path: str) -> tuple[dict, dict]:
+    """(tensors, training metadata) of a LoRA file, with an error naming a bad file."""
+    import comfy.utils
+
+    try:
+        tensors = comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as err:
+        raise ValueError(f"cannot read LoRA file {path}: {err}") from None
+    meta = {}
+    if path.endswith(".safetensors"):
+        meta = {k.removeprefix("fairhuman."): v for k, v in read_lora_metadata(path).items()
+                if k.startswith("fairhuman.")}
+    return tensors, meta
+
+
+def _prefix(key: str) -> str:
+    for suffix in LORA_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def apply_lora(model, clip, path: str, strength_model: float, strength_clip: float, method: str):
+    """Apply a LoRA file as ComfyUI's LoraLoader does; returns (model, clip, report text)."""
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.sd
+
+    tensors, meta = read_file(path)
+    name = os.path.basename(path)
+    arch = model_arch(model)
+    lines = [f"{name}: " + (", ".join(f"{k}={meta[k]}" for k in ("method", "base_arch", "rank", "alpha", "steps")
+                                      if k in meta) or "no training metadata (another trainer's LoRA)")]
+    trained_for = meta.get("base_arch")
+    if trained_for and trained_for != arch:
+        message = (f"{name} was trained for {trained_for}, the model is {arch}: LoRA not applied "
+                   f"(its tensors do not fit this architecture)")
+        log.warning(message)
+        return model, clip, "\n".join(lines + ["WARNING: " + message])
+    if meta.get("method") and meta["method"] != method:
+        lines.append(f"note: a {meta['method']} LoRA loaded with the {method} loader")
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    converted = comfy.lora_convert.convert_lora(tensors)
+    prefixes = {_prefix(k) for k in converted}
+    unused = sorted(p for p in prefixes if p not in key_map)
+    patches = comfy.lora.load_lora(converted, key_map, log_missing=False)
+    new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, tensors, strength_model, strength_clip)
+    lines.append(f"applied to {len(patches)} weights from {len(prefixes) - len(unused)} of {len(prefixes)} "
+                 f"LoRA modules, strength {strength_model}")
+    if unused:
+        lines.append(f"WARNING: {len(unused)} LoRA modules match nothing in this model, e.g. {unused[0]}")
+        log.warning("%s: %d LoRA modules not applied, e.g. %s", name, len(unused), unused[0])
+    log.info("%s", "; ".join(lines))
+    return new_model, new_clip, "\n".join(lines)
+
+
+def _lora_choices():
+    import folder_paths
+
+    return folder_paths.get_filename_list("loras")
+
+
+class FairHumanLoraLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to apply the LoRA to."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder (FairHuman LoRAs leave it unchanged)."}),
+            "lora_name": (_lora_choices(), {"tooltip": "A LoRA from models/loras (FairHuman's or any trainer's)."}),
+            "strength": ("FLOAT", {"default": 0.4, "min": -4.0, "max": 4.0, "step": 0.01,
+                                   "tooltip": "LoRA strength. The FairHuman paper uses 0.3-0.5."}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("model", "clip", "info")
+    OUTPUT_TOOLTIPS = ("The model with the LoRA.", "The text encoder with the LoRA.",
+                       "What the file is (training metadata), how much of it was applied, warnings.")
+    FUNCTION = "load"
+    CATEGORY = "FairHuman"
+    DESCRIPTION = "Loads a FairHuman LoRA (better hands and faces), with its training metadata and an architecture check."
+
+    def load(self, model, clip, lora_name, strength):
+        return apply_lora(model, clip, resolve("loras", lora_name), strength, strength, "fairhuman")
+
+
+class HGDPOLoraLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to apply the LoRA to."}),
+            "lora_name": (_lora_choices(), {"tooltip": "An HG-DPO LoRA from models/loras."}),
+            "strength": ("FLOAT", {"default": 0.5, "min": -4.0, "max": 4.0, "step": 0.01,
+                                   "tooltip": "LoRA strength. HG-DPO recommends 0.5; pair with the LAN Sampler "
+                                              "(reference = the model without the LoRA) at higher strengths."}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "info")
+    OUTPUT_TOOLTIPS = ("The model with the LoRA.", "Training metadata, what was applied, warnings.")
+    FUNCTION = "load"
+    CATEGORY = "HG-DPO"
+    DESCRIPTION = "Loads an HG-DPO LoRA (UNet only), with its training metadata and an architecture check."
+
+    def load(self, model, lora_name, strength):
+        new_model, _, info = apply_lora(model, None, resolve("loras", lora_name), strength, 0.0, "hg-dpo")
+        return new_model, info
+
+
+class FairHumanControlNetLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        return {"required": {
+            "control_net_name": (folder_paths.get_filename_list("controlnet"),
+                                 {"tooltip": "A diffusers-layout ControlNet from models/controlnet."}),
+        }}
+
+    RETURN_TYPES = ("CONTROL_NET", "STRING")
+    RETURN_NAMES = ("control_net", "info")
+    OUTPUT_TOOLTIPS = ("Use with Apply ControlNet.", "The file's training metadata.")
+    FUNCTION = "load"
+    CATEGORY = "FairHuman"
+    DESCRIPTION = "Loads a FairHuman ControlNet (diffusers layout) for Apply ControlNet."
+
+    def load(self, control_net_name):
+        import comfy.controlnet
+
+        path = resolve("controlnet", control_net_name)
+        meta = {}
+        if path.endswith(".safetensors"):
+            meta = {k.removeprefix("fairhuman."): v for k, v in read_lora_metadata(path).items()
+                    if k.startswith("fairhuman.")}
+        try:
+            control = comfy.controlnet.load_controlnet(path)
+        except Exception as err:
+            raise ValueError(f"cannot load ControlNet {path}: {err}") from None
+        if control is None:
+            raise ValueError(f"{path} is not a ControlNet ComfyUI recognizes")
+        return control, json.dumps(meta) if meta else f"{os.path.basename(path)}: no training metadata"
+
+
+NODE_CLASS_MAPPINGS = {
+    "FairHumanLoraLoader": FairHumanLoraLoader,
+    "HGDPOLoraLoader": HGDPOLoraLoader,
+    "FairHumanControlNetLoader": FairHumanControlNetLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FairHumanLoraLoader": "Load FairHuman LoRA",
+    "HGDPOLoraLoader": "Load HG-DPO LoRA",
+    "FairHumanControlNetLoader": "Load FairHuman ControlNet",
+}
