@@ -1,0 +1,94 @@
+"""``python -m trainers sample``: images from a base model, optionally with a LoRA and LAN.
+
+LAN here has the semantics of the ComfyUI node: the reference trajectory (the base model, LoRA
+switched off) is sampled first from the same noise and its per-channel latent statistics are
+recorded after every step; then the LoRA trajectory is sampled and its latent's statistics are
+set to the recorded ones after every step (``callback_on_step_end``). One UNet in memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from core.lan import StatsRecorder
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default="tiny-sdxl", help="tiny-sd15, tiny-sdxl, a single-file checkpoint or a diffusers folder")
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    parser.add_argument("--negative", default="", help="negative prompt")
+    parser.add_argument("--lora", type=Path, help="a LoRA file (kohya, diffusers or PEFT layout)")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (HG-DPO: 0.5; FairHuman: 0.3-0.5)")
+    parser.add_argument("--lan", action="store_true", help="Latent Adaptive Normalization against the base model")
+    parser.add_argument("--lan-strength", type=float, default=1.0, help="LAN strength in [0, 1]")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt's noise (+1 per prompt)")
+    parser.add_argument("--steps", type=int, default=30, help="sampler steps")
+    parser.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
+    parser.add_argument("--output", type=Path, default=Path("outputs/samples"), help="folder for the PNGs")
+
+
+def lan_generate(pipe, prompt: str, *, seed: int, strength: float, **kwargs):
+    """One image with LAN: the reference pass (adapters off) then the tuned pass (adapters on).
+    Returns (image, recorder, tuned per-step stats) — the last two for checks and benchmarks."""
+    from core.lan import channel_stats
+
+    recorder = StatsRecorder()
+
+    def record(_pipe, _step, _t, tensors):
+        recorder.record(tensors["latents"])
+        return tensors
+
+    tuned_stats = []
+
+    def match(_pipe, step, _t, tensors):
+        latents = recorder.normalize(tensors["latents"], step, strength)
+        tuned_stats.append(channel_stats(latents))
+        return {"latents": latents}
+
+    pipe.disable_lora()
+    try:
+        pipe(prompt, generator=torch.Generator().manual_seed(seed), callback_on_step_end=record,
+             **{**kwargs, "output_type": "latent"})
+    finally:
+        pipe.enable_lora()
+    image = pipe(prompt, generator=torch.Generator().manual_seed(seed), callback_on_step_end=match,
+                 **kwargs).images[0]
+    return image, recorder, tuned_stats
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.checkpoints import load_pipeline
+
+    if args.lan and args.lora is None:
+        raise SystemExit("--lan needs --lora: LAN matches the LoRA model to the model without it")
+    if not 0.0 <= args.lan_strength <= 1.0:
+        raise SystemExit("--lan-strength must be in [0, 1]")
+    pipe = load_pipeline(args.base, tokenizer=args.tokenizer)
+    if args.lora is not None:
+        if not args.lora.is_file():
+            raise SystemExit(f"LoRA file not found: {args.lora}")
+        pipe.load_lora_weights(str(args.lora), adapter_name="lora")
+        pipe.set_adapters(["lora"], adapter_weights=[args.lora_scale])
+    args.output.mkdir(parents=True, exist_ok=True)
+    common = dict(num_inference_steps=args.steps, guidance_scale=args.cfg, negative_prompt=args.negative or None)
+    if args.size:
+        common.update(height=args.size, width=args.size)
+    written = []
+    for k, prompt in enumerate(args.prompt):
+        seed = args.seed + k
+        if args.lan:
+            image, _, _ = lan_generate(pipe, prompt, seed=seed, strength=args.lan_strength, **common)
+        else:
+            image = pipe(prompt, generator=torch.Generator().manual_seed(seed), **common).images[0]
+        path = args.output / f"{k:03d}_seed{seed}{'_lan' if args.lan else ''}.png"
+        image.save(path)
+        written.append(str(path))
+        print(f"wrote {path}")
+    (args.output / "samples.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                          "images": written}, indent=2))
+    return 0
