@@ -77,7 +77,7 @@ def unet_config(ldm_unet: dict, arch: str, structure: dict | None = None) -> dic
     # Walk the input blocks: resnets (with an optional transformer) until a downsampler ends a level.
     channels, depths, has_attention, per_level = [], [], [], []
     n_inputs = _count(keys, "input_blocks.{}.")
-    level_resnets, level_depth, level_attn = 0, 0, False
+    level_resnets = 0
     for i in range(1, n_inputs):
         block = f"input_blocks.{i}."
         if f"{block}0.op.weight" in ldm_unet:

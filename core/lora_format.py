@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Mapping
 
 import torch
+
+from .atomic import atomic_path
 
 PREFIX = "lora_unet_"
 META_PREFIX = "fairhuman."
@@ -181,28 +182,12 @@ def _arch_of(unet) -> str | None:
 
 def write_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                              metadata: dict[str, str] | None = None) -> Path:
-    """Write a safetensors file so that ``path`` is either the old file or the complete new one:
-    temp file in the same folder, fsync, rename over, fsync the folder."""
+    """Write a safetensors file so that ``path`` is either the old file or the complete new one."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
 
 
 def save_lora(path: str | os.PathLike, unet_or_state, *, metadata: Mapping | None = None,

@@ -138,6 +138,24 @@ class ComfyServer:
             time.sleep(0.25)
         raise TimeoutError(f"prompt {prompt_id} not done in {timeout} s\n{self.log()[-4000:]}")
 
+    def add_model(self, kind: str, path: Path, name: str | None = None) -> str:
+        """Make a model file visible in ``models/<kind>`` (a link; ComfyUI rescans); returns its name."""
+        folder = self.base_dir / "models" / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / (name or Path(path).name)
+        if not target.exists():
+            target.symlink_to(Path(path).resolve())
+        return target.name
+
+    def latest_latent(self, prefix: str):
+        """The newest latent a SaveLatent node wrote with ``filename_prefix=prefix``."""
+        from safetensors.torch import load_file
+
+        files = sorted((self.base_dir / "output").glob(f"{prefix}_*.latent"))
+        if not files:
+            raise FileNotFoundError(f"no saved latent {prefix}_*.latent")
+        return load_file(str(files[-1]))["latent_tensor"]
+
     def outputs(self, entry: dict, node_id: str, kind: str = "images") -> list[Path]:
         """Files a node of a finished prompt wrote, as paths on disk."""
         found = []
@@ -145,3 +163,23 @@ class ComfyServer:
             folder = self.base_dir / item.get("type", "output")
             found.append(folder / item.get("subfolder", "") / item["filename"])
         return found
+
+
+def txt2img_nodes(ckpt: str, prompt: str = "a photo of hands", size: int = 64, batch: int = 1) -> dict:
+    """API nodes "1" checkpoint, "3"/"4" positive/negative, "5" empty latent."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": prompt}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch}},
+    }
+
+
+def sampler_inputs(seed=0, steps=1, cfg=1.0, sampler_name="euler", scheduler="normal") -> dict:
+    """KSampler's inputs wired to ``txt2img_nodes``."""
+    return {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler_name, "scheduler": scheduler,
+            "denoise": 1.0, "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0]}
+
+
+def save_latent(source: str, prefix: str) -> dict:
+    return {"class_type": "SaveLatent", "inputs": {"samples": [source, 0], "filename_prefix": prefix}}

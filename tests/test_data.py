@@ -1,5 +1,4 @@
 """Aligned augmentation, buckets and the deterministic batch order of the region dataset."""
-import numpy as np
 import pytest
 import torch
 

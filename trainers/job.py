@@ -1,7 +1,6 @@
 """One training job end to end: load the base, attach the LoRA, train, export the LoRA file."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

@@ -8,32 +8,15 @@ never leaves a half-written LoRA or checkpoint behind: the old file (or none) st
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike):
-    """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+from core.atomic import atomic_path
 
 
 def write_json_atomic(path, data) -> None:

@@ -18,7 +18,6 @@ so every rank solves the same weights), which is what DDP would do for a plain s
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
