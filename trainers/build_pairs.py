@@ -1,0 +1,99 @@
+"""``python -m trainers build-pairs``: HG-DPO preference pairs from AI feedback.
+
+For each prompt: N images from the target model (batched, seeds recorded), scored; the best and
+the worst become a pair. Output: ``pairs.jsonl`` (one line per prompt: prompt, seeds, scores,
+winner, loser, every image, status) and the images. Resumable per prompt; an image the scorer
+fails on is recorded with the reason and left out of the choice, not fatal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import traceback
+from pathlib import Path
+
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default="tiny-sd15", help="tiny-sd15, tiny-sdxl, a single-file checkpoint or a diffusers folder")
+    parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
+    parser.add_argument("--n", type=int, default=20, help="images per prompt (paper: 20)")
+    parser.add_argument("--scorer", default="anatomy", help="anatomy, pickscore, or a composite 'anatomy:1,pickscore:0.01'")
+    parser.add_argument("--scorer-model", default=None, help="local weights folder for model-based scorers")
+    parser.add_argument("--output", type=Path, required=True, help="pairs folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; each image gets its own")
+    parser.add_argument("--steps", type=int, default=30, help="sampler steps")
+    parser.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
+    parser.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
+    parser.add_argument("--batch", type=int, default=4, help="images generated at once")
+    parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
+
+
+def _done(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    done = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            done.add(json.loads(line)["prompt"])
+        except (json.JSONDecodeError, KeyError):
+            continue  # a torn last line from an interrupted run
+    return done
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from core.checkpoints import load_pipeline
+    from core.scorers import get_scorer
+
+    prompts = [p.strip() for p in args.prompts.read_text(encoding="utf-8").splitlines() if p.strip()]
+    if not prompts:
+        raise SystemExit(f"{args.prompts} has no prompts")
+    if args.n < 2:
+        raise SystemExit("--n must be at least 2: a pair needs a best and a worst image")
+    options = {"model": args.scorer_model} if args.scorer_model else {}
+    scorer = get_scorer(args.scorer, **({} if args.scorer == "anatomy" else options))
+    out = args.output
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    jsonl = out / "pairs.jsonl"
+    done = _done(jsonl)
+    todo = [(k, p) for k, p in enumerate(prompts) if p not in done]
+    print(f"{len(prompts)} prompts, {len(prompts) - len(todo)} already done")
+    pipe = load_pipeline(args.base, tokenizer=args.tokenizer) if todo else None
+    common = dict(num_inference_steps=args.steps, guidance_scale=args.cfg)
+    if args.size:
+        common.update(height=args.size, width=args.size)
+    counts = {"ok": 0, "error": 0}
+    for k, prompt in tqdm(todo, desc="prompts", unit="prompt"):
+        seeds = [args.seed + k * args.n + i for i in range(args.n)]
+        record = {"prompt": prompt, "seeds": seeds, "images": [], "scores": [], "errors": {}}
+        try:
+            for start in range(0, args.n, args.batch):
+                chunk = seeds[start: start + args.batch]
+                images = pipe([prompt] * len(chunk), generator=[torch.Generator().manual_seed(s) for s in chunk],
+                              **common).images
+                for seed, image in zip(chunk, images):
+                    name = f"images/{k:05d}_{seed}.png"
+                    image.save(out / name)
+                    record["images"].append(name)
+                    try:
+                        record["scores"].append(float(scorer.score([image], [prompt])[0]))
+                    except Exception as err:  # an unscorable image is recorded, not fatal
+                        record["scores"].append(None)
+                        record["errors"][name] = f"{type(err).__name__}: {err}"
+            scored = [(s, name) for s, name in zip(record["scores"], record["images"]) if s is not None]
+            if len(scored) < 2:
+                raise ValueError(f"only {len(scored)} of {args.n} images could be scored")
+            ranked = sorted(scored, key=lambda x: x[0])  # stable: ties keep generation order
+            worst, best = ranked[0], ranked[-1]
+            record.update(status="ok", reason=None, winner=best[1], loser=worst[1], winner_score=best[0],
+                          loser_score=worst[0])
+        except Exception as err:
+            record.update(status="error", reason=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1500:])
+        counts[record["status"]] += 1
+        with open(jsonl, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+    print(f"done: {counts['ok']} pairs, {counts['error']} prompts failed, {len(prompts) - len(todo)} skipped as done")
+    return 0

@@ -1,0 +1,118 @@
+"""HG-DPO: Diffusion-DPO on preference pairs plus the statistic-matching loss.
+
+Winner and loser share the noise and the timestep and go through the tuned UNet in one
+concatenated forward; the reference is the same UNet with its LoRA switched off, run first and
+without gradients, so no second copy of the model is held and its activations are freed before
+the tuned forward saves its own.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.dpo import ddpm_posterior_mean, diffusion_dpo_loss, per_sample_error, stat_matching_loss
+
+from ..data import StepBatches, collate
+from ..model import Conditioning
+from .base import Method, StepLosses
+
+PAIRS = "pairs.jsonl"
+
+
+def read_pairs(folder) -> list[dict]:
+    folder = Path(folder)
+    path = folder / PAIRS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: build pairs first with `python -m trainers build-pairs`")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("status") == "ok"]
+    if not rows:
+        raise ValueError(f"{path} lists no usable pair (status ok)")
+    return rows
+
+
+def _pixels(path: Path, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.array(im.convert("RGB"))
+    x = torch.from_numpy(arr).permute(2, 0, 1).float()[None] / 127.5 - 1.0
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+class HGDPO(Method):
+    name = "hg-dpo"
+    objective_names = ("dpo", "stat")
+    combine = "sum"
+    # Paper: SD1.5, LoRA rank 8 on the attention linears, lr 1e-5, β = 2500, λ_stat = 10000.
+    defaults = dict(rank=8, lr=1e-5, resolution=512, batch_size=1)
+
+    def __init__(self, cfg, model):
+        super().__init__(cfg, model)
+        self.folder = Path(cfg.data)
+        self.pairs = read_pairs(self.folder)
+        self.beta = cfg.beta if cfg.beta is not None else (5000.0 if model.arch == "sdxl" else 2500.0)
+        self.order = StepBatches([0] * len(self.pairs), cfg.batch_size, cfg.seed)
+        self._text: dict[str, tuple] = {}
+
+    def dataset_size(self) -> int:
+        return len(self.pairs)
+
+    def sum_weights(self) -> torch.Tensor:
+        return torch.tensor([1.0, float(self.cfg.lambda_stat)])
+
+    def batch(self, step: int, micro: int) -> dict:
+        _, indices = self.order.batch(self.batch_number(step, micro))
+        size = self.cfg.resolution
+        items = [{"winner": _pixels(self.folder / self.pairs[i]["winner"], size),
+                  "loser": _pixels(self.folder / self.pairs[i]["loser"], size),
+                  "text": self.pairs[i]["prompt"], "index": i} for i in indices]
+        return collate(items)
+
+    def _conditioning(self, texts: list[str]) -> Conditioning:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text]
+        if missing:
+            enc = self.model.encode_prompts(missing)
+            for i, t in enumerate(missing):
+                self._text[t] = (enc.hidden[i], None if enc.pooled is None else enc.pooled[i])
+        hidden = torch.stack([self._text[t][0] for t in texts])
+        pooled = None if self.model.arch != "sdxl" else torch.stack([self._text[t][1] for t in texts])
+        return Conditioning(hidden, pooled)
+
+    def losses(self, batch: dict, generator: torch.Generator) -> StepLosses:
+        model = self.model
+        pixels = torch.cat([batch["winner"], batch["loser"]])
+        n = batch["winner"].shape[0]
+        latents = torch.cat([model.sample_latents(model.latent_moments(pixels[i: i + 1]), generator)
+                             for i in range(2 * n)])
+        noise, t = model.sample_noise_and_timesteps(latents[:n], generator)
+        noise, t = noise.repeat(2, 1, 1, 1), t.repeat(2)  # winner and loser share noise and timestep
+        noisy = model.add_noise(latents, noise, t)
+        target = model.target(latents, noise, t)
+        cond = self._conditioning(batch["text"]).repeat(2)
+        size = float(self.cfg.resolution)
+        time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(2 * n, 1)
+        with torch.no_grad(), model.reference():  # first: its activations are gone before ours
+            ref_pred = model.predict(noisy, t, cond, time_ids)
+        pred = model.predict(noisy, t, cond, time_ids)
+        err, ref_err = per_sample_error(pred, target), per_sample_error(ref_pred, target)
+        dpo, metrics = diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], self.beta)
+        # one DDPM step from the winners' x_t with each model: compare channel means of x_{t-1}
+        ac = model.noise_scheduler.alphas_cumprod.to(pred.device)
+        x0, _ = model.predicted_x0_and_eps(noisy[:n], t[:n], pred[:n])
+        x0_ref, _ = model.predicted_x0_and_eps(noisy[:n], t[:n], ref_pred[:n])
+        stat = stat_matching_loss(ddpm_posterior_mean(noisy[:n], x0, t[:n], ac),
+                                  ddpm_posterior_mean(noisy[:n], x0_ref, t[:n], ac))
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics.update(dpo_loss=float(dpo.detach()), stat_loss=float(stat.detach()))
+        return StepLosses(torch.stack([dpo, stat]), metrics=metrics)
+
+    def summary(self) -> dict:
+        return {"beta": self.beta, "lambda_stat": self.cfg.lambda_stat}
+
+
+METHOD = HGDPO
