@@ -77,6 +77,7 @@ class TrainableModel:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self._alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self._text_cache: dict[str, tuple] = {}
 
     # ---- parameters -----------------------------------------------------------------------
     def _frozen_modules(self):
@@ -112,6 +113,19 @@ class TrainableModel:
             self.unet.enable_adapters()
 
     # ---- encoding ---------------------------------------------------------------------------
+    def conditioning(self, texts: list[str]) -> Conditioning:
+        """Text conditioning of a batch; each distinct caption is encoded once per run (the text
+        encoders are frozen, and captions repeat every epoch)."""
+        cache = self._text_cache
+        missing = [t for t in dict.fromkeys(texts) if t not in cache]
+        if missing:
+            encoded = self.encode_prompts(missing)
+            for i, text in enumerate(missing):
+                cache[text] = (encoded.hidden[i], None if encoded.pooled is None else encoded.pooled[i])
+        hidden = torch.stack([cache[t][0] for t in texts])
+        pooled = torch.stack([cache[t][1] for t in texts]) if self.arch == "sdxl" else None
+        return Conditioning(hidden, pooled)
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         if self.arch == "sdxl":

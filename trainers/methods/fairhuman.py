@@ -27,7 +27,6 @@ class FairHuman(Method):
             flip_p=cfg.flip_p, bucketing=cfg.bucketing,
         )
         self.order = StepBatches(self.dataset.bucket_of, cfg.batch_size, cfg.seed)
-        self._text_cache: dict[str, object] = {}
         self.latent_cache = None
         if cfg.cache_latents:
             if cfg.random_crop:
@@ -40,19 +39,6 @@ class FairHuman(Method):
     def batch(self, step: int, micro: int) -> dict:
         epoch, indices = self.order.batch(self.batch_number(step, micro))
         return collate([self.dataset.item(i, epoch) for i in indices])
-
-    def _conditioning(self, texts: list[str]):
-        # Captions repeat across epochs: encode each once (the text encoders are frozen).
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-        if missing:
-            encoded = self.model.encode_prompts(missing)
-            for i, text in enumerate(missing):
-                self._text_cache[text] = (encoded.hidden[i], None if encoded.pooled is None else encoded.pooled[i])
-        from ..model import Conditioning
-
-        hidden = torch.stack([self._text_cache[t][0] for t in texts])
-        pooled = None if self.model.arch != "sdxl" else torch.stack([self._text_cache[t][1] for t in texts])
-        return Conditioning(hidden, pooled)
 
     def _moments(self, batch: dict) -> torch.Tensor:
         # One image at a time: a latent never depends on its batch-mates, cached or not.
@@ -69,7 +55,7 @@ class FairHuman(Method):
         latents = model.sample_latents(self._moments(batch), generator)
         noise, timesteps = model.sample_noise_and_timesteps(latents, generator)
         noisy = model.add_noise(latents, noise, timesteps)
-        pred = model.predict(noisy, timesteps, self._conditioning(batch["text"]), batch["time_ids"])
+        pred = model.predict(noisy, timesteps, model.conditioning(batch["text"]), batch["time_ids"])
         target = model.target(latents, noise, timesteps)
         masks = batch["latent_masks"].to(pred.device)
         losses, active = regional_losses(

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from core.dpo import ddpm_posterior_mean, diffusion_dpo_loss, per_sample_error, stat_matching_loss
 
 from ..data import StepBatches, collate
-from ..model import Conditioning
 from .base import Method, StepLosses
 
 PAIRS = "pairs.jsonl"
@@ -57,7 +56,6 @@ class HGDPO(Method):
         self.pairs = read_pairs(self.folder)
         self.beta = cfg.beta if cfg.beta is not None else (5000.0 if model.arch == "sdxl" else 2500.0)
         self.order = StepBatches([0] * len(self.pairs), cfg.batch_size, cfg.seed)
-        self._text: dict[str, tuple] = {}
 
     def dataset_size(self) -> int:
         return len(self.pairs)
@@ -73,16 +71,6 @@ class HGDPO(Method):
                   "text": self.pairs[i]["prompt"], "index": i} for i in indices]
         return collate(items)
 
-    def _conditioning(self, texts: list[str]) -> Conditioning:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text]
-        if missing:
-            enc = self.model.encode_prompts(missing)
-            for i, t in enumerate(missing):
-                self._text[t] = (enc.hidden[i], None if enc.pooled is None else enc.pooled[i])
-        hidden = torch.stack([self._text[t][0] for t in texts])
-        pooled = None if self.model.arch != "sdxl" else torch.stack([self._text[t][1] for t in texts])
-        return Conditioning(hidden, pooled)
-
     def losses(self, batch: dict, generator: torch.Generator) -> StepLosses:
         model = self.model
         pixels = torch.cat([batch["winner"], batch["loser"]])
@@ -93,7 +81,7 @@ class HGDPO(Method):
         noise, t = noise.repeat(2, 1, 1, 1), t.repeat(2)  # winner and loser share noise and timestep
         noisy = model.add_noise(latents, noise, t)
         target = model.target(latents, noise, t)
-        cond = self._conditioning(batch["text"]).repeat(2)
+        cond = model.conditioning(batch["text"]).repeat(2)
         size = float(self.cfg.resolution)
         time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(2 * n, 1)
         with torch.no_grad(), model.reference():  # first: its activations are gone before ours
