@@ -61,3 +61,28 @@ def test_stat_matching_is_zero_for_equal_latents_and_positive_otherwise():
     a = torch.randn(2, 4, 8, 8)
     assert float(stat_matching_loss(a, a)) == 0.0
     assert float(stat_matching_loss(a + 0.1, a)) == pytest.approx(0.01, rel=1e-5)
+
+
+def test_on_the_tiny_unet_stat_loss_is_zero_at_init_and_reaches_the_lora():
+    from core.models import build_tiny_pipeline
+    from trainers.methods.hg_dpo import dpo_objectives
+    from trainers.model import TrainableModel
+
+    model = TrainableModel(build_tiny_pipeline("tiny-sd15"), rank=4)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8, generator=g)
+    noise = torch.randn(2, 4, 8, 8, generator=g).repeat(2, 1, 1, 1)
+    t = torch.tensor([300, 700]).repeat(2)
+    noisy = model.add_noise(latents, noise, t)
+    cond = model.conditioning(["two hands"] * 4)
+    dpo, stat, _ = dpo_objectives(model, noisy, t, noise, cond, None, 2, 2500.0)
+    assert float(stat.detach()) == 0.0 and float(dpo.detach()) == pytest.approx(math.log(2), abs=1e-6)  # B = 0
+    with torch.no_grad():
+        for name, p in model.named_lora_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    dpo, stat, _ = dpo_objectives(model, noisy, t, noise, cond, None, 2, 2500.0)
+    assert float(stat.detach()) > 0
+    stat.backward()
+    grads = [p.grad for p in model.lora_parameters()]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)

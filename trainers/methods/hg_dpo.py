@@ -43,6 +43,23 @@ def _pixels(path: Path, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
+def dpo_objectives(model, noisy, t, target, cond, time_ids, n: int, beta: float):
+    """(DPO loss, statistic-matching loss, metrics) for 2n noisy latents: winners then losers,
+    sharing noise and timesteps."""
+    with torch.no_grad(), model.reference():  # first: its activations are gone before ours
+        ref_pred = model.predict(noisy, t, cond, time_ids)
+    pred = model.predict(noisy, t, cond, time_ids)
+    err, ref_err = per_sample_error(pred, target), per_sample_error(ref_pred, target)
+    dpo, metrics = diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], beta)
+    # one DDPM step from the winners' x_t with each model: compare channel means of x_{t-1}
+    ac = model.noise_scheduler.alphas_cumprod.to(pred.device)
+    x0, _ = model.predicted_x0_and_eps(noisy[:n], t[:n], pred[:n])
+    x0_ref, _ = model.predicted_x0_and_eps(noisy[:n], t[:n], ref_pred[:n])
+    stat = stat_matching_loss(ddpm_posterior_mean(noisy[:n], x0, t[:n], ac),
+                              ddpm_posterior_mean(noisy[:n], x0_ref, t[:n], ac))
+    return dpo, stat, metrics
+
+
 class HGDPO(Method):
     name = "hg-dpo"
     objective_names = ("dpo", "stat")
@@ -84,17 +101,7 @@ class HGDPO(Method):
         cond = model.conditioning(batch["text"]).repeat(2)
         size = float(self.cfg.resolution)
         time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(2 * n, 1)
-        with torch.no_grad(), model.reference():  # first: its activations are gone before ours
-            ref_pred = model.predict(noisy, t, cond, time_ids)
-        pred = model.predict(noisy, t, cond, time_ids)
-        err, ref_err = per_sample_error(pred, target), per_sample_error(ref_pred, target)
-        dpo, metrics = diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], self.beta)
-        # one DDPM step from the winners' x_t with each model: compare channel means of x_{t-1}
-        ac = model.noise_scheduler.alphas_cumprod.to(pred.device)
-        x0, _ = model.predicted_x0_and_eps(noisy[:n], t[:n], pred[:n])
-        x0_ref, _ = model.predicted_x0_and_eps(noisy[:n], t[:n], ref_pred[:n])
-        stat = stat_matching_loss(ddpm_posterior_mean(noisy[:n], x0, t[:n], ac),
-                                  ddpm_posterior_mean(noisy[:n], x0_ref, t[:n], ac))
+        dpo, stat, metrics = dpo_objectives(model, noisy, t, target, cond, time_ids, n, self.beta)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update(dpo_loss=float(dpo.detach()), stat_loss=float(stat.detach()))
         return StepLosses(torch.stack([dpo, stat]), metrics=metrics)

@@ -1,0 +1,63 @@
+"""``python -m trainers bench dpo``: peak memory (and time) of a Diffusion-DPO step against a
+plain LoRA step on the same 2B batch.
+
+Both on the tiny SD1.5-shaped UNet with a rank-8 LoRA: *plain* is one forward and backward of
+the diffusion loss on 2B latents; *dpo* is the HG-DPO step on B pairs (= 2B latents): the
+reference forward without gradients (the same UNet, adapter off — no second copy), then the
+tuned forward and backward of the DPO + statistic-matching loss. Peak = live tensor bytes
+during the step (``measure.TensorMemory``). Target: dpo / plain ≤ 1.15.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .measure import interleaved_medians, mib, peak_bytes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pairs", type=int, default=2, help="B: pairs per step (the plain step gets 2B images)")
+    parser.add_argument("--latent", type=int, default=32, help="latent side")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.models import build_tiny_pipeline
+    from trainers.methods.hg_dpo import dpo_objectives
+    from trainers.model import TrainableModel
+
+    torch.set_num_threads(args.threads)
+    model = TrainableModel(build_tiny_pipeline("tiny-sd15"), rank=8)
+    n, side = args.pairs, args.latent
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2 * n, 4, side, side, generator=g)
+    noise = torch.randn(n, 4, side, side, generator=g).repeat(2, 1, 1, 1)
+    t = torch.randint(0, 1000, (n,), generator=g).repeat(2)
+    noisy = model.add_noise(latents, noise, t)
+    cond = model.conditioning(["a photo of hands"] * (2 * n))
+    params = model.lora_parameters()
+
+    def zero():
+        for p in params:
+            p.grad = None
+
+    def plain():
+        zero()
+        ((model.predict(noisy, t, cond) - noise) ** 2).mean().backward()
+
+    def dpo():
+        zero()
+        loss, stat, _ = dpo_objectives(model, noisy, t, noise, cond, None, n, 2500.0)
+        (loss + 10000.0 * stat).backward()
+
+    times = interleaved_medians({"plain": plain, "dpo": dpo}, args.rounds)
+    peaks = {"plain": peak_bytes(plain), "dpo": peak_bytes(dpo)}
+    print(f"tiny SD1.5-shaped UNet, LoRA rank 8, {2 * n} latents of {side}x{side}, CPU {args.threads} threads\n")
+    print("| step | time (ms) | time / plain | peak MiB | peak / plain |")
+    print("|---|---|---|---|---|")
+    for name in ("plain", "dpo"):
+        print(f"| {name} | {times[name] * 1e3:.0f} | {times[name] / times['plain']:.2f} | {mib(peaks[name])} | "
+              f"{peaks[name] / peaks['plain']:.3f} |")
+    return 0
