@@ -8,6 +8,7 @@ widths are small. Building one takes well under a second on a CPU.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,7 @@ def _vae(channels: tuple[int, ...], scaling_factor: float):
     from diffusers import AutoencoderKL
 
     # Four levels: three downsamplings, the /8 latent of the real VAEs.
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
@@ -69,6 +70,27 @@ def _vae(channels: tuple[int, ...], scaling_factor: float):
         sample_size=64,
         scaling_factor=scaling_factor,
     )
+    return _calibrate_posterior(vae)
+
+
+POSTERIOR_STD = 0.02
+
+
+@torch.no_grad()
+def _calibrate_posterior(vae):
+    """Give a random VAE the latent statistics of a trained one: posterior means with a std of
+    1 / scaling_factor (what the factor is defined from) and a narrow posterior. Randomly
+    initialised, the means sit near 0 and the posterior std near 1, so every sampled latent is
+    mostly sampling noise and no image could be told from another in training."""
+    probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    means = vae.quant_conv(vae.encoder(probe))[:, : vae.config.latent_channels]
+    gain = (1.0 / vae.config.scaling_factor) / means.std()
+    conv, half = vae.quant_conv, vae.config.latent_channels
+    conv.weight[:half] *= gain
+    conv.bias[:half] *= gain
+    conv.weight[half:] = 0.0
+    conv.bias[half:] = 2.0 * math.log(POSTERIOR_STD)  # log-variance
+    return vae
 
 
 def tiny_sd15_components(seed: int = 0, spec: TinySpec = TinySpec()) -> dict:

@@ -26,7 +26,7 @@ class TrainConfig:
     lr: float = 1e-5
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
-    optimizer: str = "adamw"  # adamw | adamw8bit
+    optimizer: str = "adamw"  # adamw | adamw8bit | auto
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     rank: int = 256
@@ -48,11 +48,13 @@ class TrainConfig:
     # HG-DPO
     beta: float | None = None  # None: method default by architecture
     lambda_stat: float = 10000.0
+    eval_pairs: int = 64  # 0: no fixed-probe evaluation
     # jobs
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 1
     sample_every: int = 0
+    eval_every: int = 0
     sample_prompts: list = field(default_factory=list)
     sample_steps: int = 20
     max_nan_steps: int = 10
@@ -76,7 +78,7 @@ HELP = {
     "lr": "learning rate (paper: 1e-5)",
     "lr_scheduler": "diffusers scheduler name: constant, constant_with_warmup, cosine, linear, ...",
     "warmup_steps": "learning-rate warm-up steps",
-    "optimizer": "adamw, or adamw8bit (needs a working bitsandbytes)",
+    "optimizer": "adamw, adamw8bit (needs a working bitsandbytes) or auto (adamw8bit when it works, else adamw; hg-dpo's default)",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "clip the combined gradient to this norm (0 disables)",
     "rank": "LoRA rank (FairHuman paper: 256; HG-DPO paper: 8)",
@@ -96,6 +98,8 @@ HELP = {
     "cache_latents": "keep each image view's VAE latent in the run directory (needs --random-crop false)",
     "beta": "DPO beta (default 2500 for SD1.5, 5000 for SDXL)",
     "lambda_stat": "weight of the statistic-matching loss (paper: 10000)",
+    "eval_pairs": "pairs (the first N) whose reward margin is measured under fixed probes at the start, the end and every --eval-every steps (0: off)",
+    "eval_every": "also evaluate every N steps (0: only at the start and the end)",
     "checkpoint_every": "save a resumable checkpoint every N steps",
     "keep_checkpoints": "how many checkpoints to keep",
     "log_every": "emit a progress event every N steps",

@@ -36,10 +36,24 @@ def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 1009 + rank)
 
 
+def resolve_optimizer(name: str) -> str:
+    """``auto``: 8-bit AdamW where bitsandbytes works (a CUDA device), else AdamW."""
+    if name != "auto":
+        return name
+    if not torch.cuda.is_available():
+        return "adamw"
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # not installed, or a build that fails at import
+        return "adamw"
+    return "adamw8bit"
+
+
 def make_optimizer(cfg, params):
-    if cfg.optimizer == "adamw":
+    name = resolve_optimizer(cfg.optimizer)
+    if name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw8bit":
+    if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
 
@@ -49,7 +63,7 @@ def make_optimizer(cfg, params):
                 f"--optimizer adamw8bit needs a working bitsandbytes ({type(err).__name__}: {err}); "
                 "install it for your GPU, or use --optimizer adamw"
             ) from err
-    raise TrainingError(f"unknown optimizer {cfg.optimizer!r}: use adamw or adamw8bit")
+    raise TrainingError(f"unknown optimizer {cfg.optimizer!r}: use adamw, adamw8bit or auto")
 
 
 class Distributed:
@@ -160,6 +174,14 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
             start, nan_total = int(state["step"]), int(state.get("nan_steps", 0))
             events.emit("resume", step=start, checkpoint=str(path))
 
+    def evaluate(done: int) -> None:
+        if dist.is_main:
+            values = method.evaluate()
+            if values:
+                events.emit("eval", step=done, **values)
+
+    if start == 0:
+        evaluate(0)
     names = list(method.objective_names)
     nan_streak, last_weights = 0, None
     begin = time.perf_counter()
@@ -217,6 +239,8 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
             events.emit("checkpoint", step=done, path=str(path))
         if dist.is_main and sampler is not None and cfg.sample_every and done % cfg.sample_every == 0:
             sampler(done)
+        if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+            evaluate(done)
         if cancel:
             return {"status": "cancelled", "steps": done, "nan_steps": nan_total, "final_weights": last_weights}
     return {"status": "done", "steps": cfg.steps, "nan_steps": nan_total, "final_weights": last_weights}

@@ -45,6 +45,11 @@ class Method:
     def dataset_size(self) -> int:
         raise NotImplementedError
 
+    def evaluate(self) -> dict:
+        """Numbers measured the same way at every call (fixed data and noise), so the change
+        between two calls is the training's; {} when the method has none."""
+        return {}
+
     def summary(self) -> dict:
         """Method-specific facts for the LoRA metadata."""
         return {}
