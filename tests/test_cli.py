@@ -19,7 +19,7 @@ def _cli(*args):
 def test_help_lists_every_public_command():
     result = _cli("--help")
     assert result.returncode == 0
-    for name in ("annotate", "train", "build-pairs", "sample", "bench", "demo"):
+    for name in ("annotate", "train", "build-pairs", "sample", "report", "bench", "demo"):
         assert name in COMMANDS and f"  {name}" in result.stdout
 
 

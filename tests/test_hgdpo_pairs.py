@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from train_helpers import ROOT, offline_env
 
@@ -49,6 +50,7 @@ def test_forty_dpo_steps_raise_the_reward_margin_on_the_training_pairs(pairs_dir
     from core.lora_format import read_lora_metadata
     from train_helpers import train_cli
     from trainers.jobs import read_events
+    from trainers.loop import resolve_optimizer
 
     run = tmp_path / "run"
     # All 8 pairs in every step; lr for a 40-step run (the paper's 1e-5 is for thousands of steps).
@@ -69,6 +71,16 @@ def test_forty_dpo_steps_raise_the_reward_margin_on_the_training_pairs(pairs_dir
     meta = read_lora_metadata(run / "hgdpo_sd15.safetensors")
     assert meta["fairhuman.method"] == "hg-dpo" and meta["fairhuman.rank"] == 8
     assert meta["fairhuman.beta"] == 2500.0
+    # the paper's 8-bit Adam "when available": on this CPU machine auto falls back to AdamW
+    assert json.loads((run / "config.json").read_text())["optimizer"] == "auto"
+    if not torch.cuda.is_available():
+        assert resolve_optimizer("auto") == "adamw"
+
+    report = subprocess.run([sys.executable, "-m", "trainers", "report", str(run)], cwd=ROOT, env=offline_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    plots = sorted(p.name for p in (run / "plots").iterdir())
+    assert plots == ["dpo.png", "losses.png"]  # constant weights: no weights plot
 
 
 def test_anatomy_scorer_prefers_visible_hands(sample_photos):

@@ -1,4 +1,7 @@
-"""Plots of a run, drawn from its event log: per-objective losses and the weights over steps."""
+"""Plots of a run, drawn from its event log: per-objective losses, the fair weights over steps
+(when they change) and, for DPO runs, the implicit reward margin and accuracy.
+
+``python -m trainers report RUN_DIR`` draws them for any run, finished or not."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,14 +19,33 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a training run directory (holds events.jsonl)")
+    parser.add_argument("--output", type=Path, default=None, help="where the plots go (default: RUN_DIR/plots)")
+
+
+def run(args) -> int:
+    events = args.run_dir / "events.jsonl"
+    if not events.is_file():
+        raise SystemExit(f"{events} not found: is {args.run_dir} a training run directory?")
+    try:
+        written = plot_run(events, args.output or args.run_dir / "plots")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
 def plot_run(events_path: str | Path, out_dir: str | Path, names: list[str] | None = None) -> list[Path]:
-    """Write ``losses.png`` and ``weights.png`` for a run; returns the files written."""
+    """Write ``losses.png``, ``weights.png`` (fair weighting) and ``dpo.png`` (DPO runs) for a
+    run; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    progress = [e for e in read_events(events_path) if e["event"] == "progress"]
+    events = read_events(events_path)
+    progress = [e for e in events if e["event"] == "progress"]
     if not progress:
         raise ValueError(f"{events_path} has no progress events to plot")
     out_dir = Path(out_dir)
@@ -47,7 +69,7 @@ def plot_run(events_path: str | Path, out_dir: str | Path, names: list[str] | No
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    if progress[0].get("weights"):
+    if progress[0].get("weights") and any(e["weights"] != progress[0]["weights"] for e in progress):
         # Shares w_i / Σ w: the raw MPD weights scale with 1/|g|^(4/3) and swing over decades.
         fig, ax = plt.subplots(figsize=(6, 3.6))
         totals = [sum(float(w) for w in e["weights"]) or 1.0 for e in progress]
@@ -65,4 +87,32 @@ def plot_run(events_path: str | Path, out_dir: str | Path, names: list[str] | No
         written.append(out_dir / "weights.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
+
+    if "reward_margin" in progress[0]:
+        written.append(_plot_dpo(plt, progress, [e for e in events if e["event"] == "eval"], window,
+                                 out_dir / "dpo.png"))
     return written
+
+
+def _plot_dpo(plt, progress: list[dict], evals: list[dict], window: int, path: Path) -> Path:
+    """Implicit reward margin and accuracy: per step (one random timestep per pair, noisy) and
+    under the fixed probes of the eval events (comparable across steps)."""
+    steps = [e["step"] for e in progress]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, fixed, title in ((axes[0], "reward_margin", "pair_margin", "implicit reward margin"),
+                                  (axes[1], "accuracy", "pair_accuracy", "implicit accuracy")):
+        values = [float(e[key]) for e in progress]
+        ax.plot(steps, values, color="0.75", lw=1, label="per step")
+        ax.plot(steps, _smooth(values, window), color="C0", lw=2, label=f"mean of {window}")
+        if evals:
+            ax.plot([e["step"] for e in evals], [e[fixed] for e in evals], "o-", color="C3", lw=2,
+                    label="training pairs, fixed probes")
+        ax.axhline(0.5 if key == "accuracy" else 0.0, color="k", lw=0.6)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
