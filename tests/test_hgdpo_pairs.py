@@ -116,3 +116,22 @@ def test_landmark_plausibility_rejects_a_collapsed_hand():
     hand[9] = hand[0] + np.array([0.0, 1.0])  # middle knuckle defines the palm length
     assert landmark_plausibility(hand) >= 0.8
     assert landmark_plausibility(np.zeros((21, 2))) == 0.0
+
+
+def test_tied_prompts_are_recorded_and_not_trained_on(tmp_path):
+    from train_helpers import train_cli
+    from trainers.jobs import read_events
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:2]))
+    result = _build(tmp_path, "--scorer", "anatomy:0", "--n", "2")  # every image scores 0
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["tied", "tied"] and "winner" not in rows[0]
+    assert "2 prompts whose images all scored the same" in result.stdout
+
+    run = tmp_path / "run"
+    trained = train_cli("--method", "hg-dpo", "--base", "tiny-sd15", "--data", tmp_path, "--output", run,
+                        "--steps", 1, "--resolution", 64)
+    assert trained.returncode == 1
+    error = [e for e in read_events(run / "events.jsonl") if e["event"] == "error"][0]
+    assert "no usable pair" in error["message"] and "'tied': 2" in error["message"]

@@ -3,7 +3,8 @@
 For each prompt: N images from the target model (batched, seeds recorded), scored; the best and
 the worst become a pair. Output: ``pairs.jsonl`` (one line per prompt: prompt, seeds, scores,
 winner, loser, every image, status) and the images. Resumable per prompt; an image the scorer
-fails on is recorded with the reason and left out of the choice, not fatal.
+fails on is recorded with the reason and left out of the choice, not fatal; a prompt whose images
+all score the same is recorded as ``tied`` (there is no preference in it) and not trained on.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     common = dict(num_inference_steps=args.steps, guidance_scale=args.cfg)
     if args.size:
         common.update(height=args.size, width=args.size)
-    counts = {"ok": 0, "error": 0}
+    counts = {"ok": 0, "tied": 0, "error": 0}
     for k, prompt in tqdm(todo, desc="prompts", unit="prompt"):
         seeds = [args.seed + k * args.n + i for i in range(args.n)]
         record = {"prompt": prompt, "seeds": seeds, "images": [], "scores": [], "errors": {}}
@@ -88,12 +89,16 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"only {len(scored)} of {args.n} images could be scored")
             ranked = sorted(scored, key=lambda x: x[0])  # stable: ties keep generation order
             worst, best = ranked[0], ranked[-1]
-            record.update(status="ok", reason=None, winner=best[1], loser=worst[1], winner_score=best[0],
-                          loser_score=worst[0])
+            if best[0] == worst[0]:  # no preference to learn from; kept out of training
+                record.update(status="tied", reason=f"all {len(scored)} scored images scored {best[0]}")
+            else:
+                record.update(status="ok", reason=None, winner=best[1], loser=worst[1], winner_score=best[0],
+                              loser_score=worst[0])
         except Exception as err:
             record.update(status="error", reason=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1500:])
         counts[record["status"]] += 1
         with open(jsonl, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-    print(f"done: {counts['ok']} pairs, {counts['error']} prompts failed, {len(prompts) - len(todo)} skipped as done")
+    print(f"done: {counts['ok']} pairs, {counts['tied']} prompts whose images all scored the same, "
+          f"{counts['error']} prompts failed, {len(prompts) - len(todo)} skipped as done")
     return 0

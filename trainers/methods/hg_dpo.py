@@ -28,10 +28,15 @@ def read_pairs(folder) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: build pairs first with `python -m trainers build-pairs`")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("status") == "ok"]
-    if not rows:
-        raise ValueError(f"{path} lists no usable pair (status ok)")
-    return rows
+    usable = [r for r in rows if r.get("status") == "ok"]
+    if not usable:
+        statuses = {}
+        for r in rows:
+            statuses[r.get("status")] = statuses.get(r.get("status"), 0) + 1
+        raise ValueError(f"{path} lists no usable pair (status ok) among {len(rows)} prompts: {statuses}; "
+                         "'tied' means every image of a prompt scored the same — use more images per prompt "
+                         "(--n) or another scorer")
+    return usable
 
 
 def _pixels(path: Path, size: int) -> torch.Tensor:
