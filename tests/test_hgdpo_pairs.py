@@ -135,3 +135,21 @@ def test_tied_prompts_are_recorded_and_not_trained_on(tmp_path):
     assert trained.returncode == 1
     error = [e for e in read_events(run / "events.jsonl") if e["event"] == "error"][0]
     assert "no usable pair" in error["message"] and "'tied': 2" in error["message"]
+
+
+@pytest.mark.slow
+def test_resumed_dpo_run_equals_uninterrupted(pairs_dir, tmp_path):
+    from train_helpers import lora_tensors, train_cli
+    from trainers.jobs import read_events
+
+    common = ["--method", "hg-dpo", "--base", "tiny-sd15", "--data", pairs_dir, "--resolution", 64,
+              "--batch-size", 2, "--lr", "1e-3", "--eval-pairs", 0]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train_cli(*common, "--output", straight, "--steps", 6, "--checkpoint-every", 0).returncode == 0
+    # stops at 4 with a checkpoint at 2; the resumed run continues from step 2 to 6
+    assert train_cli(*common, "--output", split, "--steps", 4, "--checkpoint-every", 2).returncode == 0
+    resumed = train_cli(*common, "--output", split, "--steps", 6, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [e["step"] for e in read_events(split / "events.jsonl") if e["event"] == "resume"] == [2]
+    a, b = lora_tensors(straight / "hgdpo_sd15.safetensors"), lora_tensors(split / "hgdpo_sd15.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
