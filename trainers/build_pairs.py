@@ -20,8 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="tiny-sd15", help="tiny-sd15, tiny-sdxl, a single-file checkpoint or a diffusers folder")
     parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
     parser.add_argument("--n", type=int, default=20, help="images per prompt (paper: 20)")
-    parser.add_argument("--scorer", default="anatomy", help="anatomy, pickscore, or a composite 'anatomy:1,pickscore:0.01'")
-    parser.add_argument("--scorer-model", default=None, help="local weights folder for model-based scorers")
+    parser.add_argument("--scorer", default="anatomy", help="anatomy, pickscore, hps, imagereward, or a weighted composite such as anatomy:1,hps:5")
+    parser.add_argument("--scorer-model", action="append", default=[], metavar="[NAME=]FOLDER",
+                        help="local weights folder of a model-based scorer (pickscore, hps, imagereward); repeat as "
+                             "NAME=FOLDER for each one in a composite")
     parser.add_argument("--output", type=Path, required=True, help="pairs folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; each image gets its own")
     parser.add_argument("--steps", type=int, default=30, help="sampler steps")
@@ -29,6 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     parser.add_argument("--batch", type=int, default=4, help="images generated at once")
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
+
+
+def scorer_folders(spec: str, values: list[str]) -> dict[str, str]:
+    """``--scorer-model`` values as {scorer name: folder}; a bare folder belongs to the one
+    scorer named by ``--scorer``."""
+    folders = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep:
+            if "," in spec or ":" in spec:
+                raise SystemExit(f"--scorer {spec} is a composite: give each folder as NAME=FOLDER")
+            name, folder = spec, value
+        folders[name.strip()] = folder
+    return folders
 
 
 def _done(path: Path) -> set[str]:
@@ -54,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.prompts} has no prompts")
     if args.n < 2:
         raise SystemExit("--n must be at least 2: a pair needs a best and a worst image")
-    options = {"model": args.scorer_model} if args.scorer_model else {}
-    scorer = get_scorer(args.scorer, **({} if args.scorer == "anatomy" else options))
+    scorer = get_scorer(args.scorer, models=scorer_folders(args.scorer, args.scorer_model))
     out = args.output
     (out / "images").mkdir(parents=True, exist_ok=True)
     jsonl = out / "pairs.jsonl"

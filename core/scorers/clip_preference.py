@@ -3,15 +3,14 @@ a local folder in the transformers layout (``CLIPModel`` + processor files). The
 model's logit scale times the cosine of image and text embeddings."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
+
+from .local import embedding, require_folder
 
 
 class PickScore:
     def __init__(self, model: str | None = None, device: str = "cpu"):
-        if not model or not Path(model).is_dir():
-            raise FileNotFoundError(f"pickscore needs model=<local folder with the PickScore CLIP weights>, got {model!r}")
+        model = require_folder("pickscore", model)
         from transformers import AutoProcessor, CLIPModel
 
         self.model = CLIPModel.from_pretrained(model, local_files_only=True).to(device).eval()
@@ -22,7 +21,8 @@ class PickScore:
     def score(self, images, prompts) -> list[float]:
         inputs = self.processor(text=list(prompts), images=list(images), return_tensors="pt", padding=True,
                                 truncation=True).to(self.device)
-        img = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-        txt = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        img = embedding(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+        txt = embedding(self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                     attention_mask=inputs["attention_mask"]))
         img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
         return (self.model.logit_scale.exp() * (img * txt).sum(-1)).tolist()

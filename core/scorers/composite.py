@@ -1,4 +1,4 @@
-"""A weighted sum of scorers: ``anatomy:1,pickscore:0.01``."""
+"""A weighted sum of scorers: ``anatomy:1,hps:5``."""
 from __future__ import annotations
 
 
@@ -7,13 +7,13 @@ class Composite:
         self.parts = parts
 
     @classmethod
-    def parse(cls, spec: str, **options):
+    def parse(cls, spec: str, models: dict | None = None):
         from . import get_scorer
 
         parts = []
         for item in spec.split(","):
             name, _, weight = item.strip().partition(":")
-            parts.append((get_scorer(name, **options.get(name, {})), float(weight or 1.0)))
+            parts.append((get_scorer(name, models=models), float(weight or 1.0)))
         return cls(parts)
 
     def score(self, images, prompts) -> list[float]:
