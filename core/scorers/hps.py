@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .local import embedding, find_weights, load_state_dict, require_complete, require_folder
-from .pixels import clip_pixels
+from .local import LocalModelScorer, embedding, find_weights, load_state_dict, require_complete
 
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 OPEN_CLIP_WEIGHTS = ("*.pt", "*.pth", "open_clip*.safetensors")
@@ -99,28 +98,15 @@ def _model_type(folder: Path) -> str | None:
     return json.loads(path.read_text()).get("model_type") if path.is_file() else None
 
 
-class HPSv2:
-    def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 16):
-        folder = require_folder("hps", model)
+class HPSv2(LocalModelScorer):
+    name = "hps"
+
+    def load(self, folder: Path):
         from transformers import CLIPTokenizer
 
-        self.model = load_clip(folder).to(device).eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-        self.size = self.model.config.vision_config.image_size
-        self.device, self.batch_size = device, batch_size
+        return load_clip(folder), CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
-    @torch.no_grad()
-    def score(self, images, prompts) -> list[float]:
-        scores = []
-        for start in range(0, len(images), self.batch_size):
-            chunk, texts = images[start: start + self.batch_size], list(prompts[start: start + self.batch_size])
-            pixels = clip_pixels(chunk, self.size).to(self.device)
-            tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=77,
-                                    return_tensors="pt").to(self.device)
-            img = embedding(self.model.get_image_features(pixel_values=pixels))
-            txt = embedding(self.model.get_text_features(input_ids=tokens.input_ids,
-                                                         attention_mask=tokens.attention_mask))
-            img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
-            scores += (img * txt).sum(-1).tolist()
-        return scores
-
+    def forward(self, pixels, tokens) -> torch.Tensor:
+        img = embedding(self.model.get_image_features(pixel_values=pixels))
+        txt = embedding(self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask))
+        return (img / img.norm(dim=-1, keepdim=True) * (txt / txt.norm(dim=-1, keepdim=True))).sum(-1)

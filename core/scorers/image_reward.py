@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .local import find_weights, load_state_dict, require_complete, require_folder
-from .pixels import clip_pixels
+from .local import LocalModelScorer, find_weights, load_state_dict, require_complete
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
 MAX_TOKENS = 35
@@ -114,23 +113,14 @@ def load_image_reward(folder) -> ImageRewardModel:
     return model
 
 
-class ImageReward:
-    def __init__(self, model: str | None = None, device: str = "cpu", batch_size: int = 16):
+class ImageReward(LocalModelScorer):
+    name = "imagereward"
+    max_tokens = MAX_TOKENS
+
+    def load(self, folder: Path):
         from transformers import BertTokenizer
 
-        folder = require_folder("imagereward", model)
-        self.model = load_image_reward(folder).to(device).eval()
-        self.tokenizer = BertTokenizer.from_pretrained(folder, local_files_only=True)
-        self.size = self.model.config.vision_config.image_size
-        self.device, self.batch_size = device, batch_size
+        return load_image_reward(folder), BertTokenizer.from_pretrained(folder, local_files_only=True)
 
-    @torch.no_grad()
-    def score(self, images, prompts) -> list[float]:
-        scores = []
-        for start in range(0, len(images), self.batch_size):
-            chunk, texts = images[start: start + self.batch_size], list(prompts[start: start + self.batch_size])
-            tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_TOKENS,
-                                    return_tensors="pt").to(self.device)
-            pixels = clip_pixels(chunk, self.size).to(self.device)
-            scores += self.model(pixels, tokens.input_ids, tokens.attention_mask).tolist()
-        return scores
+    def forward(self, pixels, tokens) -> torch.Tensor:
+        return self.model(pixels, tokens.input_ids, tokens.attention_mask)

@@ -46,3 +46,35 @@ def embedding(out) -> torch.Tensor:
     """``get_image_features``/``get_text_features``' result as a tensor (transformers 5 may
     return an output object whose ``pooler_output`` holds it)."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class LocalModelScorer:
+    """A model + tokenizer from a local folder, scoring ``batch_size`` images per forward.
+    Subclasses set ``name`` and ``max_tokens`` and implement ``load`` and ``forward``."""
+
+    name = ""
+    max_tokens = 77
+
+    def __init__(self, model=None, device: str = "cpu", batch_size: int = 16):
+        self.model, self.tokenizer = self.load(require_folder(self.name, model))
+        self.model = self.model.to(device).eval()
+        self.size = self.model.config.vision_config.image_size
+        self.device, self.batch_size = device, batch_size
+
+    def load(self, folder: Path):
+        raise NotImplementedError
+
+    def forward(self, pixels: torch.Tensor, tokens) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(self, images, prompts) -> list[float]:
+        from .pixels import clip_pixels
+
+        scores = []
+        for start in range(0, len(images), self.batch_size):
+            end = start + self.batch_size
+            tokens = self.tokenizer(list(prompts[start:end]), padding="max_length", truncation=True,
+                                    max_length=self.max_tokens, return_tensors="pt").to(self.device)
+            scores += self.forward(clip_pixels(images[start:end], self.size).to(self.device), tokens).tolist()
+        return scores
