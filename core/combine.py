@@ -39,7 +39,7 @@ class FairStep:
         return torch.diagonal(self.gram).clamp_min(0).sqrt()
 
 
-class GradientCombiner:
+class FairCombiner:
     """Collects per-objective gradients over an optimizer step's micro-batches (``add``) and
     writes their fair combination into ``.grad`` (``step``).
 
@@ -124,10 +124,3 @@ class GradientCombiner:
         self.reset()
         return FairStep(weights, gram, active.cpu())
 
-
-def fair_backward(losses, params, weighting, *, active=None, loss_scale: float = 1.0, reduce=None,
-                  generator=None) -> FairStep:
-    """One micro-batch, one step: the fair combination of a single forward's K losses."""
-    combiner = GradientCombiner(params, weighting, int(losses.shape[0]), reduce)
-    combiner.add(losses, active, loss_scale)
-    return combiner.step(generator)

@@ -22,7 +22,7 @@ from typing import Mapping
 
 import torch
 
-from .atomic import atomic_path
+from .fileio import atomic_path
 
 PREFIX = "lora_unet_"
 META_PREFIX = "fairhuman."

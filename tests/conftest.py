@@ -30,13 +30,13 @@ def comfy_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sd15():
-    from core.models import build_tiny_pipeline
+    from core.tiny_models import build_tiny_pipeline
 
     return build_tiny_pipeline("tiny-sd15")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl():
-    from core.models import build_tiny_pipeline
+    from core.tiny_models import build_tiny_pipeline
 
     return build_tiny_pipeline("tiny-sdxl")

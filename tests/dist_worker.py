@@ -9,8 +9,8 @@ import torch.distributed as dist
 
 def main(data: str, out: str) -> None:
     from trainers.config import TrainConfig
-    from trainers.job import build_model
-    from trainers.jobs import EventLog
+    from trainers.train_job import build_model
+    from core.fileio import EventLog
     from trainers.loop import train
     from trainers.methods.fairhuman import FairHuman
     from trainers.train import _init_distributed

@@ -12,7 +12,7 @@ import torch
 def tiny_single_files(tmp_path_factory, tiny_sd15, tiny_sdxl) -> dict:
     """{"sd15": path, "sdxl": path}: the session's tiny pipelines saved as original-layout
     single-file checkpoints (what ComfyUI / A1111 users have), for ``--base``."""
-    from core.checkpoint_export import save_single_file
+    from ldm_export import save_single_file
 
     folder = tmp_path_factory.mktemp("single-files")
     return {

@@ -10,15 +10,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from core.photos import cache_root
+from trainers.photos import cache_root
 
 
 def build_random_checkpoint(arch: str, path: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from core.checkpoint_convert import shipped_config
-    from core.checkpoint_export import save_single_file
+    from core.checkpoints.convert import shipped_config
+    from ldm_export import save_single_file
 
     if arch != "sd15":
         raise ValueError("only sd15 is built here: a full SDXL needs ~20 GB to run on a CPU")

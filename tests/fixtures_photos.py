@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def sample_photos():
     """The six face-api demo photos (list of paths); skips when npm cannot fetch them."""
-    from core.photos import PhotosUnavailable, sample_photos
+    from trainers.photos import PhotosUnavailable, sample_photos
 
     try:
         return sample_photos()

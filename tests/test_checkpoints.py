@@ -73,10 +73,10 @@ def test_widths_come_from_tensor_shapes(tmp_path, no_network):
     metadata only carries group count, head count and activation, which shapes cannot tell)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from core.checkpoint_convert import STRUCTURE_KEY
-    from core.checkpoint_export import save_single_file
+    from core.checkpoints.convert import STRUCTURE_KEY
+    from ldm_export import save_single_file
     from core.checkpoints import load_pipeline
-    from core.models import TinySpec, tiny_sdxl_components
+    from core.tiny_models import TinySpec, tiny_sdxl_components
 
     spec = TinySpec(text_hidden=16, text_layers=3, unet_channels=(16, 24, 40), vae_channels=(8, 16, 16, 24))
     original = StableDiffusionXLPipeline(**tiny_sdxl_components(seed=3, spec=spec))
@@ -93,8 +93,8 @@ def test_widths_come_from_tensor_shapes(tmp_path, no_network):
 
 def test_published_architecture_defaults_without_structure_metadata(tmp_path, tiny_sd15):
     """A file without this pack's metadata (any real checkpoint) gets the published head count."""
-    from core.checkpoint_convert import unet_config, strip_prefix, UNET_PREFIX
-    from core.checkpoint_export import pipeline_to_ldm
+    from core.checkpoints.convert import unet_config, strip_prefix, UNET_PREFIX
+    from ldm_export import pipeline_to_ldm
 
     state, _ = pipeline_to_ldm(tiny_sd15)
     config = unet_config(strip_prefix(state, UNET_PREFIX), "sd15")
@@ -159,7 +159,7 @@ def test_bad_bases_give_clear_errors(tmp_path, tiny_single_files):
 # ---- tokenizers for the real CLIP vocabulary --------------------------------------------------
 def _real_vocab_checkpoint(tiny_sdxl, path: Path) -> Path:
     """The tiny SDXL model with 49408-token embeddings: a real CLIP vocabulary at tiny width."""
-    from core.checkpoint_export import pipeline_to_ldm
+    from ldm_export import pipeline_to_ldm
 
     state, metadata = pipeline_to_ldm(tiny_sdxl)
     g = torch.Generator().manual_seed(0)

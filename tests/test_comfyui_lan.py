@@ -30,7 +30,7 @@ def comfy_with_lora(comfy_server, comfy_sd15_checkpoint, tmp_path_factory):
     """The random SD1.5 checkpoint and a strong random LoRA in our kohya layout."""
     from safetensors.torch import save_file
 
-    from core.checkpoint_convert import shipped_config
+    from core.checkpoints.convert import shipped_config
 
     from diffusers import UNet2DConditionModel
 

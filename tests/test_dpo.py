@@ -64,7 +64,7 @@ def test_stat_matching_is_zero_for_equal_latents_and_positive_otherwise():
 
 
 def test_on_the_tiny_unet_stat_loss_is_zero_at_init_and_reaches_the_lora():
-    from core.models import build_tiny_pipeline
+    from core.tiny_models import build_tiny_pipeline
     from trainers.methods.hg_dpo import dpo_objectives
     from trainers.model import TrainableModel
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from core.combine import GradientCombiner
+from core.combine import FairCombiner
 from core.objectives import regional_losses
 from core.weighting import get_weighting
 from train_helpers import ROOT, make_region_dataset
@@ -70,7 +70,7 @@ def test_ls_ones_equals_the_gradient_of_the_sum(lora_unet):
     b = _batch()
     losses, active = _losses(unet, b)
     expected = torch.autograd.grad(losses.sum(), params, retain_graph=True)
-    combiner = GradientCombiner(params, get_weighting("ls"), 3)
+    combiner = FairCombiner(params, get_weighting("ls"), 3)
     combiner.add(losses, active)
     step = combiner.step()
     assert torch.equal(step.weights, torch.ones(3))
@@ -80,11 +80,11 @@ def test_ls_ones_equals_the_gradient_of_the_sum(lora_unet):
 def test_loss_scale_2_16_leaves_the_update_unchanged(lora_unet):
     unet, params = lora_unet
     b = _batch(seed=1)
-    plain = GradientCombiner(params, get_weighting("mpd"), 3)
+    plain = FairCombiner(params, get_weighting("mpd"), 3)
     plain.add(*_losses(unet, b))
     w_plain = plain.step().weights
     g_plain = _grads(params)
-    scaled = GradientCombiner(params, get_weighting("mpd"), 3)
+    scaled = FairCombiner(params, get_weighting("mpd"), 3)
     losses, active = _losses(unet, b)
     scaled.add(losses * 2.0**16, active, loss_scale=2.0**16)
     w_scaled = scaled.step().weights
@@ -95,11 +95,11 @@ def test_loss_scale_2_16_leaves_the_update_unchanged(lora_unet):
 def test_two_half_micro_batches_equal_one_full_batch(lora_unet):
     unet, params = lora_unet
     b = _batch(seed=2)
-    full = GradientCombiner(params, get_weighting("mpd"), 3)
+    full = FairCombiner(params, get_weighting("mpd"), 3)
     full.add(*_losses(unet, b))
     w_full = full.step().weights
     g_full = _grads(params)
-    halves = GradientCombiner(params, get_weighting("mpd"), 3)
+    halves = FairCombiner(params, get_weighting("mpd"), 3)
     for i in range(2):
         losses, active = _losses(unet, b, slice(i, i + 1))
         halves.add(losses / 2, active)
@@ -112,7 +112,7 @@ def test_empty_hand_mask_gives_finite_update_and_zero_weight(lora_unet):
     unet, params = lora_unet
     losses, active = _losses(unet, _batch(seed=3, empty_hand=True))
     assert active.tolist() == [True, True, False] and losses[2] == 0
-    combiner = GradientCombiner(params, get_weighting("mpd"), 3)
+    combiner = FairCombiner(params, get_weighting("mpd"), 3)
     combiner.add(losses, active)
     step = combiner.step()
     assert step.weights[2] == 0 and step.weights[:2].gt(0).all()
@@ -121,7 +121,7 @@ def test_empty_hand_mask_gives_finite_update_and_zero_weight(lora_unet):
 
 def test_clipping_applies_to_the_combined_gradient(lora_unet):
     unet, params = lora_unet
-    combiner = GradientCombiner(params, get_weighting("mpd"), 3)
+    combiner = FairCombiner(params, get_weighting("mpd"), 3)
     combiner.add(*_losses(unet, _batch(seed=4)))
     combiner.step()
     d = _grads(params)
@@ -158,12 +158,12 @@ def test_two_processes_agree_on_weights_and_lora(tmp_path):
 def test_batched_vjp_equals_k_backward_passes(lora_unet):
     unet, params = lora_unet
     b = _batch(seed=5)
-    batched = GradientCombiner(params, get_weighting("mpd"), 3, batched=True)
+    batched = FairCombiner(params, get_weighting("mpd"), 3, batched=True)
     batched.add(*_losses(unet, b))
     assert batched.batched, "the batched product fell back to K backward passes on the tiny UNet"
     w_batched = batched.step().weights
     g_batched = _grads(params)
-    looped = GradientCombiner(params, get_weighting("mpd"), 3, batched=False)
+    looped = FairCombiner(params, get_weighting("mpd"), 3, batched=False)
     looped.add(*_losses(unet, b))
     assert torch.allclose(w_batched, looped.step().weights, rtol=1e-5)
     assert _close(g_batched, _grads(params), rtol=1e-5)

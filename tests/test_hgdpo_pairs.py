@@ -49,7 +49,7 @@ def test_build_pairs_keeps_best_and_worst_and_resumes(pairs_dir):
 def test_forty_dpo_steps_raise_the_reward_margin_on_the_training_pairs(pairs_dir, tmp_path):
     from core.lora_format import read_lora_metadata
     from train_helpers import train_cli
-    from trainers.jobs import read_events
+    from core.fileio import read_events
     from trainers.loop import resolve_optimizer
 
     run = tmp_path / "run"
@@ -120,7 +120,7 @@ def test_landmark_plausibility_rejects_a_collapsed_hand():
 
 def test_tied_prompts_are_recorded_and_not_trained_on(tmp_path):
     from train_helpers import train_cli
-    from trainers.jobs import read_events
+    from core.fileio import read_events
 
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:2]))
     result = _build(tmp_path, "--scorer", "anatomy:0", "--n", "2")  # every image scores 0
@@ -140,7 +140,7 @@ def test_tied_prompts_are_recorded_and_not_trained_on(tmp_path):
 @pytest.mark.slow
 def test_resumed_dpo_run_equals_uninterrupted(pairs_dir, tmp_path):
     from train_helpers import lora_tensors, train_cli
-    from trainers.jobs import read_events
+    from core.fileio import read_events
 
     common = ["--method", "hg-dpo", "--base", "tiny-sd15", "--data", pairs_dir, "--resolution", 64,
               "--batch-size", 2, "--lr", "1e-3", "--eval-pairs", 0]

@@ -23,7 +23,7 @@ def _adapted(base: str, targets, seed: int = 1):
     """A tiny pipeline whose UNet carries a peft LoRA with random non-zero A and B."""
     from peft import LoraConfig
 
-    from core.models import build_tiny_pipeline
+    from core.tiny_models import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(base)
     torch.manual_seed(seed)
@@ -36,7 +36,7 @@ def _adapted(base: str, targets, seed: int = 1):
 @pytest.mark.parametrize("targets", [ATTENTION, WIDE], ids=["attention", "wide"])
 def test_round_trip_through_diffusers(base, targets, tmp_path):
     from core.lora_format import save_lora
-    from core.models import build_tiny_pipeline
+    from core.tiny_models import build_tiny_pipeline
 
     pipe = _adapted(base, targets)
     inputs = unet_inputs(pipe.unet)
@@ -172,7 +172,7 @@ def _full_size_kohya(arch: str) -> tuple[dict, dict]:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from core.checkpoint_convert import shipped_config
+    from core.checkpoints.convert import shipped_config
     from core.lora_format import peft_state_to_kohya
 
     with torch.device("meta"):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.models import architecture_of, build_tiny_pipeline
-from core.tokenizer import tiny_clip_tokenizer, vocabulary
+from core.tiny_models import architecture_of, build_tiny_pipeline
+from core.tiny_tokenizer import tiny_clip_tokenizer, vocabulary
 
 
 def _png_bytes(pipe, seed=0):

@@ -14,7 +14,7 @@ def lora_file(tmp_path_factory, tiny_sd15):
     from peft import LoraConfig
 
     from core.lora_format import save_lora
-    from core.models import build_tiny_pipeline
+    from core.tiny_models import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("tiny-sd15")
     torch.manual_seed(0)
@@ -30,7 +30,7 @@ def lora_file(tmp_path_factory, tiny_sd15):
 
 
 def test_lan_matches_reference_stats_at_every_step(lora_file):
-    from core.models import build_tiny_pipeline
+    from core.tiny_models import build_tiny_pipeline
     from trainers.sample import lan_generate
 
     pipe = build_tiny_pipeline("tiny-sd15")

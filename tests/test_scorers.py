@@ -16,7 +16,7 @@ PROMPTS = ["a woman waving both hands", "two people shaking hands"]
 def _tiny_clip_config():
     from transformers import CLIPConfig
 
-    from core.tokenizer import vocabulary
+    from core.tiny_tokenizer import vocabulary
 
     vocab, _ = vocabulary()
     text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -37,7 +37,7 @@ def clip_model():
 
 @pytest.fixture(scope="module")
 def hps_folder(tmp_path_factory, clip_model):
-    from core.tokenizer import tiny_clip_tokenizer
+    from core.tiny_tokenizer import tiny_clip_tokenizer
 
     folder = tmp_path_factory.mktemp("hps")
     clip_model.save_pretrained(folder)
@@ -83,7 +83,7 @@ def _open_clip_names(model) -> dict:
 def test_hps_is_the_cosine_of_the_models_own_embeddings(hps_folder, clip_model, sample_photos):
     from core.scorers import get_scorer
     from core.scorers.pixels import clip_pixels
-    from core.tokenizer import tiny_clip_tokenizer
+    from core.tiny_tokenizer import tiny_clip_tokenizer
 
     images = [Image.open(p).convert("RGB") for p in sample_photos[:2]]
     scores = get_scorer("hps", model=str(hps_folder)).score(images, PROMPTS)
@@ -253,7 +253,7 @@ def test_pickscore_is_logit_scale_times_cosine(hps_folder, clip_model, tmp_path,
     from transformers import CLIPImageProcessor, CLIPProcessor
 
     from core.scorers import get_scorer
-    from core.tokenizer import tiny_clip_tokenizer
+    from core.tiny_tokenizer import tiny_clip_tokenizer
 
     folder = tmp_path / "pickscore"
     clip_model.save_pretrained(folder)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from train_helpers import ROOT, lora_tensors, make_region_dataset, offline_env, train_cli
-from trainers.jobs import read_events
+from core.fileio import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -85,10 +85,10 @@ def test_trained_lora_round_trips_through_diffusers(dataset, tmp_path, base):
     """The exported file, loaded by diffusers into a fresh pipeline, reproduces the trained
     UNet's output."""
     from core.lora_format import read_lora_metadata
-    from core.models import build_tiny_pipeline
+    from core.tiny_models import build_tiny_pipeline
     from trainers.config import TrainConfig
-    from trainers.job import run_job
-    from trainers.jobs import EventLog
+    from trainers.train_job import run_job
+    from core.fileio import EventLog
 
     cfg = TrainConfig(method="fairhuman", base=base, data=str(dataset), output=str(tmp_path), steps=3,
                       resolution=128, rank=8, alpha=4.0, lr=1e-2, batch_size=2, checkpoint_every=0)

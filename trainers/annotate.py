@@ -19,14 +19,14 @@ every core (a process pool; each process creates its detectors once).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from core.fileio import JsonlError, JsonlWriter, atomic_path, read_jsonl, write_jsonl_atomic
 
 METADATA = "metadata.jsonl"
 MASKS = "masks"
@@ -112,16 +112,9 @@ def write_mask(path: Path, mask) -> None:
 
     info = PngInfo()
     info.add_text(OWNER_KEY, OWNER_VALUE)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray((np.clip(mask, 0, 1) * 255 + 0.5).astype(np.uint8), mode="L").save(tmp, pnginfo=info)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        Image.fromarray((np.clip(mask, 0, 1) * 255 + 0.5).astype(np.uint8), mode="L").save(
+            tmp, format="PNG", pnginfo=info)
 
 
 def _relative(path: Path, out: Path) -> str:
@@ -217,18 +210,13 @@ def make_jobs(root: Path, out: Path, images: list[Path]) -> list[Job]:
 
 
 def read_metadata(path: Path) -> dict[str, dict]:
-    """Records by image key (the last one wins); unreadable lines are reported and dropped."""
+    """Records by image key (the last one wins: the journal appends a retried image again). A
+    torn last line (a killed run) is ignored; any other bad line is an error naming it."""
     records: dict[str, dict] = {}
-    if not path.is_file():
-        return records
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            records[row["image"]] = row
-        except (json.JSONDecodeError, KeyError, TypeError):
-            print(f"warning: {path}:{number} is not a record; it will be dropped", file=sys.stderr)
+    for number, row in enumerate(read_jsonl(path), 1):
+        if "image" not in row:
+            raise JsonlError(f"{path}: record {number} has no 'image'")
+        records[row["image"]] = row
     return records
 
 
@@ -243,12 +231,7 @@ def is_done(record: dict | None, out: Path, retry_errors: bool) -> bool:
 
 def write_metadata(path: Path, records: dict[str, dict]) -> None:
     """Rewrite the jsonl sorted by image, one record per image, atomically."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        for key in sorted(records):
-            handle.write(json.dumps(records[key], ensure_ascii=False) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_jsonl_atomic(path, [records[key] for key in sorted(records)])
 
 
 def _results(jobs: list[Job], settings: Settings, workers: int):
@@ -319,10 +302,10 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if todo:
         workers = max(1, min(args.workers, len(todo)))
-        with open(meta_path, "a", encoding="utf-8") as journal, tqdm(total=len(todo), unit="img", desc="annotate") as bar:
+        journal = JsonlWriter(meta_path)  # a killed run keeps every finished image
+        with tqdm(total=len(todo), unit="img", desc="annotate") as bar:
             for record in _results(todo, settings, workers):
-                journal.write(json.dumps(record, ensure_ascii=False) + "\n")
-                journal.flush()  # a killed run keeps every finished image
+                journal.append(record)
                 records[record["image"]] = record
                 counts[record["status"]] += 1
                 if record["status"] == "error":

@@ -9,11 +9,15 @@ all score the same is recorded as ``tied`` (there is no preference in it) and no
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import traceback
 from pathlib import Path
 
 import torch
+
+from core.fileio import JsonlWriter, atomic_path, write_jsonl_atomic
+
+from .methods.hg_dpo import PAIRS, read_pair_records
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,16 +51,7 @@ def scorer_folders(spec: str, values: list[str]) -> dict[str, str]:
     return folders
 
 
-def _done(path: Path) -> set[str]:
-    if not path.is_file():
-        return set()
-    done = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            done.add(json.loads(line)["prompt"])
-        except (json.JSONDecodeError, KeyError):
-            continue  # a torn last line from an interrupted run
-    return done
+FINISHED = ("ok", "tied")  # a prompt with status "error" is tried again on the next run
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,10 +68,13 @@ def run(args: argparse.Namespace) -> int:
     scorer = get_scorer(args.scorer, models=scorer_folders(args.scorer, args.scorer_model))
     out = args.output
     (out / "images").mkdir(parents=True, exist_ok=True)
-    jsonl = out / "pairs.jsonl"
-    done = _done(jsonl)
-    todo = [(k, p) for k, p in enumerate(prompts) if p not in done]
-    print(f"{len(prompts)} prompts, {len(prompts) - len(todo)} already done")
+    jsonl = out / PAIRS
+    records = read_pair_records(jsonl)
+    todo = [(k, p) for k, p in enumerate(prompts) if records.get(p, {}).get("status") not in FINISHED]
+    retried = sum(1 for _, p in todo if p in records)
+    print(f"{len(prompts)} prompts, {len(prompts) - len(todo)} already done"
+          + (f", {retried} failed before and tried again" if retried else ""))
+    journal = JsonlWriter(jsonl)
     pipe = load_pipeline(args.base, tokenizer=args.tokenizer) if todo else None
     common = dict(num_inference_steps=args.steps, guidance_scale=args.cfg)
     if args.size:
@@ -92,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
                               **common).images
                 for seed, image in zip(chunk, images):
                     name = f"images/{k:05d}_{seed}.png"
-                    image.save(out / name)
+                    with atomic_path(out / name) as tmp:
+                        image.save(tmp, format="PNG")
                     record["images"].append(name)
                     try:
                         record["scores"].append(float(scorer.score([image], [prompt])[0]))
@@ -112,8 +111,15 @@ def run(args: argparse.Namespace) -> int:
         except Exception as err:
             record.update(status="error", reason=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1500:])
         counts[record["status"]] += 1
-        with open(jsonl, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        journal.append(record)  # a killed run keeps every finished prompt
+        records[prompt] = record
+    # one record per prompt, in prompt order (the journal may hold a retried prompt twice)
+    write_jsonl_atomic(jsonl, [records[p] for p in dict.fromkeys(prompts) if p in records])
+    failed = [p for p in dict.fromkeys(prompts) if records[p]["status"] == "error"]
     print(f"done: {counts['ok']} pairs, {counts['tied']} prompts whose images all scored the same, "
           f"{counts['error']} prompts failed, {len(prompts) - len(todo)} skipped as done")
+    if failed:
+        print(f"error: {len(failed)} of {len(prompts)} prompts failed (e.g. {failed[0]!r}: "
+              f"{records[failed[0]]['reason']}); run the same command again to retry them", file=sys.stderr)
+        return 1
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .jobs import atomic_path
+from core.fileio import atomic_path
 
 
 class TensorCache:

@@ -12,7 +12,6 @@ that an uninterrupted run would.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +42,10 @@ def read_records(data_dir: str | Path) -> list[Record]:
         raise FileNotFoundError(
             f"{meta} not found: annotate the folder first with `python -m trainers annotate {data_dir}`"
         )
+    from core.fileio import read_jsonl
+
     records = []
-    for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{meta}:{number}: not JSON ({err})") from None
+    for row in read_jsonl(meta):
         if row.get("status", "ok") not in USABLE_STATUS:
             continue
 

@@ -30,7 +30,7 @@ def _stage(message: str) -> float:
 
 def prepare_photos(data_dir: Path) -> list[Path]:
     """Copy the demo photos into ``data_dir`` with kohya-style caption files."""
-    from core.photos import sample_photos
+    from trainers.photos import sample_photos
 
     data_dir.mkdir(parents=True, exist_ok=True)
     copied = []
@@ -49,7 +49,7 @@ def sample_grid(base: str, lora: Path, prompts, seed: int, size: int, out: Path)
     import torch
     from PIL import Image
 
-    from core.models import build_tiny_pipeline
+    from core.tiny_models import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(base, seed=seed)
 

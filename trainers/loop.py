@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .jobs import EventLog, latest_checkpoint, load_checkpoint, save_checkpoint
+from core.fileio import EventLog
+
+from .run_dir import latest_checkpoint, load_checkpoint, save_checkpoint
 from .methods.base import Method
 
 
@@ -97,7 +99,7 @@ class Distributed:
         return self.rank == 0
 
 
-class Combiner:
+class StepGradients:
     """Turns each micro-batch's losses into gradients; ``finish`` completes ``.grad`` for the
     optimizer step and returns the objective weights used."""
 
@@ -105,11 +107,11 @@ class Combiner:
         self.method, self.params, self.dist = method, params, dist
         self.weighting = self.fair = None
         if method.combine == "fair":
-            from core.combine import GradientCombiner
+            from core.combine import FairCombiner
             from core.weighting import get_weighting
 
             self.weighting = get_weighting(cfg.weighting, **(cfg.weighting_options or {}))
-            self.fair = GradientCombiner(params, self.weighting, len(method.objective_names),
+            self.fair = FairCombiner(params, self.weighting, len(method.objective_names),
                                          reduce=dist.average if dist.active else None, batched=cfg.batched_vjp)
 
     def extra_parameters(self) -> list[torch.Tensor]:
@@ -157,7 +159,7 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
     dist = Distributed()
     method.rank, method.world = dist.rank, dist.world
     params = model.lora_parameters()
-    combiner = Combiner(method, params, cfg, dist)
+    combiner = StepGradients(method, params, cfg, dist)
     optimizer = make_optimizer(cfg, params + combiner.extra_parameters())
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.models import architecture_of
+from core.tiny_models import architecture_of
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -150,10 +150,6 @@ class TrainableModel:
         mean, std = moments[:, 0], moments[:, 1]
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         return (mean + std * noise) * self.pipe.vae.config.scaling_factor
-
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Pixels in [-1, 1] (B,3,H,W) -> scaled latents (B,4,H/8,W/8), in fp32."""
-        return self.sample_latents(self.latent_moments(pixels), generator)
 
     # ---- diffusion --------------------------------------------------------------------------
     def sample_noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator):

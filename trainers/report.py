@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .jobs import read_events
+from core.fileio import read_events
 
 
 def _smooth(values: list[float], window: int) -> list[float]:

@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from .config import TrainConfig, add_config_arguments, read_config_file, resolve
-from .jobs import EventLog, write_json_atomic
+from core.fileio import EVENTS_FILE, EventLog, write_json_atomic
 from .methods import method_module
 
 
@@ -74,7 +74,7 @@ def _init_distributed() -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_run_config(args)
     run_dir = Path(cfg.output)
-    events = EventLog(run_dir / "events.jsonl")
+    events = EventLog(run_dir / EVENTS_FILE)
     try:
         if not cfg.data:
             raise ValueError("--data is required: an annotated folder (fairhuman) or a pairs folder (hg-dpo)")
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         events.emit("start", method=cfg.method, base=cfg.base, steps=cfg.steps, run_dir=str(run_dir),
                     resume=bool(args.resume))
         _init_distributed()
-        from .job import run_job
+        from .train_job import run_job
 
         result = run_job(cfg, run_dir, events, resume=args.resume, stop_requested=_StopFlag().install())
     except Exception as err:  # the job's contract: every failure ends in an error event

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import tempfile
 import time
 from pathlib import Path
+
+from core.fileio import read_jsonl
 
 CONFIGS = {  # name -> extra annotate arguments
     "tiles, 2 workers": ["--workers", "2"],
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _prepare(folder: Path, count: int, side: int) -> None:
     from PIL import Image
 
-    from core.photos import sample_photos
+    from trainers.photos import sample_photos
 
     photos = sample_photos()
     for i in range(count):
@@ -63,7 +64,7 @@ def _annotate(folder: Path, extra: list[str]) -> tuple[float, float, dict]:
     elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     if code != 0:
         raise RuntimeError(f"annotate exited with {code}")
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    rows = read_jsonl(folder / "metadata.jsonl")
     return elapsed, cpu, {"faces": sum(len(r["faces"]) for r in rows), "hands": sum(len(r["hands"]) for r in rows)}
 
 

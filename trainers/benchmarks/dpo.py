@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.models import build_tiny_pipeline
+    from core.tiny_models import build_tiny_pipeline
     from trainers.methods.hg_dpo import dpo_objectives
     from trainers.model import TrainableModel
 

@@ -6,7 +6,7 @@ timed as the median of interleaved rounds after warm-up:
 - plain:      forward, one backward of the summed loss (a plain LoRA step's gradient work);
 - floor:      forward + K = 3 backward passes (what any exact per-objective method must do);
 - batched:    forward + one batched 3-way vector-Jacobian product (``is_grads_batched``);
-- mpd:        this pack's step (``core.combine.GradientCombiner`` with exact MPD), batched product;
+- mpd:        this pack's step (``core.combine.FairCombiner`` with exact MPD), batched product;
 - mpd-loop:   the same with K backward passes (``--batched-vjp false``): less transient memory;
 - reference:  the reference code's recipe, written from its description: three backward
               passes, a fresh fp32 params×3 buffer every step, the weights solved on the CPU
@@ -22,8 +22,8 @@ import argparse
 import numpy as np
 import torch
 
-from core.combine import GradientCombiner
-from core.models import build_tiny_pipeline
+from core.combine import FairCombiner
+from core.tiny_models import build_tiny_pipeline
 from core.objectives import regional_losses
 from core.weighting import get_weighting
 
@@ -91,8 +91,8 @@ def _reference_solve(gram: np.ndarray, alpha: float = 2.0, iterations: int = 20)
 
 
 def steps_for(params, losses):
-    combiner = GradientCombiner(params, get_weighting("mpd"), 3, batched=True)
-    looped = GradientCombiner(params, get_weighting("mpd"), 3, batched=False)
+    combiner = FairCombiner(params, get_weighting("mpd"), 3, batched=True)
+    looped = FairCombiner(params, get_weighting("mpd"), 3, batched=False)
     eye = torch.eye(3)
 
     def zero():

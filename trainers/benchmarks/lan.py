@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from peft import LoraConfig
 
-    from core.models import build_tiny_pipeline
+    from core.tiny_models import build_tiny_pipeline
     from trainers.sample import lan_generate
 
     torch.set_num_threads(args.threads)

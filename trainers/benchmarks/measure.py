@@ -69,20 +69,6 @@ def peak_bytes(fn, device: torch.device | str = "cpu") -> int:
     return meter.peak
 
 
-def median_seconds(fn, repeats: int, warmup: int = 2, device: torch.device | str = "cpu") -> float:
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved_medians(fns: dict, repeats: int, warmup: int = 2, device="cpu") -> dict[str, float]:
     """Medians for several functions timed in turn, round after round, so slow drifts of a
     noisy machine hit all of them alike."""

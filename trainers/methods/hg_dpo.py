@@ -7,13 +7,13 @@ the tuned forward saves its own.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.fileio import read_jsonl
 from core.dpo import ddpm_posterior_mean, diffusion_dpo_loss, per_sample_error, stat_matching_loss
 
 from ..data import StepBatches, collate
@@ -22,12 +22,18 @@ from .base import Method, StepLosses
 PAIRS = "pairs.jsonl"
 
 
+def read_pair_records(path: Path) -> dict[str, dict]:
+    """The latest record of each prompt of a ``pairs.jsonl`` (build-pairs appends a retried
+    prompt again, so the last one wins); a torn last line is ignored."""
+    return {row["prompt"]: row for row in read_jsonl(path) if "prompt" in row}
+
+
 def read_pairs(folder) -> list[dict]:
     folder = Path(folder)
     path = folder / PAIRS
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: build pairs first with `python -m trainers build-pairs`")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = list(read_pair_records(path).values())
     usable = [r for r in rows if r.get("status") == "ok"]
     if not usable:
         statuses = {}
@@ -117,29 +123,40 @@ class HGDPO(Method):
         """The implicit reward margin on the first ``eval_pairs`` training pairs under fixed
         probes: the posterior-mean latents, ``probes`` noises seeded by the pair and timesteps
         spread evenly over the schedule. Unlike the per-step margin (one random t per pair) it is
-        the same measurement at every call, so its change over a run is the training's."""
+        the same measurement at every call, so its change over a run is the training's. The
+        pairs' latents and the reference's errors do not change during a run: they are computed
+        at the first call only."""
         pairs = self.pairs[: self.cfg.eval_pairs]
         if not pairs:
             return {}
         model, size = self.model, self.cfg.resolution
         steps = model.noise_scheduler.config.num_train_timesteps
-        t = ((torch.arange(probes) + 0.5) * steps / probes).long().to(model.device)
+        t = ((torch.arange(probes) + 0.5) * steps / probes).long().to(model.device).repeat(2)
         time_ids = torch.tensor([[float(size), float(size), 0.0, 0.0, float(size), float(size)]]).repeat(2 * probes, 1)
+        first = not hasattr(self, "_eval_cache")
+        if first:
+            self._eval_cache = []
         was_training = model.unet.training
         model.unet.eval()
         margins = []
         for i, pair in enumerate(pairs):
-            pixels = torch.stack([_pixels(self.folder / pair["winner"], size), _pixels(self.folder / pair["loser"], size)])
-            latents = model.latent_moments(pixels)[:, 0] * model.pipe.vae.config.scaling_factor
-            latents = latents.repeat_interleave(probes, dim=0)  # w, w, ..., l, l, ...
+            if first:
+                pixels = torch.stack([_pixels(self.folder / pair["winner"], size),
+                                      _pixels(self.folder / pair["loser"], size)])
+                means = model.latent_moments(pixels)[:, 0] * model.pipe.vae.config.scaling_factor
+            else:
+                means = self._eval_cache[i][0]
+            latents = means.repeat_interleave(probes, dim=0)  # w, w, ..., l, l, ...
             generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i)
             noise = torch.randn(latents[:probes].shape, generator=generator).to(latents).repeat(2, 1, 1, 1)
-            noisy = model.add_noise(latents, noise, t.repeat(2))
-            target = model.target(latents, noise, t.repeat(2))
+            noisy, target = model.add_noise(latents, noise, t), model.target(latents, noise, t)
             cond = model.conditioning([pair["prompt"]]).repeat(2 * probes)
-            with model.reference():
-                ref = per_sample_error(model.predict(noisy, t.repeat(2), cond, time_ids), target)
-            err = per_sample_error(model.predict(noisy, t.repeat(2), cond, time_ids), target)
+            if first:
+                with model.reference():
+                    ref = per_sample_error(model.predict(noisy, t, cond, time_ids), target)
+                self._eval_cache.append((means, ref))
+            ref = self._eval_cache[i][1]
+            err = per_sample_error(model.predict(noisy, t, cond, time_ids), target)
             delta = (err[:probes] - err[probes:]).mean() - (ref[:probes] - ref[probes:]).mean()
             margins.append(float(-0.5 * self.beta * delta))
         model.unet.train(was_training)

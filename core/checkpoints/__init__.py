@@ -1,7 +1,7 @@
 """Load a base model as a diffusers pipeline, offline: tiny, diffusers folder or single file.
 
 ``load_pipeline(base)`` accepts
-- ``tiny-sd15`` / ``tiny-sdxl``: the seeded tiny models of ``core.models``;
+- ``tiny-sd15`` / ``tiny-sdxl``: the seeded tiny models of ``core.tiny_models``;
 - a diffusers folder (``model_index.json``), loaded with ``local_files_only``;
 - a ComfyUI / A1111 single-file ``.safetensors`` checkpoint in the original layout, SD1.5 or
   SDXL, converted with the configs the pack ships (``core/configs``) and widths read from the
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint_convert as cc
-from .models import TINY_BASES, build_tiny_pipeline
-from .tokenizer import tiny_clip_tokenizer, vocabulary
+from . import convert as cc
+from ..tiny_models import TINY_BASES, build_tiny_pipeline
+from ..tiny_tokenizer import tiny_clip_tokenizer, vocabulary
 
 ARCHITECTURES = ("sd15", "sdxl")
 CLIP_VOCAB_SIZE = 49408

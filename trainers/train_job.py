@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .jobs import EventLog, atomic_path
+from core.fileio import EventLog, atomic_path
 from .loop import train
 from .methods import method_module
 from .model import TrainableModel

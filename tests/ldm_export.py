@@ -1,6 +1,6 @@
 """Diffusers pipeline -> one safetensors file in the original (LDM / ComfyUI / A1111) layout.
 
-The inverse of ``core.checkpoint_convert``: it lets tests build tiny single-file checkpoints from
+The inverse of ``core.checkpoints.convert``: it lets tests build tiny single-file checkpoints from
 the tiny pipelines, and records in the file's metadata the few structural values that tensor
 shapes cannot tell (``STRUCTURE_KEY``), so the loader rebuilds exactly the same model.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_convert import (
+from core.checkpoints.convert import (
     NOT_IN_SHAPES,
     SD15_CLIP_PREFIX,
     SDXL_CLIP_G_PREFIX,

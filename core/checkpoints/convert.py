@@ -7,7 +7,7 @@ offline is the config of each component. Here it is built in three layers:
 2. every width and depth the checkpoint's tensor shapes tell (so tiny checkpoints load too),
 3. the few values shapes cannot tell (group-norm groups, attention heads, activation, default
    sample size) from ``STRUCTURE_KEY`` in the file's metadata, which this pack's exporter writes
-   (``core.checkpoint_export``); a real checkpoint has none and gets the published values.
+   (``tests/ldm_export.py``); a real checkpoint has none and gets the published values.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ NOT_IN_SHAPES = {
 # Buffers and extras that real checkpoints carry and diffusers/transformers models do not keep.
 _IGNORED_SUFFIXES = ("position_ids", "logit_scale")
 
-_CONFIG_DIR = Path(__file__).parent / "configs"
+_CONFIG_DIR = Path(__file__).parent.parent / "configs"
 
 
 @lru_cache(maxsize=None)

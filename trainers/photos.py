@@ -3,8 +3,7 @@
 The npm package ``@vladmandic/face-api@1.7.15`` ships six group photos (``demo/sample1..6.jpg``,
 1920 px wide, 3-5 people each, faces and hands at many sizes). ``npm pack`` fetches the package
 tarball from the npm registry once, with npm's own client; only the six JPEGs are kept, in
-``~/.cache/fairhuman-hgdpo/photos``. They are never committed. Where npm is unavailable,
-``skimage_photos`` writes scikit-image's bundled ``astronaut`` and ``camera`` (when installed).
+``~/.cache/fairhuman-hgdpo/photos``. They are never committed.
 """
 from __future__ import annotations
 
@@ -15,24 +14,18 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from core.fileio import write_bytes_atomic
+
 PACKAGE = "@vladmandic/face-api@1.7.15"
 NAMES = tuple(f"sample{i}.jpg" for i in range(1, 7))
 
 
 class PhotosUnavailable(RuntimeError):
-    """The photos cannot be fetched here (no npm, no registry, no scikit-image); says why."""
+    """The photos cannot be fetched here (no npm, no registry); says why."""
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("FAIRHUMAN_CACHE", Path.home() / ".cache" / "fairhuman-hgdpo"))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)  # concurrent fetchers each write a whole file
 
 
 def sample_photos(cache_dir: str | Path | None = None) -> list[Path]:
@@ -62,30 +55,5 @@ def sample_photos(cache_dir: str | Path | None = None) -> list[Path]:
                 member = archive.extractfile(f"package/demo/{name}")
                 if member is None:
                     raise PhotosUnavailable(f"{PACKAGE} has no demo/{name}")
-                _write_atomic(folder / name, member.read())
-    return paths
-
-
-def skimage_photos(cache_dir: str | Path | None = None) -> list[Path]:
-    """scikit-image's ``astronaut`` (one face) and ``camera`` (one person) as PNGs in the cache;
-    ``PhotosUnavailable`` when scikit-image is not installed."""
-    try:
-        from skimage import data
-    except ImportError as err:
-        raise PhotosUnavailable("scikit-image is not installed: no fallback photos") from err
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    folder = Path(cache_dir) if cache_dir else cache_root() / "photos"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in ("astronaut", "camera"):
-        path = folder / f"skimage_{name}.png"
-        if not path.is_file():
-            buffer = io.BytesIO()
-            Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB").save(buffer, format="PNG")
-            _write_atomic(path, buffer.getvalue())
-        paths.append(path)
+                write_bytes_atomic(folder / name, member.read())  # concurrent fetchers each write a whole file
     return paths

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tokenizer import tiny_clip_tokenizer
+from .tiny_tokenizer import tiny_clip_tokenizer
 
 TINY_BASES = ("tiny-sd15", "tiny-sdxl")
 
@@ -36,7 +36,7 @@ class TinySpec:
 def _clip_config(hidden: int, layers: int, projection: int | None = None):
     from transformers import CLIPTextConfig
 
-    from .tokenizer import vocabulary
+    from .tiny_tokenizer import vocabulary
 
     vocab, _ = vocabulary()
     return CLIPTextConfig(
