@@ -1,4 +1,7 @@
 """FairHuman and HG-DPO for ComfyUI: the pack's entry point (classic NODE_CLASS_MAPPINGS API)."""
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# The browser extension (the training-jobs panel), served by ComfyUI as /extensions/<folder>/.
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,0 +1,378 @@
+// Training jobs panel: lists the pack's training jobs (GET /fairhuman/jobs), follows them through the
+// pushed "fairhuman.job" events, cancels them (POST /fairhuman/jobs/{id}/cancel) and refreshes
+// ComfyUI's model lists when a job finishes, so a new LoRA shows up in the loaders' dropdowns.
+// Plain JavaScript, no build step. A sidebar tab where the frontend offers one, else a floating panel.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const EVENT = "fairhuman.job";
+const ROUTE = "/fairhuman/jobs";
+const TAB_ID = "fairhuman-jobs";
+const ACTIVE = new Set(["queued", "running"]);
+const STATES = new Set(["queued", "running", "done", "error", "cancelled", "interrupted"]);
+const POLL_MS = 5000; // only while a job is active: covers events missed while the socket was down
+const MIN_REFRESH_MS = 500; // pushed events arrive once per step; coalesce the list requests
+
+const store = {
+  jobs: new Map(), // id -> summary, in the server's order
+  status: "loading", // loading | ready | absent | failed
+  message: "",
+  finishedRefreshed: new Set(), // job ids whose completion already refreshed the model lists
+  cancelling: new Set(),
+  cancelErrors: new Map(), // id -> message of a failed cancel
+  modelRefreshes: 0,
+};
+const views = new Set(); // mounted containers (the sidebar re-renders on every open)
+let refreshTimer = null;
+let refreshInFlight = null;
+let lastRefresh = 0;
+let pollTimer = null;
+
+// ---- data --------------------------------------------------------------------------------------
+function isActive(job) {
+  return ACTIVE.has(job.state);
+}
+
+// A state change seen here is what triggers the model-list refresh: a job already done when the page
+// loaded never does, a job seen finishing does, once.
+function noteTransition(previous, job) {
+  if (job.state !== "done" || store.finishedRefreshed.has(job.id)) return;
+  if (previous && previous.state === "done") return;
+  store.finishedRefreshed.add(job.id);
+  refreshModelLists();
+}
+
+function applyJob(job, { initial = false } = {}) {
+  if (!job || typeof job.id !== "string") return;
+  const previous = store.jobs.get(job.id);
+  store.jobs.set(job.id, { ...previous, ...job });
+  if (!isActive(job)) store.cancelling.delete(job.id);
+  if (initial) {
+    if (job.state === "done") store.finishedRefreshed.add(job.id);
+  } else {
+    noteTransition(previous, job);
+  }
+}
+
+async function fetchJobs(initial) {
+  let response;
+  try {
+    response = await api.fetchApi(ROUTE);
+  } catch (err) {
+    store.status = store.jobs.size ? "ready" : "failed";
+    store.message = `ComfyUI is not answering (${err?.message || err}); the list refreshes when it is back.`;
+    return;
+  }
+  if (response.status === 404) {
+    store.status = "absent";
+    store.message = "This server has no training-job routes (GET /api/fairhuman/jobs answered 404): "
+      + "update the FairHuman & HG-DPO pack and restart ComfyUI.";
+    return;
+  }
+  if (!response.ok) {
+    store.status = store.jobs.size ? "ready" : "failed";
+    store.message = `Could not list the training jobs: ${response.status} ${await errorText(response)}`;
+    return;
+  }
+  let body;
+  try {
+    body = await response.json();
+  } catch (err) {
+    store.status = "failed";
+    store.message = `The jobs route answered something that is not JSON (${err?.message || err}).`;
+    return;
+  }
+  const listed = Array.isArray(body?.jobs) ? body.jobs : [];
+  const seen = new Set();
+  const fresh = new Map();
+  for (const job of listed) {
+    if (!job || typeof job.id !== "string" || seen.has(job.id)) continue;
+    seen.add(job.id);
+    const previous = store.jobs.get(job.id);
+    fresh.set(job.id, { ...previous, ...job });
+    if (initial) {
+      if (job.state === "done") store.finishedRefreshed.add(job.id);
+    } else {
+      noteTransition(previous, job);
+    }
+  }
+  store.jobs = fresh; // the server's list is the truth: jobs it no longer has disappear
+  store.status = "ready";
+  store.message = "";
+}
+
+async function errorText(response) {
+  try {
+    const text = await response.text();
+    try {
+      const parsed = JSON.parse(text);
+      return String(parsed?.error ?? parsed?.message ?? text);
+    } catch {
+      return text.slice(0, 300);
+    }
+  } catch {
+    return response.statusText || "";
+  }
+}
+
+async function refresh(initial = false) {
+  if (refreshInFlight) return refreshInFlight;
+  lastRefresh = Date.now();
+  refreshInFlight = fetchJobs(initial)
+    .catch((err) => {
+      store.status = "failed";
+      store.message = `Could not list the training jobs: ${err?.message || err}`;
+    })
+    .finally(() => {
+      refreshInFlight = null;
+      renderAll();
+      schedulePoll();
+    });
+  return refreshInFlight;
+}
+
+function scheduleRefresh() {
+  if (store.status === "absent" || refreshTimer) return;
+  const wait = Math.max(0, MIN_REFRESH_MS - (Date.now() - lastRefresh));
+  refreshTimer = setTimeout(() => {
+    refreshTimer = null;
+    refresh();
+  }, wait);
+}
+
+function schedulePoll() {
+  clearTimeout(pollTimer);
+  pollTimer = null;
+  if (store.status !== "ready" || ![...store.jobs.values()].some(isActive)) return;
+  pollTimer = setTimeout(() => refresh(), POLL_MS);
+}
+
+async function cancelJob(id) {
+  store.cancelling.add(id);
+  store.cancelErrors.delete(id);
+  renderAll();
+  try {
+    const response = await api.fetchApi(`${ROUTE}/${encodeURIComponent(id)}/cancel`, { method: "POST" });
+    if (!response.ok) {
+      store.cancelErrors.set(id, `Cancel failed: ${response.status} ${await errorText(response)}`);
+      store.cancelling.delete(id);
+    }
+  } catch (err) {
+    store.cancelErrors.set(id, `Cancel failed: ${err?.message || err}`);
+    store.cancelling.delete(id);
+  }
+  renderAll();
+  scheduleRefresh();
+}
+
+// The same refresh as the "Refresh Node Definitions" command (key R): it re-reads /object_info and
+// updates every combo widget, so the new LoRA appears in LoraLoader without a page reload.
+async function refreshModelLists() {
+  try {
+    if (typeof app.refreshComboInNodes === "function") {
+      await app.refreshComboInNodes();
+    } else if (typeof app.extensionManager?.command?.execute === "function") {
+      await app.extensionManager.command.execute("Comfy.RefreshNodeDefinitions");
+    } else {
+      console.warn("[fairhuman] this frontend cannot refresh node definitions; press R to see new LoRAs");
+      return;
+    }
+    store.modelRefreshes += 1;
+  } catch (err) {
+    console.warn("[fairhuman] refreshing the model lists failed; press R to see new LoRAs:", err);
+  }
+}
+
+// ---- rendering ---------------------------------------------------------------------------------
+// Everything a job record holds is shown through textContent: route data is never parsed as HTML.
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function formatEta(seconds) {
+  const s = Number(seconds);
+  if (!Number.isFinite(s) || s < 0) return "";
+  if (s < 60) return `${Math.round(s)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  return `${Math.floor(s / 3600)} h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")} min`;
+}
+
+function formatLoss(value) {
+  const n = Number(value);
+  if (typeof value === "number" && Number.isFinite(n)) return n.toPrecision(4);
+  return String(value); // "nan"/"inf" arrive as strings (JSON has no NaN)
+}
+
+function renderJob(job) {
+  const state = STATES.has(job.state) ? job.state : "unknown";
+  const row = el("div", `fh-job fh-state-${state}`);
+  row.dataset.jobId = job.id;
+  row.dataset.state = state;
+
+  const head = el("div", "fh-job-head");
+  head.append(el("span", "fh-job-method", job.method || "job"));
+  head.append(el("span", "fh-job-name", job.lora_name || job.id));
+  head.append(el("span", "fh-job-state", job.state || "unknown"));
+  row.append(head);
+
+  const step = Number(job.step) || 0;
+  const total = Number(job.total) || 0;
+  const fraction = total > 0 ? Math.min(1, Math.max(0, step / total)) : 0;
+  const bar = el("div", "fh-progress");
+  bar.setAttribute("role", "progressbar");
+  bar.setAttribute("aria-valuemin", "0");
+  bar.setAttribute("aria-valuemax", String(total));
+  bar.setAttribute("aria-valuenow", String(step));
+  const fill = el("div", "fh-progress-fill");
+  fill.style.width = `${(fraction * 100).toFixed(1)}%`;
+  bar.append(fill);
+  row.append(bar);
+
+  const eta = isActive(job) ? formatEta(job.eta_s) : "";
+  const info = [total > 0 ? `step ${step} / ${total}` : "", eta ? `ETA ${eta}` : ""].filter(Boolean).join(" · ");
+  if (info) row.append(el("div", "fh-job-info", info));
+
+  const losses = job.losses && typeof job.losses === "object" ? Object.entries(job.losses) : [];
+  if (losses.length) {
+    const list = el("div", "fh-job-losses");
+    for (const [name, value] of losses) {
+      const item = el("span", "fh-loss");
+      item.append(el("span", "fh-loss-name", name), el("span", "fh-loss-value", formatLoss(value)));
+      list.append(item);
+    }
+    row.append(list);
+  }
+
+  if (job.error) row.append(el("div", "fh-job-error", job.error));
+  if (store.cancelErrors.has(job.id)) row.append(el("div", "fh-job-error", store.cancelErrors.get(job.id)));
+  if (job.run_dir) {
+    const dir = el("div", "fh-job-dir", job.run_dir);
+    dir.title = job.run_dir;
+    row.append(dir);
+  }
+
+  if (isActive(job)) {
+    const busy = store.cancelling.has(job.id);
+    const button = el("button", "fh-cancel", busy ? "Cancelling…" : "Cancel");
+    button.type = "button";
+    button.disabled = busy;
+    button.title = "Stop this job: the trainer saves a checkpoint, and queueing the same settings resumes it";
+    button.addEventListener("click", () => cancelJob(job.id));
+    row.append(button);
+  }
+  return row;
+}
+
+function renderInto(container) {
+  const list = el("div", "fh-jobs-list");
+  if (store.message) list.append(el("div", `fh-jobs-note fh-jobs-${store.status}`, store.message));
+  const jobs = [...store.jobs.values()];
+  const ordered = [...jobs.filter(isActive), ...jobs.filter((job) => !isActive(job))];
+  if (store.status === "loading") {
+    list.append(el("div", "fh-jobs-empty", "Loading…"));
+  } else if (!ordered.length && store.status === "ready") {
+    list.append(el("div", "fh-jobs-empty",
+      "No training jobs yet. Queue a \"Train FairHuman LoRA\" or \"Train HG-DPO LoRA\" node to start one."));
+  }
+  for (const job of ordered) list.append(renderJob(job));
+  const body = container.querySelector(".fh-jobs-body") || container;
+  body.replaceChildren(list);
+}
+
+function renderAll() {
+  for (const container of [...views]) {
+    if (!container.isConnected) {
+      views.delete(container);
+      continue;
+    }
+    renderInto(container);
+  }
+}
+
+function buildPanel(container) {
+  container.classList.add("fh-jobs");
+  container.dataset.fairhumanJobs = "";
+  const header = el("div", "fh-jobs-header");
+  header.append(el("span", "fh-jobs-title", "Training jobs"));
+  const reload = el("button", "fh-jobs-reload", "↻");
+  reload.type = "button";
+  reload.title = "Reload the job list";
+  reload.addEventListener("click", () => refresh());
+  header.append(reload);
+  container.replaceChildren(header, el("div", "fh-jobs-body"));
+  views.add(container);
+  renderInto(container);
+  return header;
+}
+
+// Older frontends without sidebar tabs get a small collapsible panel in the bottom-right corner.
+function mountFloatingPanel() {
+  const panel = el("div", "fh-jobs-floating");
+  const header = buildPanel(panel);
+  const toggle = el("button", "fh-jobs-toggle", "–");
+  toggle.type = "button";
+  toggle.title = "Collapse or expand the jobs panel";
+  toggle.addEventListener("click", () => {
+    const collapsed = panel.classList.toggle("fh-collapsed");
+    toggle.textContent = collapsed ? "+" : "–";
+  });
+  header.append(toggle);
+  document.body.append(panel);
+}
+
+function registerView() {
+  const tab = {
+    id: TAB_ID,
+    icon: "pi pi-chart-line",
+    title: "Training jobs",
+    tooltip: "FairHuman & HG-DPO training jobs",
+    type: "custom",
+    render: (container) => buildPanel(container),
+    destroy: () => renderAll(), // prunes the container the sidebar just removed
+  };
+  const manager = app.extensionManager;
+  if (typeof manager?.sidebarTab?.registerSidebarTab === "function") {
+    manager.sidebarTab.registerSidebarTab(tab);
+  } else if (typeof manager?.registerSidebarTab === "function") {
+    manager.registerSidebarTab(tab);
+  } else {
+    mountFloatingPanel();
+  }
+}
+
+function loadStyles() {
+  const link = document.createElement("link");
+  link.rel = "stylesheet";
+  link.href = new URL("./fairhuman_jobs.css", import.meta.url).href;
+  document.head.append(link);
+}
+
+// Registered at import, before ComfyUI's socket delivers anything: an event type nobody listens
+// to is reported by the frontend as an unknown message.
+api.addEventListener(EVENT, (event) => {
+  const job = event.detail;
+  if (!job || typeof job !== "object") return;
+  if (store.status === "absent" || store.status === "failed") {
+    store.status = "ready"; // a server that pushes jobs has the routes
+    store.message = "";
+  }
+  applyJob(job);
+  renderAll();
+  scheduleRefresh();
+});
+api.addEventListener("reconnected", () => refresh());
+
+app.registerExtension({
+  name: "fairhuman.jobs",
+  async setup() {
+    loadStyles();
+    registerView();
+    await refresh(true);
+  },
+});
+
+// For tests and the curious (read-only in spirit): the state the panel shows.
+window.fairhumanJobs = { store, refresh, refreshModelLists };
