@@ -244,6 +244,18 @@ def read_lora_metadata(path: str | os.PathLike) -> dict:
     return out
 
 
+def lora_architecture(path: str | os.PathLike) -> str | None:
+    """``sd15`` / ``sdxl`` as the file's metadata records it (ours, or kohya's
+    ``ss_base_model_version`` / ``modelspec.architecture``); None when it does not say."""
+    meta = read_lora_metadata(path)
+    if meta.get(META_PREFIX + "base_arch") in _ARCH_NAMES:
+        return meta[META_PREFIX + "base_arch"]
+    for arch, names in _ARCH_NAMES.items():
+        if meta.get("ss_base_model_version") == names[0] or meta.get("modelspec.architecture") == names[1]:
+            return arch
+    return None
+
+
 def load_lora_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The kohya tensors of a LoRA file, checked to be a UNet LoRA in this layout."""
     with _open(path) as handle:

@@ -292,8 +292,17 @@ def run(args: argparse.Namespace) -> int:
 
     images, ignored = list_files(root, out)
     meta_path = out / METADATA
-    records = read_metadata(meta_path)
+    try:
+        records = read_metadata(meta_path)
+    except JsonlError as err:
+        print(f"error: {err}; fix or delete that line (or the file, to annotate everything again)", file=sys.stderr)
+        return 2
     jobs = make_jobs(root, out, images)
+    gone = sorted(set(records) - {job.key for job in jobs})
+    for key in gone:  # the image was deleted or moved: its record would point at nothing
+        del records[key]
+    if gone:
+        print(f"  dropped {len(gone)} record(s) of images no longer there (e.g. {gone[0]})")
     todo = [job for job in jobs if not is_done(records.get(job.key), out.resolve(), args.retry_errors)]
     print(f"annotate {root}: {len(jobs)} images, {len(jobs) - len(todo)} already done, {len(todo)} to do "
           f"(models: {files.origin})", flush=True)

@@ -45,6 +45,9 @@ class TrainConfig:
     flip_p: float = 0.5
     bucketing: bool = True
     cache_latents: bool = False
+    # FairHuman ControlNet
+    condition_dropout: float = 0.3
+    conditioning_scale: float = 1.0
     # HG-DPO
     beta: float | None = None  # None: method default by architecture
     lambda_stat: float = 10000.0
@@ -96,6 +99,8 @@ HELP = {
     "flip_p": "probability of a horizontal flip",
     "bucketing": "aspect-ratio buckets (else square crops)",
     "cache_latents": "keep each image view's VAE latent in the run directory (needs --random-crop false)",
+    "condition_dropout": "fairhuman-controlnet: probability that a sample's condition image is dropped (black) in a step (paper: 0.3)",
+    "conditioning_scale": "fairhuman-controlnet: scale of the ControlNet's residuals while training",
     "beta": "DPO beta (default 2500 for SD1.5, 5000 for SDXL)",
     "lambda_stat": "weight of the statistic-matching loss (paper: 10000)",
     "eval_pairs": "pairs (the first N) whose reward margin is measured under fixed probes at the start, the end and every --eval-every steps (0: off)",
@@ -111,36 +116,107 @@ HELP = {
 }
 
 
-def _parse_bool(text: str) -> bool:
+class ConfigError(ValueError):
+    """A bad option, refused before anything loads; the message names the option and the fix."""
+
+
+def _parse_bool(text) -> bool:
+    if isinstance(text, bool):
+        return text
     lowered = str(text).lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _parse_list(value) -> list:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [x.strip() for x in str(value).split(",") if x.strip()]
+
+
+def _parse_dict(value) -> dict:
+    data = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {value!r}")
+    return data
+
+
+def _parse_number(kind):
+    def parse(value):
+        if isinstance(value, bool):  # YAML's true is not a number
+            raise ValueError(f"expected a number, got {value!r}")
+        if kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"expected a whole number, got {value!r}")
+            return int(value)
+        return kind(value)
+
+    return parse
+
+
+def _parser_for(annotation: str):
+    """The parser of a field, from its annotation: ``int``, ``float | None``, ``bool``, ``list``,
+    ``dict``, ``str``. ``X | None`` also takes ``none``."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    optional = "None" in kinds
+    kind = next(k for k in kinds if k != "None")
+    base = {"int": _parse_number(int), "float": _parse_number(float), "bool": _parse_bool,
+            "list": _parse_list, "dict": _parse_dict, "str": str}[kind]
+    if not optional:
+        return base
+
+    def parse(value):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return base(value)
+
+    return parse
+
+
+PARSERS = {name: _parser_for(str(spec.type)) for name, spec in FIELDS.items()}
+# prompts hold commas: a config file's string is one prompt, a list is several
+PARSERS["sample_prompts"] = lambda v: [str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)]
+
+
+def parse_value(name: str, value, source: str = "option"):
+    """``value`` converted to the type of field ``name``; a ConfigError naming it otherwise."""
+    try:
+        return PARSERS[name](value)
+    except (ValueError, TypeError) as err:
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} ({source}): {err}") from None
+
+
+def _argparse_type(name: str):
+    def convert(text):
+        try:
+            return PARSERS[name](text)
+        except (ValueError, TypeError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = str(FIELDS[name].type).split("|")[0].strip()  # argparse names it in errors
+    return convert
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML or JSON file with any of the options below")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output from its last checkpoint (a new run when there is none)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run in --output (its checkpoints, events and LoRA are deleted)")
     defaults = TrainConfig()
     for name, spec in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
-        kwargs = dict(default=None, help=f"{HELP[name]} (default: {default!r})", dest=name)
-        if spec.type in ("bool", bool):
-            kwargs["type"] = _parse_bool
+        kwargs = dict(default=None, help=f"{HELP.get(name, name)} (default: {default!r})", dest=name,
+                      type=_argparse_type(name))
+        if "bool" in str(spec.type):
             kwargs["metavar"] = "BOOL"
-        elif name == "target_modules":
-            kwargs["type"] = lambda s: [x.strip() for x in s.split(",") if x.strip()]
-        elif name == "sample_prompts":
-            kwargs["action"] = "append"
-        elif name == "weighting_options":
-            kwargs["type"] = json.loads
-        elif name in ("alpha", "beta", "lr", "weight_decay", "max_grad_norm", "flip_p", "lambda_stat"):
-            kwargs["type"] = float
-        elif isinstance(default, int) and not isinstance(default, bool):
-            kwargs["type"] = int
+        if name == "sample_prompts":
+            kwargs.update(action="append", type=str)
         parser.add_argument(flag, **kwargs)
 
 
@@ -157,17 +233,127 @@ def read_config_file(path: Path) -> dict:
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
-        raise ValueError(f"{path}: unknown options {unknown}; known: {sorted(FIELDS)}")
-    return data
+        raise ConfigError(f"{path}: unknown options {unknown}; known: {sorted(FIELDS)}")
+    return {k: parse_value(k, v, source=str(path)) for k, v in data.items()}
 
 
-def resolve(args: argparse.Namespace, method_defaults: dict | None = None) -> TrainConfig:
-    values: dict = {}
-    values.update(method_defaults or {})
-    if getattr(args, "config", None):
-        values.update(read_config_file(args.config))
+def explicit_values(args: argparse.Namespace) -> dict:
+    """The options the user gave: the config file's, then the flags' (flags win)."""
+    values = dict(read_config_file(args.config)) if getattr(args, "config", None) else {}
     for name in FIELDS:
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
-    return TrainConfig(**values)
+    return values
+
+
+def resolve(args: argparse.Namespace, method_defaults: dict | None = None) -> TrainConfig:
+    return TrainConfig(**{**(method_defaults or {}), **explicit_values(args)})
+
+
+# ---- validation: every rule checked before anything loads --------------------------------------
+def at_least(low):
+    return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def above(low):
+    return lambda v: None if v > low else f"must be greater than {low}"
+
+
+def between(low, high):
+    return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
+
+
+def multiple_of(n):
+    return lambda v: None if v > 0 and v % n == 0 else f"must be a positive multiple of {n}"
+
+
+def one_of(options):
+    def check(v):
+        choices = options() if callable(options) else options
+        return None if v in choices else f"must be one of {', '.join(sorted(choices))}"
+
+    return check
+
+
+def _weightings():
+    from core.weighting import WEIGHTINGS
+
+    return WEIGHTINGS
+
+
+def _methods():
+    from .methods import METHODS
+
+    return METHODS
+
+
+def _schedulers():
+    from diffusers.optimization import SchedulerType
+
+    return [t.value for t in SchedulerType]
+
+
+def _file_name(v):
+    if not v:
+        return None
+    if "/" in v or "\\" in v or v in (".", "..") or not v.endswith(".safetensors"):
+        return "must be a plain file name ending in .safetensors (no folders)"
+    return None
+
+
+RULES = {
+    "method": one_of(_methods),
+    "steps": at_least(1),
+    "resolution": multiple_of(8),
+    "batch_size": at_least(1),
+    "grad_accum": at_least(1),
+    "lr": above(0),
+    "lr_scheduler": one_of(_schedulers),
+    "warmup_steps": at_least(0),
+    "optimizer": one_of(("adamw", "adamw8bit", "auto")),
+    "weight_decay": at_least(0),
+    "max_grad_norm": at_least(0),
+    "rank": at_least(1),
+    "alpha": above(0),
+    "target_modules": lambda v: None if v else "must name at least one module",
+    "mixed_precision": one_of(("no", "fp16", "bf16")),
+    "weighting": one_of(_weightings),
+    "normalization": one_of(("reference", "area")),
+    "flip_p": between(0, 1),
+    "condition_dropout": between(0, 1),
+    "conditioning_scale": above(0),
+    "beta": above(0),
+    "lambda_stat": at_least(0),
+    "eval_pairs": at_least(0),
+    "checkpoint_every": at_least(0),
+    "keep_checkpoints": at_least(1),
+    "log_every": at_least(1),
+    "sample_every": at_least(0),
+    "eval_every": at_least(0),
+    "sample_steps": at_least(1),
+    "max_nan_steps": at_least(1),
+    "lora_name": _file_name,
+}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse a configuration that cannot run, before any model loads: every problem, one line."""
+    problems = []
+    for name, check in RULES.items():
+        value = getattr(cfg, name, None)
+        if value is None:
+            continue  # an optional value left to its default
+        problem = check(value)
+        if problem:
+            problems.append(f"--{name.replace('_', '-')} {value!r} {problem}")
+    from core.tiny_models import TINY_BASES
+
+    if cfg.base not in TINY_BASES and not Path(cfg.base).exists():
+        problems.append(f"--base {cfg.base!r} is neither {' nor '.join(TINY_BASES)} nor an existing file or folder")
+    if not cfg.data:
+        problems.append("--data is required: an annotated folder (fairhuman) or a pairs folder (hg-dpo)")
+    elif not Path(cfg.data).is_dir():
+        problems.append(f"--data {cfg.data!r} is not a folder")
+    if problems:
+        raise ConfigError("; ".join(problems))

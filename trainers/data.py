@@ -63,6 +63,39 @@ def read_records(data_dir: str | Path) -> list[Record]:
     return records
 
 
+def unreadable_files(paths: list[Path]) -> list[str]:
+    """``"name (why)"`` for each path that is missing or does not open as an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    bad = []
+    for path in dict.fromkeys(paths):
+        if not path.is_file():
+            bad.append(f"{path.name} (missing)")
+            continue
+        try:
+            with Image.open(path) as im:
+                im.size  # the header: enough to know it is an image PIL reads
+        except (OSError, UnidentifiedImageError) as err:
+            bad.append(f"{path.name} ({type(err).__name__})")
+    return bad
+
+
+def refuse_unreadable(paths: list[Path], listing: Path, fix: str) -> None:
+    bad = unreadable_files(paths)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"{listing} references {len(bad)} file(s) that are missing or unreadable: {shown}; {fix}")
+
+
+def check_records(data_dir) -> list[Record]:
+    """The usable records, every image and mask of them present and readable."""
+    records = read_records(data_dir)
+    paths = [r.image for r in records] + [m for r in records for m in (r.mask_face, r.mask_hand) if m]
+    refuse_unreadable(paths, Path(data_dir) / METADATA,
+                      f"restore them, or annotate the folder again (`python -m trainers annotate {data_dir}`)")
+    return records
+
+
 def buckets(resolution: int, multiple: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
     """(width, height) pairs of about resolution² pixels, sides multiples of ``multiple``."""
     area = resolution * resolution

@@ -8,10 +8,11 @@ in a few minutes on a CPU, not a quality gain.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
+
+from core.fileio import write_json_atomic
 
 PROMPTS = ("a photo of people waving hands", "a portrait of a smiling woman", "two friends holding hands")
 
@@ -114,6 +115,6 @@ def run(args: argparse.Namespace) -> int:
         "samples": str(grid), "annotations": str(data / "metadata.jsonl"),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(out / "report.json", summary)
     print(f"report in {out}: {', '.join(Path(p).name for p in [*plots, grid])} ({summary['seconds']} s)")
     return 0

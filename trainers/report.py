@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.fileio import read_events
+from core.fileio import atomic_path, read_events
+
+
+def save_figure(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -66,7 +71,7 @@ def plot_run(events_path: str | Path, out_dir: str | Path, names: list[str] | No
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     written.append(out_dir / "losses.png")
-    fig.savefig(written[-1], dpi=110)
+    save_figure(fig, written[-1])
     plt.close(fig)
 
     if progress[0].get("weights") and any(e["weights"] != progress[0]["weights"] for e in progress):
@@ -85,7 +90,7 @@ def plot_run(events_path: str | Path, out_dir: str | Path, names: list[str] | No
         ax.legend()
         fig.tight_layout()
         written.append(out_dir / "weights.png")
-        fig.savefig(written[-1], dpi=110)
+        save_figure(fig, written[-1])
         plt.close(fig)
 
     if "reward_margin" in progress[0]:
@@ -113,6 +118,6 @@ def _plot_dpo(plt, progress: list[dict], evals: list[dict], window: int, path: P
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path

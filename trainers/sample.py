@@ -8,11 +8,11 @@ set to the recorded ones after every step (``callback_on_step_end``). One UNet i
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
+from core.fileio import atomic_path, write_json_atomic
 from core.lan import StatsRecorder
 
 
@@ -68,11 +68,26 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--lan needs --lora: LAN matches the LoRA model to the model without it")
     if not 0.0 <= args.lan_strength <= 1.0:
         raise SystemExit("--lan-strength must be in [0, 1]")
+    if args.lora is not None and not args.lora.is_file():
+        raise SystemExit(f"LoRA file not found: {args.lora}")
     pipe = load_pipeline(args.base, tokenizer=args.tokenizer)
     if args.lora is not None:
-        if not args.lora.is_file():
-            raise SystemExit(f"LoRA file not found: {args.lora}")
-        pipe.load_lora_weights(str(args.lora), adapter_name="lora")
+        from core.lora_format import lora_architecture
+        from core.tiny_models import architecture_of
+
+        base_arch = architecture_of(pipe)
+        try:
+            lora_arch = lora_architecture(args.lora)
+        except ValueError as err:  # not a safetensors file
+            raise SystemExit(str(err)) from None
+        if lora_arch is not None and lora_arch != base_arch:
+            raise SystemExit(f"{args.lora.name} is a LoRA for {lora_arch}, the base {args.base} is {base_arch}: "
+                             f"use a {lora_arch} base or a LoRA trained on {base_arch}")
+        try:
+            pipe.load_lora_weights(str(args.lora), adapter_name="lora")
+        except (RuntimeError, ValueError, KeyError) as err:  # shapes that fit no module of this base
+            first = str(err).strip().splitlines()[0][:200]
+            raise SystemExit(f"{args.lora.name} does not fit the {base_arch} base {args.base} ({first})") from None
         pipe.set_adapters(["lora"], adapter_weights=[args.lora_scale])
     args.output.mkdir(parents=True, exist_ok=True)
     common = dict(num_inference_steps=args.steps, guidance_scale=args.cfg, negative_prompt=args.negative or None)
@@ -86,9 +101,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             image = pipe(prompt, generator=torch.Generator().manual_seed(seed), **common).images[0]
         path = args.output / f"{k:03d}_seed{seed}{'_lan' if args.lan else ''}.png"
-        image.save(path)
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
         written.append(str(path))
         print(f"wrote {path}")
-    (args.output / "samples.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                          "images": written}, indent=2))
+    write_json_atomic(args.output / "samples.json", {"args": {k: str(v) for k, v in vars(args).items()},
+                                                     "images": written})
     return 0

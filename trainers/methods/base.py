@@ -23,6 +23,11 @@ class Method:
     combine: str = "sum"  # "fair" or "sum"
     defaults: dict = {}
 
+    @classmethod
+    def check_data(cls, cfg) -> None:
+        """Refuse (ValueError / FileNotFoundError with a message naming the files and the fix)
+        a dataset this method cannot train on, before any model loads."""
+
     def __init__(self, cfg, model):
         self.cfg, self.model = cfg, model
         # set by the loop: each process trains on its own share of every step's batches

@@ -9,7 +9,7 @@ import torch
 from core.objectives import regional_losses
 
 from ..cache import TensorCache
-from ..data import RegionDataset, StepBatches, collate
+from ..data import RegionDataset, StepBatches, check_records, collate
 from .base import Method, StepLosses
 
 
@@ -19,6 +19,10 @@ class FairHuman(Method):
     combine = "fair"
     # Paper defaults for an SDXL LoRA: rank 256, lr 1e-5, 1024 px, batch 1, Adam.
     defaults = dict(rank=256, lr=1e-5, resolution=1024, batch_size=1)
+
+    @classmethod
+    def check_data(cls, cfg) -> None:
+        check_records(cfg.data)
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)

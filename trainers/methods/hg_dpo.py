@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from core.fileio import read_jsonl
 from core.dpo import ddpm_posterior_mean, diffusion_dpo_loss, per_sample_error, stat_matching_loss
 
-from ..data import StepBatches, collate
+from ..data import StepBatches, collate, refuse_unreadable
 from .base import Method, StepLosses
 
 PAIRS = "pairs.jsonl"
@@ -78,6 +78,13 @@ class HGDPO(Method):
     # Paper: SD1.5, LoRA rank 8 on the attention linears, lr 1e-5, 8-bit Adam, β = 2500,
     # λ_stat = 10000.
     defaults = dict(rank=8, lr=1e-5, resolution=512, batch_size=1, optimizer="auto")
+
+    @classmethod
+    def check_data(cls, cfg) -> None:
+        folder = Path(cfg.data)
+        pairs = read_pairs(folder)
+        refuse_unreadable([folder / p[k] for p in pairs for k in ("winner", "loser")], folder / PAIRS,
+                          "restore them, or build the pairs again into a new folder")
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
