@@ -1,8 +1,12 @@
-"""MPD and the other weightings: the fairness condition, special cases, scale behaviour."""
+"""MPD and the other weightings: each method's own analytical cases (the fairness condition,
+special cases, the per-objective scale law). The properties every weighting shares are checked
+once for all in tests/test_weighting_properties.py."""
+import math
+
 import pytest
 import torch
 
-from core.weighting import WEIGHTINGS, get_weighting, mpd_closed_form, mpd_weights
+from core.weighting import get_weighting, mpd_closed_form, mpd_weights
 
 
 def _residual(gram, w, alpha=2.0):
@@ -33,7 +37,6 @@ def test_mpd_solves_the_fairness_condition(case, alpha):
     grams = {"random": [_random_gram(s) for s in range(5)], "ill": [_ill_conditioned(1e8, s) for s in range(5)],
              "rank": [_rank_deficient(s) for s in range(5)]}[case]
     for gram in grams:
-        assert torch.linalg.matrix_rank(gram) < 3 if case == "rank" else True
         w = mpd_weights(gram, alpha=alpha)
         assert (w > 0).all() and torch.isfinite(w).all()
         assert _residual(gram, w, alpha) < 1e-6
@@ -42,6 +45,11 @@ def test_mpd_solves_the_fairness_condition(case, alpha):
 def test_condition_number_really_is_1e8():
     vals = torch.linalg.eigvalsh(_ill_conditioned())
     assert vals.max() / vals.min() == pytest.approx(1e8, rel=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rank_deficient_grams_really_are_rank_two(seed):
+    assert torch.linalg.matrix_rank(_rank_deficient(seed)) == 2
 
 
 def test_diagonal_gram_equals_the_closed_form():
@@ -94,18 +102,6 @@ def test_scaling_one_correlated_loss_moves_every_weight():
     assert not torch.allclose(w2[:2], w[:2], rtol=1e-3)
 
 
-@pytest.mark.parametrize("name", sorted(WEIGHTINGS))
-def test_every_weighting_gives_finite_non_negative_weights(name):
-    weighting = get_weighting(name)
-    for seed in range(3):
-        gram = _random_gram(seed).float()
-        losses = torch.tensor([1.0, 0.5, 0.25]) * (seed + 1)
-        w = weighting(gram, losses, generator=torch.Generator().manual_seed(seed))
-        assert w.shape == (3,) and torch.isfinite(w).all()
-        if name != "mpd-closed-form":  # the paper's approximation can go negative
-            assert (w >= 0).all()
-
-
 def test_baselines_analytic_cases():
     gram = _random_gram(0).float()
     losses = torch.tensor([2.0, 4.0, 0.5])
@@ -116,11 +112,12 @@ def test_baselines_analytic_cases():
     assert rlw.sum() == pytest.approx(1.0)
     nash = get_weighting("nash-mtl")(gram, losses)
     assert _residual(gram, nash, alpha=1.0) < 1e-5  # (K w) = 1/w, Nash bargaining
-    dwa = get_weighting("dwa")
+    dwa = get_weighting("dwa")  # T = 2
     assert torch.equal(dwa(gram, losses), torch.ones(3))  # first two steps: equal weights
-    dwa(gram, losses)
-    w = dwa(gram, losses * torch.tensor([1.0, 1.0, 4.0]))  # still ratios of the first two
-    assert w.sum() == pytest.approx(3.0)
+    assert torch.equal(dwa(gram, losses * torch.tensor([1.0, 1.0, 4.0])), torch.ones(3))
+    w = dwa(gram, losses)  # ratios of the last two steps: (1, 1, 4), softmax of (0.5, 0.5, 2)
+    e = [math.exp(0.5), math.exp(0.5), math.exp(2.0)]
+    assert w.tolist() == pytest.approx([3 * x / sum(e) for x in e], rel=1e-6)
     uw = get_weighting("uw")
     assert torch.allclose(uw(gram, losses), torch.ones(3))
     assert torch.allclose(uw.log_vars.grad, 1 - losses)
@@ -129,3 +126,27 @@ def test_baselines_analytic_cases():
 def test_unknown_weighting_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown weighting"):
         get_weighting("fair-ish")
+
+
+def test_dwa_keeps_each_objectives_history_when_one_is_absent():
+    # step 3 has no hand (objective 1): its history stays, and objective 2's ratio is its own
+    gram = _random_gram(0).float()
+    dwa = get_weighting("dwa")
+    dwa(gram, torch.tensor([1.0, 1.0, 1.0]))
+    dwa(gram, torch.tensor([2.0, 3.0, 4.0]))
+    w = dwa(gram[[0, 2]][:, [0, 2]], torch.tensor([5.0, 6.0]), active=[0, 2])
+    e = [math.exp(2.0 / 2), math.exp(4.0 / 2)]  # ratios 2/1 and 4/1
+    assert w.tolist() == pytest.approx([2 * x / sum(e) for x in e], rel=1e-6)
+    w = dwa(gram, torch.tensor([5.0, 3.0, 6.0]))  # ratios 5/2, 3/3 (kept), 6/4
+    e = [math.exp(2.5 / 2), math.exp(1.0 / 2), math.exp(1.5 / 2)]
+    assert w.tolist() == pytest.approx([3 * x / sum(e) for x in e], rel=1e-6)
+
+
+def test_uw_learns_only_the_log_variances_of_present_objectives():
+    uw = get_weighting("uw")
+    gram = _random_gram(0).float()
+    with torch.no_grad():
+        uw.log_vars.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    w = uw(gram[[0, 2]][:, [0, 2]], torch.tensor([2.0, 3.0]), active=[0, 2])
+    assert w.tolist() == pytest.approx([1.0, math.exp(-2.0)], rel=1e-6)
+    assert uw.log_vars.grad.tolist() == pytest.approx([1 - 2.0, 0.0, 1 - 3.0 * math.exp(-2.0)], rel=1e-6)

@@ -1,11 +1,12 @@
 """The model-based scorers (hps, imagereward) on tiny randomly initialized models saved in the
 documented folder layouts, the official-checkpoint conversions, composites and the CLI flag."""
 import json
-import re
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from train_helpers import ROOT, offline_env
@@ -45,41 +46,6 @@ def hps_folder(tmp_path_factory, clip_model):
     return folder
 
 
-def _open_clip_names(model) -> dict:
-    """A transformers CLIPModel's tensors under open_clip's names (from open_clip's model.py:
-    token_embedding, positional_embedding, transformer.resblocks.N.{ln_1, attn.in_proj_*,
-    attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_final, text_projection (x @ P), the same under
-    visual. with conv1, class_embedding, ln_pre, ln_post, proj, and logit_scale)."""
-    sd = model.state_dict()
-    out = {"logit_scale": sd["logit_scale"], "text_projection": sd["text_projection.weight"].t(),
-           "visual.proj": sd["visual_projection.weight"].t()}
-    singles = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-               "text_model.embeddings.position_embedding.weight": "positional_embedding",
-               "text_model.final_layer_norm": "ln_final",
-               "vision_model.embeddings.class_embedding": "visual.class_embedding",
-               "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-               "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-               "vision_model.pre_layrnorm": "visual.ln_pre", "vision_model.post_layernorm": "visual.ln_post"}
-    block = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-    for key, value in sd.items():
-        m = re.match(r"(text|vision)_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", key)
-        if m:
-            prefix = f"{'visual.' if m.group(1) == 'vision' else ''}transformer.resblocks.{m.group(2)}"
-            if m.group(3) == "self_attn.q_proj":
-                parts = [sd[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
-                out[f"{prefix}.attn.in_proj_{m.group(4)}"] = torch.cat(parts)
-            elif m.group(3) in block:
-                out[f"{prefix}.{block[m.group(3)]}.{m.group(4)}"] = value
-            continue
-        for hf, oc in singles.items():
-            if key == hf:
-                out[oc] = value
-            elif key.startswith(hf + "."):
-                out[oc + key[len(hf):]] = value
-    return out
-
-
 def test_hps_is_the_cosine_of_the_models_own_embeddings(hps_folder, clip_model, sample_photos):
     from core.scorers import get_scorer
     from core.scorers.pixels import clip_pixels
@@ -100,30 +66,154 @@ def test_hps_is_the_cosine_of_the_models_own_embeddings(hps_folder, clip_model, 
     assert scorer.score(images, PROMPTS) == pytest.approx(scores, abs=1e-5)
 
 
-def test_open_clip_checkpoint_converts_to_the_same_model(hps_folder, clip_model, tmp_path, sample_photos):
-    from core.scorers import get_scorer
+# Official layouts, written out from the official model definitions rather than from this
+# pack's conversion tables: open_clip's transformer.py (VisionTransformer, TextTransformer,
+# ResidualAttentionBlock: x + attn(ln_1(x)), x + mlp(ln_2(x)), nn.MultiheadAttention with a
+# fused in_proj in q, k, v order, projections applied as x @ P) and BLIP's vit.py (timm-style
+# Block: norm1, fused attn.qkv, attn.proj, norm2, mlp.fc1/fc2; cls_token, pos_embed, norm).
+# The reference forwards below compute on those names directly, so a wrong table entry in the
+# pack (ln_1/ln_2 swapped, q/k/v order, a missing transpose) changes the numbers.
+CLIP_WIDTH, CLIP_HEADS, CLIP_LAYERS, CLIP_MLP, CLIP_PATCH, CLIP_IMAGE, CLIP_EMBED, CONTEXT = 32, 2, 2, 64, 14, 56, 16, 77
+
+
+def _random(gen, *shape, base=0.0, scale=0.05):
+    return base + scale * torch.randn(*shape, generator=gen)
+
+
+def _resblock_tensors(gen, prefix, width, mlp, names):
+    out = {}
+    for i in range(CLIP_LAYERS):
+        for norm in names["norms"]:
+            out[f"{prefix}{i}.{norm}.weight"] = _random(gen, width, base=1.0, scale=0.3)
+            out[f"{prefix}{i}.{norm}.bias"] = _random(gen, width)
+        for name, shape in names["linears"](width, mlp).items():
+            out[f"{prefix}{i}.{name}"] = _random(gen, *shape, scale=0.2)
+    return out
+
+
+def _official_open_clip(vocab: int, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    w, grid = CLIP_WIDTH, CLIP_IMAGE // CLIP_PATCH
+    block = {"norms": ("ln_1", "ln_2"), "linears": lambda w, m: {
+        "attn.in_proj_weight": (3 * w, w), "attn.in_proj_bias": (3 * w,), "attn.out_proj.weight": (w, w),
+        "attn.out_proj.bias": (w,), "mlp.c_fc.weight": (m, w), "mlp.c_fc.bias": (m,), "mlp.c_proj.weight": (w, m),
+        "mlp.c_proj.bias": (w,)}}
+    sd = {"visual.conv1.weight": _random(gen, w, 3, CLIP_PATCH, CLIP_PATCH, scale=0.1),
+          "visual.class_embedding": _random(gen, w, scale=0.5),
+          "visual.positional_embedding": _random(gen, grid * grid + 1, w, scale=0.5),
+          "visual.proj": _random(gen, w, CLIP_EMBED, scale=0.3),
+          "token_embedding.weight": _random(gen, vocab, w, scale=0.5),
+          "positional_embedding": _random(gen, CONTEXT, w, scale=0.5),
+          "text_projection": _random(gen, w, CLIP_EMBED, scale=0.3),
+          "logit_scale": torch.tensor(math.log(1 / 0.07)),
+          "attn_mask": torch.full((CONTEXT, CONTEXT), float("-inf")).triu(1)}
+    for norm in ("visual.ln_pre", "visual.ln_post", "ln_final"):
+        sd[f"{norm}.weight"], sd[f"{norm}.bias"] = _random(gen, w, base=1.0, scale=0.3), _random(gen, w)
+    sd.update(_resblock_tensors(gen, "visual.transformer.resblocks.", w, CLIP_MLP, block))
+    sd.update(_resblock_tensors(gen, "transformer.resblocks.", w, CLIP_MLP, block))
+    return sd
+
+
+def _ln(sd, name, x, eps=1e-5):
+    return F.layer_norm(x, x.shape[-1:], sd[f"{name}.weight"], sd[f"{name}.bias"], eps)
+
+
+def _open_clip_resblocks(sd, prefix, x, mask=None):
+    for i in range(CLIP_LAYERS):
+        p = f"{prefix}{i}."
+        attn = torch.nn.MultiheadAttention(x.shape[-1], CLIP_HEADS, batch_first=True)
+        attn.load_state_dict({k: sd[p + "attn." + k] for k in
+                              ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")})
+        h = _ln(sd, p + "ln_1", x)
+        x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        h = F.gelu(F.linear(_ln(sd, p + "ln_2", x), sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"]))
+        x = x + F.linear(h, sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
+    return x
+
+
+@torch.no_grad()
+def _open_clip_image_features(sd, pixels):
+    x = F.conv2d(pixels, sd["visual.conv1.weight"], stride=CLIP_PATCH).flatten(2).transpose(1, 2)
+    x = torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, -1), x], 1) + sd["visual.positional_embedding"]
+    x = _open_clip_resblocks(sd, "visual.transformer.resblocks.", _ln(sd, "visual.ln_pre", x))
+    return _ln(sd, "visual.ln_post", x[:, 0]) @ sd["visual.proj"]
+
+
+@torch.no_grad()
+def _open_clip_text_features(sd, ids):
+    x = sd["token_embedding.weight"][ids] + sd["positional_embedding"]
+    x = _ln(sd, "ln_final", _open_clip_resblocks(sd, "transformer.resblocks.", x, mask=sd["attn_mask"]))
+    return x[torch.arange(len(ids)), ids.argmax(-1)] @ sd["text_projection"]  # the end token has the top id
+
+
+def test_open_clip_names_map_as_the_official_definition_names_them():
     from core.scorers.hps import open_clip_to_transformers
 
-    official = _open_clip_names(clip_model)
-    official["attn_mask"] = torch.full((77, 77), float("-inf")).triu(1)  # a buffer open_clip saves
-    converted = open_clip_to_transformers(official)
-    expected = clip_model.state_dict()
-    assert set(converted) == {k for k in expected if not k.endswith("position_ids")}
-    for key, value in converted.items():
-        assert torch.equal(value, expected[key]), key
+    expected = {  # official name -> transformers CLIPModel name, each written out by hand
+        "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+        "visual.class_embedding": "vision_model.embeddings.class_embedding",
+        "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+        "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+        "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+        "visual.transformer.resblocks.1.ln_1.weight": "vision_model.encoder.layers.1.layer_norm1.weight",
+        "visual.transformer.resblocks.0.ln_2.bias": "vision_model.encoder.layers.0.layer_norm2.bias",
+        "visual.transformer.resblocks.0.attn.out_proj.weight": "vision_model.encoder.layers.0.self_attn.out_proj.weight",
+        "transformer.resblocks.0.mlp.c_fc.weight": "text_model.encoder.layers.0.mlp.fc1.weight",
+        "transformer.resblocks.1.mlp.c_proj.bias": "text_model.encoder.layers.1.mlp.fc2.bias",
+        "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+        "positional_embedding": "text_model.embeddings.position_embedding.weight",
+        "ln_final.weight": "text_model.final_layer_norm.weight",
+        "logit_scale": "logit_scale",
+    }
+    for official, name in expected.items():
+        value = torch.randn(3, 2)
+        converted = open_clip_to_transformers({official: value})
+        assert list(converted) == [name] and torch.equal(converted[name], value), official
+    q, k, v = torch.randn(3, 4, 4).unbind()
+    converted = open_clip_to_transformers({"transformer.resblocks.0.attn.in_proj_weight": torch.cat([q, k, v])})
+    for part, value in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
+        assert torch.equal(converted[f"text_model.encoder.layers.0.self_attn.{part}.weight"], value)
+    p = torch.randn(4, 2)  # open_clip applies x @ P, a transformers Linear x @ Wᵀ
+    assert torch.equal(open_clip_to_transformers({"visual.proj": p})["visual_projection.weight"], p.T)
+    assert open_clip_to_transformers({"attn_mask": torch.zeros(2, 2)}) == {}  # a buffer, rebuilt
     with pytest.raises(KeyError, match="unknown open_clip key"):
         open_clip_to_transformers({"visual.attnpool.weight": torch.zeros(1)})
 
-    folder = tmp_path / "hps-official"
+
+def _open_clip_folder(folder, official):
+    from core.tiny_tokenizer import tiny_clip_tokenizer
+
     folder.mkdir()
     torch.save({"state_dict": official}, folder / "HPS_v2_compressed.pt")
-    for path in hps_folder.iterdir():  # config and tokenizer files, not the transformers weights
-        if path.suffix != ".safetensors":
-            (folder / path.name).write_bytes(path.read_bytes())
+    _tiny_clip_config().save_pretrained(folder)  # config.json only
+    tiny_clip_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_an_open_clip_checkpoint_scores_what_open_clip_computes(tmp_path, sample_photos):
+    from core.scorers import get_scorer
+    from core.scorers.hps import load_clip
+    from core.scorers.pixels import clip_pixels
+    from core.tiny_tokenizer import tiny_clip_tokenizer, vocabulary
+
+    official = _official_open_clip(len(vocabulary()[0]))
+    folder = _open_clip_folder(tmp_path / "hps-official", official)
     images = [Image.open(p).convert("RGB") for p in sample_photos[:2]]
-    a = get_scorer("hps", model=str(folder)).score(images, PROMPTS)
-    b = get_scorer("hps", model=str(hps_folder)).score(images, PROMPTS)
-    assert a == pytest.approx(b, abs=1e-6)
+    pixels = clip_pixels(images, CLIP_IMAGE)
+    ids = tiny_clip_tokenizer()(PROMPTS, padding="max_length", max_length=CONTEXT, return_tensors="pt").input_ids
+    img, txt = _open_clip_image_features(official, pixels), _open_clip_text_features(official, ids)
+
+    model = load_clip(folder)
+    with torch.no_grad():
+        assert torch.allclose(embedding_of(model.get_image_features(pixel_values=pixels)), img, atol=1e-5)
+        assert torch.allclose(embedding_of(model.get_text_features(input_ids=ids)), txt, atol=1e-5)
+    scores = get_scorer("hps", model=str(folder)).score(images, PROMPTS)
+    assert scores == pytest.approx(F.cosine_similarity(img, txt).tolist(), abs=1e-5)
+    assert scores[0] != scores[1]
+
+
+def embedding_of(out):
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def _bert_vocab(folder):
@@ -179,40 +269,103 @@ def test_imagereward_is_the_standardized_head_on_the_cross_attended_cls(reward_m
         scores, abs=1e-5)
 
 
-def test_official_imagereward_names_map_to_the_same_model(reward_model_and_folder, tmp_path, sample_photos):
+def _official_blip_vision(config, seed: int = 0) -> dict:
+    """Random tensors under BLIP vit.py's names and shapes (the official ImageReward.pt's
+    ``blip.visual_encoder.*``)."""
+    gen = torch.Generator().manual_seed(seed)
+    w, m, p = config.hidden_size, config.intermediate_size, config.patch_size
+    grid = config.image_size // p
+    sd = {"cls_token": _random(gen, 1, 1, w, scale=0.5), "pos_embed": _random(gen, 1, grid * grid + 1, w, scale=0.5),
+          "patch_embed.proj.weight": _random(gen, w, 3, p, p, scale=0.1), "patch_embed.proj.bias": _random(gen, w),
+          "norm.weight": _random(gen, w, base=1.0, scale=0.3), "norm.bias": _random(gen, w)}
+    sd.update(_resblock_tensors(gen, "blocks.", w, m, {"norms": ("norm1", "norm2"), "linears": lambda w, m: {
+        "attn.qkv.weight": (3 * w, w), "attn.qkv.bias": (3 * w,), "attn.proj.weight": (w, w), "attn.proj.bias": (w,),
+        "mlp.fc1.weight": (m, w), "mlp.fc1.bias": (m,), "mlp.fc2.weight": (w, m), "mlp.fc2.bias": (w,)}}))
+    return {"blip.visual_encoder." + k: v for k, v in sd.items()}
+
+
+@torch.no_grad()
+def _blip_vision_states(sd, config, pixels):
+    """BLIP's VisionTransformer.forward on the official names: every token, after the last norm."""
+    sd = {k[len("blip.visual_encoder."):]: v for k, v in sd.items()}
+    eps, heads = config.layer_norm_eps, config.num_attention_heads
+    x = F.conv2d(pixels, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=config.patch_size)
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], 1) + sd["pos_embed"]
+    b, n, w = x.shape
+    for i in range(CLIP_LAYERS):
+        p = f"blocks.{i}."
+        qkv = F.linear(_ln(sd, p + "norm1", x, eps), sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
+        q, k, v = qkv.reshape(b, n, 3, heads, w // heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-2, -1) * (w // heads) ** -0.5, dim=-1) @ v
+        x = x + F.linear(a.transpose(1, 2).reshape(b, n, w), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        h = F.gelu(F.linear(_ln(sd, p + "norm2", x, eps), sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]))
+        x = x + F.linear(h, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+    return _ln(sd, "norm", x, eps)
+
+
+def test_imagereward_names_map_as_the_official_checkpoint_names_them(reward_model_and_folder):
+    from core.scorers.image_reward import official_to_pack
+
+    model, _ = reward_model_and_folder
+    expected = {  # official name -> this pack's, each written out by hand
+        "blip.visual_encoder.cls_token": "vision.embeddings.class_embedding",
+        "blip.visual_encoder.pos_embed": "vision.embeddings.position_embedding",
+        "blip.visual_encoder.patch_embed.proj.weight": "vision.embeddings.patch_embedding.weight",
+        "blip.visual_encoder.norm.bias": "vision.post_layernorm.bias",
+        "blip.visual_encoder.blocks.1.norm1.weight": "vision.encoder.layers.1.layer_norm1.weight",
+        "blip.visual_encoder.blocks.0.norm2.bias": "vision.encoder.layers.0.layer_norm2.bias",
+        "blip.visual_encoder.blocks.0.attn.qkv.weight": "vision.encoder.layers.0.self_attn.qkv.weight",
+        "blip.visual_encoder.blocks.1.attn.proj.bias": "vision.encoder.layers.1.self_attn.projection.bias",
+        "blip.visual_encoder.blocks.1.mlp.fc2.weight": "vision.encoder.layers.1.mlp.fc2.weight",
+        "blip.text_encoder.embeddings.word_embeddings.weight": "text.embeddings.word_embeddings.weight",
+        "blip.text_encoder.encoder.layer.1.crossattention.self.key.weight":
+            "text.encoder.layer.1.crossattention.self.key.weight",
+        "blip.text_encoder.encoder.layer.0.output.LayerNorm.bias": "text.encoder.layer.0.output.LayerNorm.bias",
+        "mlp.layers.0.weight": "head.layers.0.weight",  # Linear(768, 1024)
+        "mlp.layers.6.bias": "head.layers.6.bias",  # Linear(64, 16), after three dropouts
+        "mlp.layers.7.weight": "head.layers.7.weight",  # Linear(16, 1)
+    }
+    names = set(model.state_dict())
+    for official, name in expected.items():
+        value = torch.randn(2)
+        assert official_to_pack({official: value}) == {name: value}, official
+        assert name in names, name  # the pack's model really has it
+    assert official_to_pack({"blip.text_proj.weight": torch.zeros(1), "blip.vision_proj.bias": torch.zeros(1)}) == {}
+    with pytest.raises(KeyError, match="unknown ImageReward vision key"):
+        official_to_pack({"blip.visual_encoder.blocks.0.ls1.gamma": torch.zeros(1)})
+
+
+def test_an_official_imagereward_checkpoint_scores_what_blip_computes(reward_model_and_folder, tmp_path,
+                                                                     sample_photos):
+    from transformers import BertTokenizer
+
     from core.scorers import get_scorer
+    from core.scorers.image_reward import MAX_TOKENS, MEAN, STD
+    from core.scorers.pixels import clip_pixels
 
     model, folder = reward_model_and_folder
-    # the official checkpoint's names (BLIP's timm-style ViT, med.py's BERT, ImageReward's MLP)
-    vision_names = [(r"^embeddings\.class_embedding$", "cls_token"), (r"^embeddings\.position_embedding$", "pos_embed"),
-                    (r"^embeddings\.patch_embedding\.", "patch_embed.proj."), (r"^post_layernorm\.", "norm."),
-                    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
-                    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
-                    (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"blocks.\1.attn.qkv."),
-                    (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
-                    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp.")]
-    official = {"blip.text_proj.weight": torch.zeros(4, 48)}  # unused by scoring: dropped
-    for key, value in model.state_dict().items():
-        if key.startswith("head."):
-            official["mlp." + key[5:]] = value
-        elif key.startswith("text."):
-            official["blip.text_encoder." + key[5:]] = value
-        else:
-            name = key[len("vision."):]
-            for pattern, repl in vision_names:
-                name, count = re.subn(pattern, repl, name)
-                if count:
-                    break
-            official["blip.visual_encoder." + name] = value
+    vision = model.config.vision_config
+    official = _official_blip_vision(vision)
+    # the text encoder and the head keep their names under a prefix (checked name by name above)
+    official.update({"blip.text_encoder." + k[5:]: v for k, v in model.state_dict().items() if k.startswith("text.")})
+    official.update({"mlp." + k[5:]: v for k, v in model.state_dict().items() if k.startswith("head.")})
     target = tmp_path / "ir-official"
     target.mkdir()
     torch.save({"state_dict": official}, target / "ImageReward.pt")
     for name in ("config.json", "vocab.txt"):
         (target / name).write_bytes((folder / name).read_bytes())
+
     images = [Image.open(p).convert("RGB") for p in sample_photos[:2]]
-    a = get_scorer("imagereward", model=str(target)).score(images, PROMPTS)
-    b = get_scorer("imagereward", model=str(folder)).score(images, PROMPTS)
-    assert a == pytest.approx(b, abs=1e-6)
+    image = _blip_vision_states(official, vision, clip_pixels(images, vision.image_size))
+    tokens = BertTokenizer(str(folder / "vocab.txt"))(PROMPTS, padding="max_length", truncation=True,
+                                                      max_length=MAX_TOKENS, return_tensors="pt")
+    with torch.no_grad():
+        text = model.text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                          encoder_hidden_states=image).last_hidden_state
+        expected = ((model.head(text[:, 0]).squeeze(-1) - MEAN) / STD).tolist()
+    scores = get_scorer("imagereward", model=str(target)).score(images, PROMPTS)
+    assert scores == pytest.approx(expected, abs=1e-5) and scores[0] != scores[1]
 
 
 def test_composite_is_the_weighted_sum_and_errors_name_the_flag(hps_folder, reward_model_and_folder, sample_photos):

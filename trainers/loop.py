@@ -110,13 +110,12 @@ class StepGradients:
             from core.combine import FairCombiner
             from core.weighting import get_weighting
 
-            self.weighting = get_weighting(cfg.weighting, **(cfg.weighting_options or {}))
+            self.weighting = get_weighting(cfg.weighting, len(method.objective_names), **(cfg.weighting_options or {}))
             self.fair = FairCombiner(params, self.weighting, len(method.objective_names),
                                          reduce=dist.average if dist.active else None, batched=cfg.batched_vjp)
 
     def extra_parameters(self) -> list[torch.Tensor]:
-        params = getattr(self.weighting, "parameters", None)
-        return list(params()) if callable(params) else []
+        return self.weighting.parameters() if self.weighting is not None else []
 
     def backward(self, out, scale: float) -> None:
         if self.fair is not None:
@@ -137,13 +136,11 @@ class StepGradients:
         return self.method.sum_weights()
 
     def state_dict(self) -> dict:
-        state = getattr(self.weighting, "state_dict", None)
-        return state() if callable(state) else {}
+        return self.weighting.state_dict() if self.weighting is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        load = getattr(self.weighting, "load_state_dict", None)
-        if callable(load) and state:
-            load(state)
+        if self.weighting is not None and state:
+            self.weighting.load_state_dict(state)
 
 
 def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool = False,

@@ -1,11 +1,11 @@
 """Weightings: each maps the Gramian of the objective gradients (and, for some, the losses) to
 non-negative weights w, from which the update is d = Σ w_i g_i.
 
-A weighting is a small object: ``weights = weighting(gram, losses, generator=None)`` with
-``gram`` (K, K) fp32 and ``losses`` (K,) detached. Stateful ones keep their state in
-``state_dict()`` / ``load_state_dict()`` (saved in training checkpoints); one with learnable
-parameters exposes ``parameters()`` and sets their ``.grad`` itself. The Gramian is computed
-elsewhere (``core.combine``) and the weights are applied elsewhere too: the TorchJD split.
+Every weighting is a ``base.Weighting``: ``weights = weighting(gram, losses, generator=None,
+active=None)``, with ``state_dict()`` / ``load_state_dict()`` / ``parameters()`` and the laws it
+obeys as class attributes; ``base`` states the contract, and one property suite checks it on
+every entry of ``WEIGHTINGS``. The Gramian is computed elsewhere (``core.combine``) and the
+weights are applied elsewhere too: the TorchJD split.
 
 | name | method | paper |
 |---|---|---|
@@ -20,8 +20,9 @@ elsewhere (``core.combine``) and the weights are applied elsewhere too: the Torc
 """
 from __future__ import annotations
 
+from .base import Weighting
 from .baselines import DWA, RLW, SI, UW, LinearScalarization
-from .mpd import MPD, MPDClosedForm, mpd_closed_form, mpd_weights
+from .mpd import MPD, MPDClosedForm, NashMTL, mpd_closed_form, mpd_weights
 
 WEIGHTINGS = {
     "mpd": MPD,
@@ -31,14 +32,27 @@ WEIGHTINGS = {
     "uw": UW,
     "rlw": RLW,
     "si": SI,
-    "nash-mtl": lambda **kw: MPD(alpha=1.0, **kw),
+    "nash-mtl": NashMTL,
 }
 
 
-def get_weighting(name: str, **options):
+def get_weighting(name: str, objectives: int = 3, **options) -> Weighting:
+    """The weighting ``name`` for ``objectives`` objectives, with its own ``options``."""
     if name not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {name!r}; expected one of {sorted(WEIGHTINGS)}")
-    return WEIGHTINGS[name](**options)
+    try:
+        return WEIGHTINGS[name](objectives=objectives, **options)
+    except TypeError as error:  # an option this weighting does not take
+        raise ValueError(f"weighting {name!r} does not take the options {sorted(options)}: {error}") from None
 
 
-__all__ = ["WEIGHTINGS", "get_weighting", "mpd_weights", "mpd_closed_form", "MPD", "MPDClosedForm"]
+__all__ = [
+    "MPD",
+    "WEIGHTINGS",
+    "MPDClosedForm",
+    "NashMTL",
+    "Weighting",
+    "get_weighting",
+    "mpd_closed_form",
+    "mpd_weights",
+]

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import Weighting
+
 EIGEN_FLOOR = 1e-12  # closed form only: K^(-p) of a singular K
 
 
@@ -71,17 +73,46 @@ def mpd_closed_form(gram: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
     return (w * scale ** (-alpha / (alpha + 1.0))).to(gram.dtype)
 
 
-class MPD:
-    def __init__(self, alpha: float = 2.0, iterations: int = 30):
+class MPD(Weighting):
+    """Exact α-fair weights. Non-conflicting: (K w)_i = w_i^(-1/α) > 0 is g_i · d."""
+
+    non_conflicting = True
+
+    def __init__(self, alpha: float = 2.0, iterations: int = 30, objectives: int = 3):
+        super().__init__(objectives)
+        if not alpha > 0:
+            raise ValueError(f"mpd alpha must be positive, got {alpha}")
         self.alpha, self.iterations = float(alpha), int(iterations)
 
-    def __call__(self, gram, losses=None, generator=None):
+    @property
+    def gram_power(self) -> float:
+        return -self.alpha / (self.alpha + 1.0)
+
+    def __call__(self, gram, losses=None, generator=None, active=None):
         return mpd_weights(gram, self.alpha, self.iterations)
 
 
-class MPDClosedForm:
-    def __init__(self, alpha: float = 2.0):
+class NashMTL(MPD):
+    """Nash-MTL (Navon et al., ICML 2022): Nash bargaining, the α = 1 case, (K w)_i = 1 / w_i."""
+
+    def __init__(self, iterations: int = 30, objectives: int = 3):
+        super().__init__(alpha=1.0, iterations=iterations, objectives=objectives)
+
+
+class MPDClosedForm(Weighting):
+    """The paper's approximation; can go negative when gradients conflict."""
+
+    non_negative = False
+
+    def __init__(self, alpha: float = 2.0, objectives: int = 3):
+        super().__init__(objectives)
+        if not alpha > 0:
+            raise ValueError(f"mpd-closed-form alpha must be positive, got {alpha}")
         self.alpha = float(alpha)
 
-    def __call__(self, gram, losses=None, generator=None):
+    @property
+    def gram_power(self) -> float:
+        return -self.alpha / (self.alpha + 1.0)
+
+    def __call__(self, gram, losses=None, generator=None, active=None):
         return mpd_closed_form(gram, self.alpha)
