@@ -30,7 +30,7 @@ def main(data: str, out: str) -> None:
 
     method.losses = spy
     result = train(cfg, method, Path(out), EventLog(Path(out) / f"events{rank}.jsonl", echo=False))
-    torch.save({"lora": model.lora_state_dict(), "weights": result["final_weights"], "seen": seen},
+    torch.save({"lora": model.trainable.state_dict(), "weights": result["final_weights"], "seen": seen},
                Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

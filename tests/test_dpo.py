@@ -78,11 +78,11 @@ def test_on_the_tiny_unet_stat_loss_is_zero_at_init_and_reaches_the_lora():
     dpo, stat, _ = dpo_objectives(model, noisy, t, noise, cond, None, 2, 2500.0)
     assert float(stat.detach()) == 0.0 and float(dpo.detach()) == pytest.approx(math.log(2), abs=1e-6)  # B = 0
     with torch.no_grad():
-        for name, p in model.named_lora_parameters():
+        for name, p in model.trainable.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     dpo, stat, _ = dpo_objectives(model, noisy, t, noise, cond, None, 2, 2500.0)
     assert float(stat.detach()) > 0
     stat.backward()
-    grads = [p.grad for p in model.lora_parameters()]
+    grads = [p.grad for p in model.trainable.parameters()]
     assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)

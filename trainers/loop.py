@@ -7,7 +7,7 @@ does one backward of a fixed weighted sum. Then clipping of the combined gradien
 and the LR schedule.
 
 Exact resume: the noise and timesteps of a step come from a generator seeded by (seed, step) and
-the data order is a pure function of (seed, step), so a checkpoint needs only the LoRA tensors,
+the data order is a pure function of (seed, step), so a checkpoint needs only the trained tensors,
 the optimizer, the LR scheduler, the weighting's state and a few counters — and a resumed run
 continues bit for bit on the CPU.
 
@@ -155,7 +155,7 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
     model = method.model
     dist = Distributed()
     method.rank, method.world = dist.rank, dist.world
-    params = model.lora_parameters()
+    params = model.trainable.parameters()
     combiner = StepGradients(method, params, cfg, dist)
     optimizer = make_optimizer(cfg, params + combiner.extra_parameters())
     lr_scheduler = get_scheduler(
@@ -166,7 +166,7 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
         path = latest_checkpoint(run_dir)
         if path is not None:
             state = load_checkpoint(path)
-            model.load_lora_state_dict(state["lora"])
+            model.trainable.load_state_dict(state["trainable"] if "trainable" in state else state["lora"])
             optimizer.load_state_dict(state["optimizer"])
             lr_scheduler.load_state_dict(state["lr_scheduler"])
             combiner.load_state_dict(state.get("weighting", {}))
@@ -231,7 +231,7 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
         periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
         if dist.is_main and (periodic or cancel) and done < cfg.steps:
             path = save_checkpoint(run_dir, done, {
-                "step": done, "lora": model.lora_state_dict(), "optimizer": optimizer.state_dict(),
+                "step": done, "trainable": model.trainable.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(), "weighting": combiner.state_dict(),
                 "nan_steps": nan_total,
             }, keep=cfg.keep_checkpoints)

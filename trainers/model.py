@@ -1,11 +1,12 @@
-"""The model being trained: a diffusers pipeline with a peft LoRA on its UNet.
+"""The model being trained: a diffusers pipeline, its UNet frozen, and a trainable
+(``trainers.trainables``: a LoRA adapter on the UNet, or a ControlNet beside it).
 
 Both methods see the same small surface: encode prompts and images, noise latents, predict, the
-prediction target, and ``reference()`` — the same UNet with the adapter disabled, which is the
+prediction target, and ``reference()`` — the same UNet with the trainable switched off, which is the
 frozen base model without a second copy in memory (HG-DPO's reference; LAN's reference).
 
 Dtype policy: the frozen VAE and text encoders run in the training dtype except the VAE, which
-stays fp32 (its fp16 decode/encode overflows on SD VAEs); the trainable LoRA parameters are kept
+stays fp32 (its fp16 decode/encode overflows on SD VAEs); the trainable parameters are kept
 in fp32 whatever the compute dtype, so the optimizer updates them at full precision.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from core.tiny_models import architecture_of
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+from .trainables import DEFAULT_TARGETS, LoraTrainable, Trainable
 
 
 @dataclass
@@ -41,23 +42,23 @@ class TrainableModel:
         self,
         pipe,
         *,
-        rank: int,
+        rank: int = 8,
         alpha: float | None = None,
         target_modules=DEFAULT_TARGETS,
+        trainable: Trainable | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         gradient_checkpointing: bool = False,
         init_seed: int = 0,
     ):
         from diffusers import DDPMScheduler
-        from peft import LoraConfig
 
         self.pipe = pipe
         self.arch = architecture_of(pipe)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
-        self.target_modules = list(target_modules)
+        # default: a LoRA (rank, alpha, target_modules); a ControlNet comes as ``trainable``
+        self.trainable = trainable or LoraTrainable(rank, alpha, target_modules, init_seed)
         pipe.to(self.device)
         for module in self._frozen_modules():
             module.requires_grad_(False)
@@ -65,12 +66,7 @@ class TrainableModel:
         unet.requires_grad_(False)
         if unet.dtype != dtype:
             unet.to(dtype=dtype)
-        torch.manual_seed(init_seed)  # peft draws LoRA A from the global generator
-        unet.add_adapter(
-            LoraConfig(r=rank, lora_alpha=self.alpha, target_modules=self.target_modules, init_lora_weights=True)
-        )
-        for param in self.lora_parameters():
-            param.data = param.data.float()
+        self.trainable.attach(unet, dtype, gradient_checkpointing)
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
@@ -84,33 +80,16 @@ class TrainableModel:
         names = ("vae", "text_encoder", "text_encoder_2")
         return [getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None]
 
-    def named_lora_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.unet.named_parameters() if "lora_" in n]
-
-    def lora_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for _, p in self.named_lora_parameters()]
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under peft's names (detached, on the CPU)."""
-        return {n: p.detach().cpu().clone() for n, p in self.named_lora_parameters()}
-
-    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.named_lora_parameters())
-        missing = set(params) - set(state)
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[0]}")
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(state[name])
+    def train(self, mode: bool = True) -> None:
+        """Training or eval mode of what runs in a step: the UNet (dropout) and the trainable."""
+        self.unet.train(mode)
+        self.trainable.train(mode)
 
     @contextlib.contextmanager
     def reference(self):
-        """The frozen base model: the same UNet with the LoRA adapter switched off."""
-        self.unet.disable_adapters()
-        try:
+        """The frozen base model: the same UNet with the trainable switched off."""
+        with self.trainable.disabled():
             yield self
-        finally:
-            self.unet.enable_adapters()
 
     # ---- encoding ---------------------------------------------------------------------------
     def conditioning(self, texts: list[str]) -> Conditioning:
@@ -175,13 +154,17 @@ class TrainableModel:
             return None
         return {"text_embeds": cond.pooled, "time_ids": time_ids.to(self.device, self.dtype)}
 
-    def predict(self, noisy, timesteps, cond: Conditioning, time_ids: torch.Tensor | None = None):
+    def predict(self, noisy, timesteps, cond: Conditioning, time_ids: torch.Tensor | None = None,
+                condition: torch.Tensor | None = None):
+        """The UNet's output; ``condition`` (B,3,H,W in [0, 1]) is the ControlNet's image."""
+        noisy, added = noisy.to(self.dtype), self.added_conditions(cond, time_ids)
         out = self.unet(
-            noisy.to(self.dtype),
+            noisy,
             timesteps,
             encoder_hidden_states=cond.hidden,
-            added_cond_kwargs=self.added_conditions(cond, time_ids),
+            added_cond_kwargs=added,
             return_dict=False,
+            **self.trainable.unet_kwargs(noisy, timesteps, cond.hidden, added, condition),
         )[0]
         return out.float()
 

@@ -1,4 +1,5 @@
-"""One training job end to end: load the base, attach the LoRA, train, export the LoRA file."""
+"""One training job end to end: load the base, attach the trainable (a LoRA or a ControlNet),
+train, export its file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,7 @@ from core.fileio import EventLog, atomic_path
 from .loop import train
 from .methods import method_module
 from .model import TrainableModel
+from .trainables import ControlNetTrainable, LoraTrainable, Trainable
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -19,13 +21,20 @@ def load_base(cfg):
     return load_pipeline(cfg.base, tokenizer=cfg.tokenizer or None)
 
 
+def make_trainable(cfg) -> Trainable:
+    """What the method trains: its ``trainable_kind`` ("lora" unless it says "controlnet")."""
+    kind = getattr(method_module(cfg.method).METHOD, "trainable_kind", "lora")
+    if kind == "controlnet":
+        return ControlNetTrainable(conditioning_scale=cfg.conditioning_scale)
+    return LoraTrainable(cfg.rank, cfg.alpha, cfg.target_modules, init_seed=cfg.seed)
+
+
 def build_model(cfg) -> TrainableModel:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.mixed_precision != "no" and device == "cpu":
         raise ValueError(f"--mixed-precision {cfg.mixed_precision} needs a GPU; use 'no' on the CPU")
     return TrainableModel(
-        load_base(cfg), rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules,
-        dtype=DTYPES[cfg.mixed_precision], device=device,
+        load_base(cfg), trainable=make_trainable(cfg), dtype=DTYPES[cfg.mixed_precision], device=device,
         gradient_checkpointing=cfg.gradient_checkpointing, init_seed=cfg.seed,
     )
 
@@ -34,6 +43,9 @@ def make_sampler(cfg, model: TrainableModel, run_dir: Path, events: EventLog):
     """Validation images: the same prompts and seeds at every sampling step, LoRA on."""
     if not (cfg.sample_every and cfg.sample_prompts):
         return None
+    if not isinstance(model.trainable, LoraTrainable):
+        raise ValueError(f"--sample-every renders LoRA samples only; {cfg.method} trains a "
+                         f"{model.trainable.kind}: set --sample-every 0")
 
     def sample(step: int) -> None:
         model.unet.eval()
@@ -54,14 +66,13 @@ def make_sampler(cfg, model: TrainableModel, run_dir: Path, events: EventLog):
     return sample
 
 
-def lora_metadata(cfg, model: TrainableModel, method, result: dict) -> dict:
+def export_metadata(cfg, model: TrainableModel, method, result: dict) -> dict:
     return {
         "method": cfg.method,
         "base_arch": model.arch,
         "base": cfg.base,
-        "rank": cfg.rank,
-        "alpha": model.alpha,
-        "target_modules": cfg.target_modules,
+        "trainable": model.trainable.kind,
+        **model.trainable.metadata(),
         "objectives": list(method.objective_names),
         "steps": result["steps"],
         "dataset_size": method.dataset_size(),
@@ -74,8 +85,6 @@ def lora_metadata(cfg, model: TrainableModel, method, result: dict) -> dict:
 def run_job(cfg, run_dir: Path, events: EventLog, *, resume: bool, stop_requested,
             keep_model: bool = False) -> dict:
     """Train and export; ``keep_model`` returns the trained model too (tests, notebooks)."""
-    from core.lora_format import save_lora
-
     model = build_model(cfg)
     method = method_module(cfg.method).METHOD(cfg, model)
     result = train(cfg, method, run_dir, events, resume=resume,
@@ -83,7 +92,7 @@ def run_job(cfg, run_dir: Path, events: EventLog, *, resume: bool, stop_requeste
     if result["status"] == "done":
         name = cfg.lora_name or f"{cfg.method.replace('-', '')}_{model.arch}.safetensors"
         path = run_dir / name
-        save_lora(path, model.unet, metadata=lora_metadata(cfg, model, method, result))
+        model.trainable.export(path, export_metadata(cfg, model, method, result))
         result["lora"] = str(path)
     if keep_model:
         result["model"] = model

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     t = torch.randint(0, 1000, (n,), generator=g).repeat(2)
     noisy = model.add_noise(latents, noise, t)
     cond = model.conditioning(["a photo of hands"] * (2 * n))
-    params = model.lora_parameters()
+    params = model.trainable.parameters()
 
     def zero():
         for p in params:
