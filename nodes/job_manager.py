@@ -1,0 +1,421 @@
+"""Training jobs launched from the nodes: spawn, tail, state, records, one job per device.
+
+A job is a folder under the runs folder, named after its sanitized output name (so queueing the
+same name again resumes it): ``spec.json`` (what to do), ``job.json`` (the record: id, state,
+settings, pid), ``job.log`` (the process's stdout/stderr), ``events.jsonl`` (written by the job,
+read here through ``core.fileio.EventTail``) and the trainer's run directory ``train/``.
+
+The job runs as ``[sys.executable, "-m", "trainers", "job", spec.json]`` — an argument list, the
+pack root as working directory and PYTHONPATH, offline flags, its own process group — so nothing
+of ``trainers`` is imported into ComfyUI. One polling thread follows every running job, updates
+its summary and hands each event to ``notify`` (the browser push). Nothing here imports ComfyUI:
+the ComfyUI bindings are passed in (see ``comfy_manager``).
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from ..core.fileio import (CANCELLED, DONE, ERROR, EVENTS_FILE, PROGRESS, STAGE, WARNING, EventTail, JsonlError,
+                           read_events, write_json_atomic)
+from .job_paths import InputRefused, inside
+
+log = logging.getLogger("fairhuman-hgdpo")
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+RECORD, SPEC, LOG = "job.json", "spec.json", "job.log"
+ACTIVE = ("queued", "running")
+# interrupted: the record said running but its process was gone when the manager started
+STATES = ("queued", "running", "done", "error", "cancelled", "interrupted")
+JOB_ID = re.compile(r"^[0-9a-f]{12}$")
+CANCEL_TIMEOUT_S = 10.0
+RECENT_EVENTS = 50
+# settings that may change when a run is queued again: the trainer lets steps grow
+RESUMABLE_CHANGES = ("steps",)
+
+
+class JobRefused(InputRefused):
+    """A job that must not start (busy device, settings differing from the run to resume)."""
+
+
+def job_environment(pack_root: Path) -> dict:
+    """The job's environment: the pack importable, output unbuffered, no hub, no telemetry."""
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(pack_root), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1",
+               PYTHONIOENCODING="utf-8")
+    return env
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process reusing the number
+        return False
+    try:  # a zombie or a reused pid is not our job
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return b"trainers" in cmdline and b"job" in cmdline
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): trust the signal check
+
+
+class Job:
+    """One job: its record (persisted in job.json) and what its events said so far."""
+
+    def __init__(self, record: dict, job_dir: Path):
+        self.record = record
+        self.dir = Path(job_dir)
+        self.proc: subprocess.Popen | None = None
+        self.tail = EventTail(self.dir / EVENTS_FILE)
+        self.recent: collections.deque = collections.deque(maxlen=RECENT_EVENTS)
+        self.finished = threading.Event()
+        self.step, self.total, self.losses, self.eta_s, self.stage = 0, None, {}, None, None
+        if record["state"] not in ACTIVE:
+            self.finished.set()
+
+    @property
+    def id(self) -> str:
+        return self.record["id"]
+
+    @property
+    def state(self) -> str:
+        return self.record["state"]
+
+    def apply(self, event: dict) -> None:
+        """Fold one event into the summary."""
+        kind = event.get("event")
+        slim = {k: v for k, v in event.items() if k != "traceback"}
+        self.recent.append(slim)
+        if kind == STAGE:
+            self.stage, self.step, self.total, self.eta_s = event.get("name"), 0, None, None
+        elif kind == PROGRESS:
+            self.stage = event.get("stage", self.stage)
+            self.step, self.total = event.get("step", self.step), event.get("total", self.total)
+            self.eta_s = event.get("eta_s")
+            if event.get("losses"):
+                self.losses = event["losses"]
+        elif kind == DONE:
+            self.record.update(state="done", lora_path=event.get("lora"), plot=event.get("plot"), error=None)
+            self.eta_s = 0
+        elif kind == ERROR:
+            self.record.update(state="error", error=event.get("message") or "the job failed (see job.log)")
+        elif kind == CANCELLED:
+            self.record.update(state="cancelled", error=event.get("message") or "cancelled, resumable")
+        elif kind == WARNING:
+            self.record.setdefault("warnings", []).append(event.get("message"))
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return _pid_alive(self.record.get("pid"))
+
+    def summary(self) -> dict:
+        r = self.record
+        return {"id": r["id"], "method": r["method"], "state": r["state"], "step": self.step, "total": self.total,
+                "losses": self.losses, "eta_s": self.eta_s, "lora_name": r.get("lora_name"),
+                "run_dir": str(self.dir), "error": r.get("error"), "stage": self.stage,
+                "output_name": r.get("output_name"), "device": r.get("device"), "created": r.get("created"),
+                "finished": r.get("finished"), "warnings": r.get("warnings", [])[-5:]}
+
+    def details(self) -> dict:
+        return {**self.summary(), "events": list(self.recent), "log": str(self.dir / LOG)}
+
+    def save(self) -> None:
+        write_json_atomic(self.dir / RECORD, self.record)
+
+
+def settings_differences(old: dict, new: dict) -> list[str]:
+    """``name: old -> new`` for every setting that differs (steps may grow)."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if key in RESUMABLE_CHANGES or old.get(key) == new.get(key):
+            continue
+        changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changed
+
+
+class JobManager:
+    def __init__(self, runs_root: str | os.PathLike, *, python: str = sys.executable, pack_root: Path = PACK_ROOT,
+                 notify=None, on_finished=None, poll_interval: float = 0.25):
+        self.runs_root = Path(runs_root)
+        self.python, self.pack_root = python, Path(pack_root)
+        self.notify = notify or (lambda summary, event: None)
+        self.on_finished = on_finished or (lambda job: None)
+        self.poll_interval = poll_interval
+        self.lock = threading.RLock()
+        self.jobs: dict[str, Job] = {}
+        self._thread: threading.Thread | None = None
+        self.load_records()
+
+    # ---- records ------------------------------------------------------------------------------
+    def load_records(self) -> None:
+        """Read every job folder; a job recorded as running whose process is gone becomes
+        ``interrupted`` (resumable); one still running is followed again."""
+        if not self.runs_root.is_dir():
+            return
+        for folder in sorted(self.runs_root.iterdir()):
+            path = folder / RECORD
+            if folder.is_symlink() or not path.is_file():
+                continue
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                if not JOB_ID.match(str(record.get("id"))) or record.get("state") not in STATES:
+                    raise ValueError("not a job record")
+            except (OSError, ValueError) as err:
+                log.warning("fairhuman: skipping job record %s: %s", path, err)
+                continue
+            recorded = record["state"]
+            job = Job(record, folder)
+            try:
+                for event in job.tail.read():  # the summary (step, losses) from the job's own events
+                    job.apply(event)
+            except JsonlError as err:
+                log.warning("fairhuman: %s", err)
+            if recorded in ACTIVE:
+                if _pid_alive(record.get("pid")):  # still training: follow it again
+                    record["state"] = "running"
+                elif job.state in ACTIVE:
+                    record.update(state="interrupted", error=(
+                        "interrupted (resumable): its process ended while ComfyUI was not watching; queue the "
+                        "same output_name with the same settings to continue from the last checkpoint"))
+                if job.state not in ACTIVE:  # ended while ComfyUI was down (final event or none)
+                    record["finished"] = record.get("finished") or time.time()
+                    job.finished.set()
+                    job.save()
+            self.jobs[job.id] = job
+        if any(j.state in ACTIVE for j in self.jobs.values()):
+            self._ensure_thread()
+
+    def job(self, job_id: str) -> Job | None:
+        """The job with this id (ids are matched, never used as paths)."""
+        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+            return None
+        return self.jobs.get(job_id)
+
+    def list(self) -> list[dict]:
+        with self.lock:
+            jobs = sorted(self.jobs.values(), key=lambda j: j.record.get("created", 0), reverse=True)
+            return [j.summary() for j in jobs]
+
+    def job_dir(self, name: str) -> Path:
+        folder = self.runs_root / name
+        if not inside(folder, self.runs_root) or folder.resolve().parent != self.runs_root.resolve():
+            raise InputRefused(f"output_name {name!r} does not name a folder inside {self.runs_root}")
+        return folder
+
+    def running_on(self, device: str) -> Job | None:
+        for job in self.jobs.values():
+            if job.record.get("device") == device and (job.state in ACTIVE or job.alive()):
+                return job
+        return None
+
+    def previous_record(self, name: str) -> dict | None:
+        path = self.job_dir(name) / RECORD
+        try:
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    # ---- starting -----------------------------------------------------------------------------
+    def check(self, *, name: str, device: str, settings: dict, overwrite: bool) -> None:
+        """Refuse a job that must not start, before anything is written."""
+        with self.lock:
+            busy = self.running_on(device)
+            if busy is not None:
+                where = f"step {busy.step}/{busy.total}" if busy.total else busy.stage or "starting"
+                raise JobRefused(
+                    f"device {device} is busy with training job {busy.id} ('{busy.record.get('output_name')}', "
+                    f"{where}): one training job runs per device; wait for it or cancel it (jobs panel, or "
+                    f"POST /fairhuman/jobs/{busy.id}/cancel)")
+            previous = self.previous_record(name)
+            if previous and not overwrite:
+                changed = settings_differences(previous.get("settings", {}), settings)
+                if changed:
+                    raise JobRefused(
+                        f"output_name {name!r} already has a run with other settings ({'; '.join(changed)}): "
+                        f"queue it with the same settings to resume it, pick another output_name, or set "
+                        f"overwrite to true to start over")
+
+    def submit(self, spec: dict, *, name: str, method: str, device: str, settings: dict, lora_name: str,
+               overwrite: bool) -> Job:
+        """Start a job (after ``check``, again under the lock); returns it running."""
+        with self.lock:
+            self.check(name=name, device=device, settings=settings, overwrite=overwrite)
+            folder = self.job_dir(name)
+            if overwrite and folder.exists():
+                shutil.rmtree(folder)  # inside the runs folder: checked by job_dir
+            folder.mkdir(parents=True, exist_ok=True)
+            job_id = uuid.uuid4().hex[:12]
+            spec = {**spec, "job_id": job_id, "job_dir": str(folder)}
+            write_json_atomic(folder / SPEC, spec)
+            record = {"id": job_id, "method": method, "output_name": name, "device": device, "state": "queued",
+                      "settings": settings, "lora_name": lora_name, "lora_path": None, "error": None,
+                      "created": time.time(), "finished": None, "pid": None, "exit_code": None}
+            job = Job(record, folder)
+            job.tail.read()  # a resumed run's earlier events are history, not this job's
+            for old in [j for j in self.jobs.values() if j.dir == folder]:
+                del self.jobs[old.id]  # one record per run folder: the newest attempt
+            self.jobs[job_id] = job
+            job.save()
+            with open(folder / LOG, "ab") as log_file:
+                job.proc = subprocess.Popen(
+                    [self.python, "-m", "trainers", "job", str(folder / SPEC)], cwd=str(self.pack_root),
+                    env=job_environment(self.pack_root), stdout=log_file, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True)
+            record.update(state="running", pid=job.proc.pid)
+            job.save()
+            self._emit(job, {"event": "state", "state": "running"})
+            self._ensure_thread()
+            return job
+
+    # ---- following ----------------------------------------------------------------------------
+    def _emit(self, job: Job, event: dict) -> None:
+        try:
+            self.notify(job.summary(), event)
+        except Exception as err:  # a closed browser must not stop the job's bookkeeping
+            log.debug("fairhuman: notify failed: %s", err)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._follow, name="fairhuman-jobs", daemon=True)
+            self._thread.start()
+
+    def _follow(self) -> None:
+        while True:
+            with self.lock:
+                active = [j for j in self.jobs.values() if not j.finished.is_set()]
+            if not active:
+                return
+            for job in active:
+                try:
+                    self.poll(job)
+                except Exception:
+                    log.exception("fairhuman: following job %s failed", job.id)
+            time.sleep(self.poll_interval)
+
+    def poll(self, job: Job) -> None:
+        """Read the job's new events; settle its state once its process has exited."""
+        exited = not job.alive()
+        try:
+            events = job.tail.read()
+        except JsonlError as err:
+            log.warning("fairhuman: job %s: %s", job.id, err)
+            events = []
+        for event in events:
+            job.apply(event)
+            self._emit(job, event)
+        if exited:
+            self._settle(job)
+
+    def _settle(self, job: Job) -> None:
+        code = job.proc.returncode if job.proc is not None else None
+        record = job.record
+        if record["state"] in ACTIVE:  # no final event: the process died (killed, crashed)
+            record["state"] = "cancelled" if record.get("cancel_requested") else "error"
+            record["error"] = (
+                "cancelled, resumable (the process was stopped before it wrote its final event)"
+                if record.get("cancel_requested") else
+                f"the job process exited with code {code} without a final event: see {job.dir / LOG}")
+        if record["state"] == "done" and not (record.get("lora_path") and os.path.isfile(record["lora_path"])):
+            record.update(state="error", error=f"the job reported done but {record.get('lora_path')} does not exist")
+        record.update(exit_code=code, finished=time.time())
+        job.save()
+        job.finished.set()
+        self._emit(job, {"event": "state", "state": record["state"]})
+        try:
+            self.on_finished(job)
+        except Exception:
+            log.exception("fairhuman: after job %s", job.id)
+
+    # ---- stopping -----------------------------------------------------------------------------
+    def cancel(self, job_id: str, timeout: float = CANCEL_TIMEOUT_S) -> Job:
+        """SIGTERM the job's process group (the trainer saves a checkpoint and exits 3); SIGKILL
+        it if it is still there after ``timeout`` seconds. Returns the job, settled."""
+        job = self.job(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        if job.finished.is_set() and not job.alive():
+            return job
+        job.record["cancel_requested"] = True
+        self._signal(job, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while job.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if job.alive():
+            log.warning("fairhuman: job %s did not stop within %.0f s of SIGTERM: killing it", job.id, timeout)
+            self._signal(job, signal.SIGKILL)
+            while job.alive():
+                time.sleep(0.05)
+        with self.lock:
+            if not job.finished.is_set():
+                self.poll(job)
+        job.finished.wait(timeout)
+        return job
+
+    @staticmethod
+    def _signal(job: Job, sig) -> None:
+        pid = job.proc.pid if job.proc is not None else job.record.get("pid")
+        try:
+            os.killpg(pid, sig)  # its own session: the group holds the job and its workers
+        except (ProcessLookupError, PermissionError, TypeError):
+            pass
+
+    def stop_all(self) -> None:
+        """At ComfyUI's exit: ask running jobs to checkpoint and stop (resumable), briefly."""
+        for job in list(self.jobs.values()):
+            if job.proc is not None and job.alive():
+                self._signal(job, signal.SIGTERM)
+
+
+# ---- the ComfyUI-bound instance -------------------------------------------------------------------
+_manager: JobManager | None = None
+_manager_lock = threading.Lock()
+
+
+def comfy_manager() -> JobManager:
+    """The manager of this ComfyUI: runs under ``<output>/fairhuman_runs``, events pushed to
+    the browser as ``fairhuman.job`` messages, the LoRA lists refreshed when a job ends."""
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            import folder_paths
+
+            from .job_paths import RUNS_FOLDER
+
+            _manager = JobManager(Path(folder_paths.get_output_directory()) / RUNS_FOLDER,
+                                  notify=_push_to_browser, on_finished=_refresh_lora_lists)
+            atexit.register(_manager.stop_all)
+        return _manager
+
+
+def _push_to_browser(summary: dict, event: dict) -> None:
+    from server import PromptServer
+
+    PromptServer.instance.send_sync("fairhuman.job", {**summary, "event": event})
+
+
+def _refresh_lora_lists(job: Job) -> None:
+    """folder_paths re-scans on a folder mtime change; drop the cache too, so a LoRA copied
+    within the same mtime tick is listed (same cache in ComfyUI 0.3.64 and 0.8.0)."""
+    import folder_paths
+
+    folder_paths.filename_list_cache.pop("loras", None)

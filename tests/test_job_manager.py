@@ -1,0 +1,177 @@
+"""The training-job side of the nodes without ComfyUI: input safety (job_paths) and the job
+manager running real ``python -m trainers job`` processes on the tiny SD1.5-shaped model."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from train_helpers import make_region_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pack():
+    """The pack imported as a package, as ComfyUI does (its nodes use relative imports)."""
+    name = "fairhuman_pack_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def paths():
+    return importlib.import_module(_pack().__name__ + ".nodes.job_paths")
+
+
+@pytest.fixture(scope="module")
+def jm():
+    return importlib.import_module(_pack().__name__ + ".nodes.job_manager")
+
+
+# ---- input safety ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["../x", "a/b", "a\\b", "..", "x..y", ".hidden", "", "a" * 101, "c:evil"])
+def test_output_name_must_be_plain(paths, bad):
+    with pytest.raises(paths.InputRefused, match="output_name"):
+        paths.sanitize_output_name(bad)
+
+
+def test_output_name_keeps_plain_names(paths):
+    assert paths.sanitize_output_name(" my hands_v2.safetensors ") == "my hands_v2"
+
+
+@pytest.fixture
+def input_dir(tmp_path):
+    root = tmp_path / "input"
+    (root / "my photos").mkdir(parents=True)
+    (root / "my photos" / "a.jpg").write_bytes(b"jpg")
+    (root / "empty").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "b.png").write_bytes(b"png")
+    (root / "link out").symlink_to(tmp_path / "outside", target_is_directory=True)
+    return root
+
+
+def test_dataset_inside_input_resolves(paths, input_dir):
+    assert paths.resolve_dataset("my photos", input_dir) == (input_dir / "my photos").resolve()
+    assert paths.resolve_dataset(str(input_dir / "my photos"), input_dir) == (input_dir / "my photos").resolve()
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "/etc", "link out", "my photos/../../outside"])
+def test_dataset_outside_allowed_roots_is_refused(paths, input_dir, bad, monkeypatch):
+    monkeypatch.delenv(paths.ALLOWED_ROOTS_ENV, raising=False)
+    with pytest.raises(paths.InputRefused, match="outside the allowed folders"):
+        paths.resolve_dataset(bad, input_dir)
+
+
+def test_allowed_roots_variable_admits_a_folder(paths, input_dir, monkeypatch):
+    outside = input_dir.parent / "outside"
+    monkeypatch.setenv(paths.ALLOWED_ROOTS_ENV, str(outside))
+    assert paths.resolve_dataset(str(outside), input_dir) == outside.resolve()
+    assert paths.resolve_dataset("link out", input_dir) == outside.resolve()
+
+
+def test_folder_without_images_is_refused(paths, input_dir):
+    with pytest.raises(paths.InputRefused, match="has no images"):
+        paths.resolve_dataset("empty", input_dir)
+    with pytest.raises(paths.InputRefused, match="not a folder"):
+        paths.resolve_dataset("missing", input_dir)
+
+
+# ---- the manager ---------------------------------------------------------------------------------
+def _spec(tmp_path: Path, name: str, steps: int, **train) -> dict:
+    data = tmp_path / "data"
+    if not data.exists():
+        make_region_dataset(data, count=2, size=64)
+    return {"method": "fairhuman", "base": "tiny-sd15", "tokenizer": "", "dataset": str(data),
+            "lora_file": f"{name}.safetensors", "lora_name": f"fairhuman/{name}.safetensors",
+            "lora_dest": str(tmp_path / "loras" / "fairhuman" / f"{name}.safetensors"), "overwrite": False,
+            "train": {"steps": steps, "resolution": 64, "rank": 4, "lr": 1e-3, "mixed_precision": "no",
+                      "checkpoint_every": 1, "seed": 0, **train}}
+
+
+def _submit(manager, tmp_path, name, steps, **train):
+    spec = _spec(tmp_path, name, steps, **train)
+    settings = {k: v for k, v in spec["train"].items()}
+    return manager.submit(spec, name=name, method="fairhuman", device="cpu", settings=settings,
+                          lora_name=spec["lora_name"], overwrite=False)
+
+
+@pytest.mark.slow
+def test_job_trains_reports_and_keeps_a_record(jm, tmp_path):
+    seen = []
+    manager = jm.JobManager(tmp_path / "runs", notify=lambda summary, event: seen.append((summary, event)))
+    job = _submit(manager, tmp_path, "hands", 2)
+    assert job.finished.wait(300), job.dir.joinpath("job.log").read_text()[-3000:]
+    assert job.state == "done", job.record
+    assert Path(job.record["lora_path"]) == tmp_path / "loras" / "fairhuman" / "hands.safetensors"
+    assert Path(job.record["lora_path"]).is_file() and Path(job.record["plot"]).is_file()
+    summary = manager.list()[0]
+    assert {"id", "method", "state", "step", "total", "losses", "eta_s", "lora_name", "run_dir",
+            "error"} <= set(summary)
+    assert summary["step"] == summary["total"] == 2 and set(summary["losses"]) == {"global", "face", "hand"}
+    progress = [s["step"] for s, e in seen if e.get("event") == "progress" and e.get("stage") == "train"]
+    assert progress == [1, 2]
+    assert seen[-1][1] == {"event": "state", "state": "done"} and seen[-1][0]["state"] == "done"
+    record = json.loads((job.dir / "job.json").read_text())
+    assert record["state"] == "done" and record["exit_code"] == 0
+    # the record survives a restart of the manager (ComfyUI)
+    again = jm.JobManager(tmp_path / "runs")
+    assert again.job(job.id).state == "done" and again.job(job.id).step == 2
+
+
+@pytest.mark.slow
+def test_cancel_stops_within_10_s_and_the_device_is_free_again(jm, tmp_path):
+    manager = jm.JobManager(tmp_path / "runs")
+    job = _submit(manager, tmp_path, "long", 500)
+    deadline = time.monotonic() + 240
+    while job.step < 1 and time.monotonic() < deadline:  # training, past its first step
+        time.sleep(0.2)
+    assert job.step >= 1, job.dir.joinpath("job.log").read_text()[-3000:]
+    with pytest.raises(jm.JobRefused, match=f"device cpu is busy with training job {job.id}"):
+        manager.check(name="other", device="cpu", settings={}, overwrite=False)
+    started = time.monotonic()
+    manager.cancel(job.id)
+    assert time.monotonic() - started < 10 and not job.alive()
+    assert job.state == "cancelled" and "resumable" in job.record["error"]
+    assert list((job.dir / "train" / "checkpoints").glob("step_*.pt"))
+    manager.check(name="other", device="cpu", settings={}, overwrite=False)  # free again
+    # the same name with other settings: refused, naming what differs
+    with pytest.raises(jm.JobRefused, match=r"rank: 4 -> 8"):
+        manager.check(name="long", device="cpu", settings={**job.record["settings"], "rank": 8}, overwrite=False)
+    manager.check(name="long", device="cpu", settings={**job.record["settings"], "steps": 900}, overwrite=False)
+
+
+def test_restart_marks_a_vanished_job_interrupted(jm, tmp_path):
+    folder = tmp_path / "runs" / "gone"
+    folder.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record = {"id": "0123456789ab", "method": "fairhuman", "output_name": "gone", "device": "cpu",
+              "state": "running", "settings": {}, "lora_name": "fairhuman/gone.safetensors", "pid": dead.pid,
+              "created": 1.0}
+    (folder / "job.json").write_text(json.dumps(record))
+    (folder / "events.jsonl").write_text(json.dumps({"event": "progress", "stage": "train", "step": 4,
+                                                     "total": 10, "losses": {"global": 0.5}}) + "\n")
+    manager = jm.JobManager(tmp_path / "runs")
+    job = manager.job("0123456789ab")
+    assert job.state == "interrupted" and "resumable" in job.record["error"] and job.step == 4
+    assert json.loads((folder / "job.json").read_text())["state"] == "interrupted"
+    manager.check(name="new", device="cpu", settings={}, overwrite=False)  # not busy
+    assert manager.job("../gone") is None and manager.job("0123456789AB") is None
+
+
+def test_job_environment_is_explicit(jm):
+    env = jm.job_environment(ROOT)
+    assert env["PYTHONPATH"] == str(ROOT) and env["PYTHONUNBUFFERED"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+    assert os.path.isdir(env["PYTHONPATH"])

@@ -1,0 +1,330 @@
+"""``python -m trainers job SPEC.json``: one job of the ComfyUI training nodes, all its stages in
+one process: annotate (a FairHuman dataset without ``metadata.jsonl``), build-pairs (HG-DPO from
+prompts), train, then the LoRA is checked, plotted and copied where ComfyUI lists it.
+
+The spec is written by the node side (``nodes/job_manager.py``). Everything the job says goes
+into ``<job dir>/events.jsonl`` through ``core.fileio``: a ``stage`` event before each stage,
+``progress`` events (annotate and build-pairs count finished items; the trainer's own events
+are forwarded with ``stage: "train"``), and exactly one final ``done``, ``error`` or
+``cancelled`` event. The trainer keeps its own run directory (``<job dir>/train``) so
+``report`` and ``--resume`` work on it as on any run.
+
+Exit codes: 0 done, 1 failed, 2 refused input, 3 cancelled (SIGTERM/SIGINT; resumable: running
+the same spec again continues every stage where it stopped).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+from core.fileio import (CANCELLED, DONE, ERROR, EVENTS_FILE, FINAL_EVENTS, PROGRESS, STAGE, START, WARNING,
+                         EventLog, EventTail, atomic_path, read_jsonl, write_text_atomic)
+
+from .cli import main as cli_main
+
+TRAIN_DIR = "train"
+ANNOTATIONS_DIR = "dataset"
+PAIRS_DIR = "pairs"
+PLOT_FILE = "loss_plot.png"
+
+
+class Cancelled(BaseException):
+    """SIGTERM/SIGINT outside the trainer (which handles them itself: checkpoint, exit 3).
+    A BaseException so that no stage's ``except Exception`` records it as a failure."""
+
+
+class StageFailed(Exception):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", type=Path, help="job spec (JSON) written by the ComfyUI training nodes")
+
+
+# ---- running one CLI command as a stage --------------------------------------------------------
+class _ErrorLines(io.TextIOBase):
+    """stderr that still reaches the log but remembers the ``error: ...`` lines a command prints
+    when it refuses its input (exit 2)."""
+
+    def __init__(self, target):
+        self.target, self.refusals, self._partial = target, [], ""
+
+    def write(self, text: str) -> int:
+        self.target.write(text)
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        self.refusals += [line for line in lines if line.startswith("error:") or "error: " in line[:80]]
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+def run_command(argv: list[str]) -> tuple[int, str | None]:
+    """(exit code, the last error line it printed) of ``python -m trainers ARGV`` run here."""
+    tee = _ErrorLines(sys.stderr)
+    with contextlib.redirect_stderr(tee):
+        try:
+            code = cli_main([str(a) for a in argv])
+        except SystemExit as exit_:  # argparse and the commands' refusals
+            code = exit_.code if isinstance(exit_.code, int) else 2
+            if isinstance(exit_.code, str):
+                tee.refusals.append(exit_.code)
+    return int(code or 0), (tee.refusals[-1].split("error:", 1)[-1].strip() if tee.refusals else None)
+
+
+class _Watcher(threading.Thread):
+    """Polls a stage's output while it runs and emits what it finds (progress, forwarded events)."""
+
+    def __init__(self, poll, interval: float = 0.3):
+        super().__init__(daemon=True)
+        self.poll, self.interval, self.stop = poll, interval, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.poll()
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join()
+        self.poll()
+
+
+def _count_progress(events: EventLog, stage: str, journal: Path, total: int, key: str):
+    """A poll emitting ``progress`` (stage, step = distinct finished items, total) when the
+    stage's journal (metadata.jsonl, pairs.jsonl: one appended record per item) grows."""
+    seen = {"step": -1}
+
+    def poll():
+        try:
+            done = len({r.get(key) for r in read_jsonl(journal)})
+        except Exception:  # being rewritten at this moment: count again next time
+            return
+        done = min(done, total)
+        if done != seen["step"]:
+            seen["step"] = done
+            events.emit(PROGRESS, stage=stage, step=done, total=total)
+
+    return poll
+
+
+# ---- stages ----------------------------------------------------------------------------------
+def annotate_stage(spec: dict, job_dir: Path, events: EventLog) -> Path:
+    """The folder to train on: the dataset itself when it has metadata.jsonl, else its annotation
+    in the job folder (the user's folder is never written to)."""
+    from .annotate import IMAGE_SUFFIXES, METADATA, list_files
+
+    dataset = Path(spec["dataset"])
+    if (dataset / METADATA).is_file():
+        return dataset
+    out = job_dir / ANNOTATIONS_DIR
+    images, _ = list_files(dataset, out)
+    if not images:
+        raise StageFailed(f"dataset folder {dataset} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})", 2)
+    events.emit(STAGE, name="annotate", images=len(images))
+    watcher = _Watcher(_count_progress(events, "annotate", out / METADATA, len(images), "image"))
+    watcher.start()
+    try:
+        code, message = run_command(["annotate", dataset, "--out", out,
+                                     "--workers", max(1, min(4, os.cpu_count() or 1))])
+    finally:
+        watcher.finish()
+    if code != 0:
+        raise StageFailed(f"annotation failed: {message or f'exit code {code}'}", code)
+    records = read_jsonl(out / METADATA)
+    by_status = {}
+    for record in records:
+        by_status.setdefault(record.get("status"), []).append(record["image"])
+    if by_status.get("no_people"):
+        names = [Path(p).name for p in by_status["no_people"]]
+        events.emit(WARNING, stage="annotate", message=(
+            f"{len(names)} of {len(records)} images show no face or hand (trained on the whole-image loss "
+            f"only): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"))
+    if by_status.get("error"):
+        names = [Path(p).name for p in by_status["error"]]
+        events.emit(WARNING, stage="annotate", message=f"{len(names)} images could not be read and are left "
+                                                       f"out: {', '.join(names[:8])}")
+    if not by_status.get("ok") and not by_status.get("no_people"):
+        raise StageFailed(f"no usable image in {dataset}: every image failed to load", 2)
+    return out
+
+
+def pairs_stage(spec: dict, job_dir: Path, events: EventLog) -> Path:
+    """The pairs folder to train on: the given one, or one built from the prompts (resumable)."""
+    if spec.get("pairs"):
+        return Path(spec["pairs"])
+    from .methods.hg_dpo import PAIRS
+
+    prompts = [p.strip() for p in spec["prompts"] if p.strip()]
+    out = job_dir / PAIRS_DIR
+    prompts_file = job_dir / "prompts.txt"
+    write_text_atomic(prompts_file, "\n".join(prompts) + "\n")
+    options = spec.get("build_pairs", {})
+    argv = ["build-pairs", "--base", spec["base"], "--prompts", prompts_file, "--output", out]
+    for key, value in options.items():
+        if key == "scorer_models":
+            for name, folder in value.items():
+                argv += ["--scorer-model", f"{name}={folder}"]
+        elif value is not None:
+            argv += ["--" + key.replace("_", "-"), value]
+    if spec.get("tokenizer"):
+        argv += ["--tokenizer", spec["tokenizer"]]
+    events.emit(STAGE, name="build-pairs", prompts=len(prompts))
+    watcher = _Watcher(_count_progress(events, "build-pairs", out / PAIRS, len(set(prompts)), "prompt"))
+    watcher.start()
+    try:
+        code, message = run_command(argv)
+    finally:
+        watcher.finish()
+    if code != 0:
+        raise StageFailed(f"build-pairs failed: {message or f'exit code {code}'} (queue the job again to "
+                          f"retry the failed prompts)", code)
+    return out
+
+
+class _Forwarder:
+    """Copies the trainer's events into the job's stream as they are appended (``stage: train``),
+    keeping its final event for the job's own."""
+
+    def __init__(self, source: Path, events: EventLog):
+        # the trainer prints its own events to the log already: forward them silently
+        self.tail, self.events, self.final = EventTail(source), EventLog(events.path, echo=False), None
+        self.last_step = 0
+        self.tail.read()  # a resumed run's earlier events are already in the job's stream
+
+    def poll(self) -> None:
+        for record in self.tail.read():
+            kind = record.pop("event")
+            record.pop("time", None)
+            if "step" in record and isinstance(record["step"], int):
+                self.last_step = record["step"]
+            if kind in FINAL_EVENTS:
+                self.final = (kind, record)
+            else:
+                self.events.emit(kind, stage="train", **record)
+
+
+def train_stage(spec: dict, job_dir: Path, events: EventLog, data: Path) -> dict:
+    run_dir = job_dir / TRAIN_DIR
+    argv = ["train", "--method", spec["method"], "--base", spec["base"], "--data", data, "--output", run_dir,
+            "--lora-name", spec["lora_file"]]
+    if spec.get("tokenizer"):
+        argv += ["--tokenizer", spec["tokenizer"]]
+    for key, value in spec.get("train", {}).items():
+        if value is not None:
+            argv += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else value]
+    if run_dir.exists():
+        argv.append("--resume")  # the same output_name again: continue (a new run if nothing to resume)
+    events.emit(STAGE, name="train", resume=run_dir.exists())
+    forwarder = _Forwarder(run_dir / EVENTS_FILE, events)
+    watcher = _Watcher(forwarder.poll, interval=0.2)
+    watcher.start()
+    try:
+        code, message = run_command(argv)
+    finally:
+        signal.signal(signal.SIGTERM, _raise_cancelled)  # the trainer installed its own handlers
+        signal.signal(signal.SIGINT, _raise_cancelled)
+        watcher.finish()
+    if code == 3:
+        raise Cancelled(forwarder.last_step)
+    if code != 0:
+        final = forwarder.final[1].get("message") if forwarder.final else None
+        raise StageFailed(final or message or f"the trainer exited with code {code}; see {job_dir / 'job.log'}",
+                          code)
+    return {"lora": run_dir / spec["lora_file"], "steps": forwarder.last_step, "run_dir": run_dir}
+
+
+def finish_lora(spec: dict, job_dir: Path, trained: dict) -> Path:
+    """Check the trained file reads as safetensors with tensors, then copy it atomically to
+    where ComfyUI lists LoRAs (never over an existing file unless the spec allows it)."""
+    from safetensors import safe_open
+
+    source = Path(trained["lora"])
+    try:
+        with safe_open(str(source), "pt") as handle:
+            if not list(handle.keys()):
+                raise ValueError("it holds no tensors")
+    except Exception as err:
+        raise StageFailed(f"the trained LoRA {source} does not read: {err}") from None
+    dest = Path(spec["lora_dest"])
+    if dest.exists() and not spec.get("overwrite"):
+        raise StageFailed(f"{dest} already exists: choose another output_name or set overwrite to true", 2)
+    with atomic_path(dest) as tmp:
+        with open(source, "rb") as src, open(tmp, "wb") as out:
+            while chunk := src.read(1 << 22):
+                out.write(chunk)
+    return dest
+
+
+def plot_job(job_dir: Path) -> Path | None:
+    """One PNG with the run's plots stacked (losses, MPD weight shares or DPO margins)."""
+    from PIL import Image
+
+    from .report import plot_run
+
+    written = plot_run(job_dir / TRAIN_DIR / EVENTS_FILE, job_dir / "plots")
+    images = [Image.open(p).convert("RGB") for p in written]
+    width = max(im.width for im in images)
+    sheet = Image.new("RGB", (width, sum(im.height for im in images)), "white")
+    y = 0
+    for im in images:
+        sheet.paste(im, ((width - im.width) // 2, y))
+        y += im.height
+    path = job_dir / PLOT_FILE
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return path
+
+
+# ---- the job ---------------------------------------------------------------------------------
+def _raise_cancelled(signum, _frame):
+    raise Cancelled(None)
+
+
+def run_job(spec: dict, job_dir: Path) -> int:
+    events = EventLog(job_dir / EVENTS_FILE)
+    events.emit(START, job=spec.get("job_id"), method=spec["method"], base=spec["base"],
+                steps=spec.get("train", {}).get("steps"), run_dir=str(job_dir))
+    try:
+        if spec["method"] == "fairhuman":
+            data = annotate_stage(spec, job_dir, events)
+        else:
+            data = pairs_stage(spec, job_dir, events)
+        trained = train_stage(spec, job_dir, events, data)
+        dest = finish_lora(spec, job_dir, trained)
+        try:
+            plot = plot_job(job_dir)
+        except Exception as err:  # a plot is a convenience: the LoRA is what the job owes
+            events.emit(WARNING, message=f"no loss plot: {type(err).__name__}: {err}")
+            plot = None
+        events.emit(DONE, lora=str(dest), lora_name=spec.get("lora_name"), steps=trained["steps"],
+                    run_lora=str(trained["lora"]), plot=str(plot) if plot else None)
+        return 0
+    except Cancelled as stop:
+        step = stop.args[0] if stop.args else None
+        events.emit(CANCELLED, step=step, message="cancelled, resumable: queue the same output_name with the "
+                                                  "same settings to continue")
+        return 3
+    except StageFailed as err:
+        events.emit(ERROR, message=str(err))
+        return err.code
+    except Exception as err:
+        events.emit(ERROR, message=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-4000:])
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _raise_cancelled)
+    signal.signal(signal.SIGINT, _raise_cancelled)
+    spec = json.loads(args.spec.read_text(encoding="utf-8"))
+    return run_job(spec, Path(spec["job_dir"]))
