@@ -214,7 +214,7 @@ function renderJob(job) {
 
   const head = el("div", "fh-job-head");
   head.append(el("span", "fh-job-method", job.method || "job"));
-  head.append(el("span", "fh-job-name", job.lora_name || job.id));
+  head.append(el("span", "fh-job-name", job.lora_name || job.output_name || job.id));
   head.append(el("span", "fh-job-state", job.state || "unknown"));
   row.append(head);
 
@@ -232,7 +232,10 @@ function renderJob(job) {
   row.append(bar);
 
   const eta = isActive(job) ? formatEta(job.eta_s) : "";
-  const info = [total > 0 ? `step ${step} / ${total}` : "", eta ? `ETA ${eta}` : ""].filter(Boolean).join(" · ");
+  // stage: annotate | build-pairs | train (each counts its own steps)
+  const stage = isActive(job) && job.stage ? String(job.stage) : "";
+  const info = [stage, total > 0 ? `step ${step} / ${total}` : "", eta ? `ETA ${eta}` : ""]
+    .filter(Boolean).join(" · ");
   if (info) row.append(el("div", "fh-job-info", info));
 
   const losses = job.losses && typeof job.losses === "object" ? Object.entries(job.losses) : [];
@@ -247,6 +250,8 @@ function renderJob(job) {
   }
 
   if (job.error) row.append(el("div", "fh-job-error", job.error));
+  const warnings = Array.isArray(job.warnings) ? job.warnings.filter(Boolean) : [];
+  if (warnings.length) row.append(el("div", "fh-job-warning", warnings[warnings.length - 1]));
   if (store.cancelErrors.has(job.id)) row.append(el("div", "fh-job-error", store.cancelErrors.get(job.id)));
   if (job.run_dir) {
     const dir = el("div", "fh-job-dir", job.run_dir);
@@ -375,4 +380,4 @@ app.registerExtension({
 });
 
 // For tests and the curious (read-only in spirit): the state the panel shows.
-window.fairhumanJobs = { store, refresh, refreshModelLists };
+window.fairhumanJobs = { store, refresh, refreshModelLists, mountFloatingPanel };
