@@ -2,16 +2,25 @@
 
 One forward gives the K objective losses. One *batched* vector-Jacobian product (``vmap`` over
 the backward pass, ``is_grads_batched``) gives every objective's gradient with respect to the
-trainable (LoRA) tensors at once; where a kernel does not support it, K backward passes through
-the retained graph give the same. The K×K Gramian is accumulated tensor by tensor in fp32 with
-dot products (no flattened params×K copy), the weighting maps it to weights on the parameters'
-device (no host synchronisation), and d is formed in place in the first objective's gradient,
-which becomes ``.grad``: at its peak a step holds K gradients where a plain LoRA step holds one,
-so the extra memory is (K−1) × the LoRA parameters' gradient bytes.
+trainable tensors at once; where a kernel has no batching rule, K backward passes through the
+retained graph give the same (that fallback is taken for that error only, once, and reported
+through ``on_fallback``; any other error — an out-of-memory above all — propagates). The K×K
+Gramian is accumulated tensor by tensor in fp32 with dot products (no flattened params×K copy),
+the weighting maps it to weights on the parameters' device, and d is formed in place in the
+first objective's gradient, which becomes ``.grad``: at its peak a step holds K gradients where
+a plain step holds one, so the extra memory is (K−1) × the trainable parameters' gradient bytes.
+
+Host synchronisation: ``add`` has none (flags, losses and gradients stay on the device; the
+batched product computes all K rows, an absent objective's row being exactly zero). ``step``
+reads the K active flags once, because the weighting is given the active objectives'
+sub-Gramian; nothing else leaves the device before the caller writes the step's event.
 
 What the reference code gets wrong, and what this does instead:
-- loss scaling (fp16 GradScaler): gradients are divided by ``loss_scale`` *before* the
-  Gramian, so the weights and the update do not depend on the scaler's scale;
+- loss scaling (fp16 GradScaler): ``loss_scale`` is divided out of the Gramian (by its square,
+  exactly for the scaler's powers of two) and of the losses the weighting sees, so the weights
+  do not depend on the scale. d stays in the scaled domain of the gradients it is built from,
+  exactly like ``.grad`` after ``scaler.scale(loss).backward()``: ``scaler.unscale_`` then
+  divides it and checks it for inf/NaN, and ``scaler.step`` skips an overflowed step;
 - gradient accumulation: every micro-batch's per-objective gradients are summed and the weights
   are solved once per optimizer step from the sums, so N micro-batches of size B/N give the
   update of one batch of size B (exactly, for mean-reduced losses);
@@ -39,6 +48,23 @@ class FairStep:
         return torch.diagonal(self.gram).clamp_min(0).sqrt()
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA/CPU allocator failure (``torch.OutOfMemoryError``, or the RuntimeError older
+    builds and other allocators raise)."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def missing_batching_rule(err: BaseException) -> bool:
+    """Whether ``err`` is vmap's "no batching rule for this operator" (the one reason to fall
+    back to K backward passes), as opposed to an out-of-memory or a real bug."""
+    if is_out_of_memory(err):
+        return False
+    text = str(err).strip().lower()
+    return isinstance(err, (RuntimeError, NotImplementedError)) and (
+        "batching rule" in text or text.startswith("vmap"))
+
+
 class FairCombiner:
     """Collects per-objective gradients over an optimizer step's micro-batches (``add``) and
     writes their fair combination into ``.grad`` (``step``).
@@ -49,71 +75,87 @@ class FairCombiner:
     """
 
     def __init__(self, params: Sequence[torch.Tensor], weighting, objectives: int,
-                 reduce: Callable[[list[torch.Tensor]], None] | None = None, batched: bool = True):
+                 reduce: Callable[[list[torch.Tensor]], None] | None = None, batched: bool = True,
+                 on_fallback: Callable[[str], None] | None = None):
         self.params = [p for p in params if p.requires_grad]
         self.weighting, self.k, self.reduce, self.batched = weighting, objectives, reduce, batched
+        self.on_fallback = on_fallback
+        self.fallback_reason: str | None = None
         self.reset()
 
     def reset(self) -> None:
         """Forget what was collected (also: a skipped optimizer step)."""
         self.grads: list[torch.Tensor] | None = None  # per parameter: (K, *shape)
-        self.active = torch.zeros(self.k, dtype=torch.bool)
-        self.losses = torch.zeros(self.k)
+        self.active: torch.Tensor | None = None  # (K,) bool, on the losses' device
+        self.losses: torch.Tensor | None = None  # (K,) fp32, unscaled
+        self.scale: torch.Tensor | float = 1.0
 
-    def _vjps(self, losses: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
-        """Per parameter, the gradients of ``losses[indices]`` stacked as (len(indices), *shape)."""
+    def _vjps(self, losses: torch.Tensor, flags: torch.Tensor) -> list[torch.Tensor]:
+        """Per parameter, the gradients of all K losses stacked as (K, *shape)."""
         if self.batched:
+            eye = torch.eye(self.k, dtype=losses.dtype, device=losses.device)
             try:
-                eye = torch.eye(len(indices), dtype=losses.dtype, device=losses.device)
-                return list(torch.autograd.grad(losses[indices], self.params, grad_outputs=eye,
+                return list(torch.autograd.grad(losses, self.params, grad_outputs=eye,
                                                 is_grads_batched=True, materialize_grads=True))
-            except (RuntimeError, NotImplementedError):
-                self.batched = False  # a kernel without a batching rule: K backward passes instead
-        rows = [torch.autograd.grad(losses[i], self.params, retain_graph=n < len(indices) - 1,
-                                    materialize_grads=True) for n, i in enumerate(indices)]
-        return [torch.stack(per_param) for per_param in zip(*rows)]
+            except (RuntimeError, NotImplementedError) as err:
+                if not missing_batching_rule(err):
+                    raise
+                self.batched = False
+                self.fallback_reason = str(err).strip().splitlines()[0][:300]
+                if self.on_fallback is not None:
+                    self.on_fallback(self.fallback_reason)
+        # K backward passes: skipping an absent objective's pass is worth reading K flags
+        indices = torch.nonzero(flags).flatten().tolist()
+        grads = [torch.zeros((self.k, *p.shape), dtype=p.dtype, device=p.device) for p in self.params]
+        for n, i in enumerate(indices):  # one row at a time: K + 1 gradients at the peak
+            row = torch.autograd.grad(losses[i], self.params, retain_graph=n < len(indices) - 1,
+                                      materialize_grads=True)
+            for full, g in zip(grads, row):
+                full[i].copy_(g)
+        return grads
 
-    def add(self, losses: torch.Tensor, active: torch.Tensor | None = None, loss_scale: float = 1.0) -> None:
-        """Backward one micro-batch's active objectives and add their unscaled gradients."""
+    def add(self, losses: torch.Tensor, active: torch.Tensor | None = None,
+            loss_scale: float | torch.Tensor = 1.0) -> None:
+        """Backward one micro-batch's objectives and add their gradients. ``loss_scale``: what
+        ``losses`` were multiplied by (a GradScaler's scale, the same for a step's micro-batches)."""
         if losses.shape != (self.k,):
             raise ValueError(f"expected {self.k} losses, got shape {tuple(losses.shape)}")
-        flags = torch.ones(self.k, dtype=torch.bool) if active is None else active.detach().cpu().bool()
-        indices = torch.nonzero(flags).flatten().tolist()
-        grads = self._vjps(losses, indices)
-        if len(indices) < self.k:  # an empty mask: its row stays zero
-            full = [g.new_zeros((self.k, *g.shape[1:])) for g in grads]
-            rows = torch.tensor(indices, device=grads[0].device)
-            for f, g in zip(full, grads):
-                f.index_copy_(0, rows, g)
-            grads = full
-        if loss_scale != 1.0:
-            torch._foreach_div_(grads, loss_scale)
+        flags = (torch.ones(self.k, dtype=torch.bool, device=losses.device) if active is None
+                 else active.detach().to(losses.device, torch.bool))
+        grads = self._vjps(losses, flags)
         if self.grads is None:
             self.grads = grads
+            self.active, self.losses = flags.clone(), torch.zeros(self.k, device=losses.device)
         else:
             torch._foreach_add_(self.grads, grads)
-        self.active |= flags
-        self.losses += losses.detach().float().cpu()
+            self.active |= flags
+        self.scale = loss_scale
+        self.losses += losses.detach().float() / loss_scale
 
     def step(self, generator: torch.Generator | None = None) -> FairStep:
         """Reduce, build the Gramian, solve the weights, write d = Σ w_i g_i into ``.grad``."""
         if self.grads is None:
             raise RuntimeError("step() before any add()")
         device = self.grads[0].device
-        active = self.active.to(device)
+        active, losses = self.active.to(device), self.losses.to(device)
         if self.reduce is not None:
             flags = active.float()
-            self.reduce([flags])  # an objective absent here may be present on another rank
+            self.reduce([flags, losses])  # an objective absent here may be present on another rank
             self.reduce(self.grads)
             active = flags > 0
         gram = torch.zeros(self.k, self.k, dtype=torch.float32, device=device)
         for g in self.grads:  # one parameter tensor at a time, in fp32
             flat = g.reshape(self.k, -1).float()
             gram.addmm_(flat, flat.T)
-        idx = torch.nonzero(active).flatten()
+        if not (isinstance(self.scale, (int, float)) and self.scale == 1):
+            scale = torch.as_tensor(self.scale, dtype=torch.float32, device=device)
+            gram = gram / (scale * scale)
+        # the one host read of the step: which objectives' sub-Gramian the weighting gets
+        rows = torch.nonzero(active.cpu()).flatten()
+        idx = rows.to(device)
         weights = torch.zeros(self.k, dtype=torch.float32, device=device)
         sub = gram.index_select(0, idx).index_select(1, idx)
-        weights[idx] = self.weighting(sub, self.losses.to(device)[idx], generator=generator).float().to(device)
+        weights[idx] = self.weighting(sub, losses[idx], generator=generator, active=rows).float().to(device)
         for g, p in zip(self.grads, self.params):
             # d in place in row 0: no new parameter-sized tensor (.grad is a view of this step's
             # stacked gradients, released with it at the next zero_grad)
@@ -122,5 +164,4 @@ class FairCombiner:
             d.addmv_(flat[1:].T, weights[1:].to(flat.dtype))
             p.grad = d.view_as(p) if d.dtype == p.dtype else d.view_as(p).to(p.dtype)
         self.reset()
-        return FairStep(weights, gram, active.cpu())
-
+        return FairStep(weights, gram, active)

@@ -1,0 +1,100 @@
+"""The one dtype policy of training, applied here and nowhere else.
+
+``--mixed-precision no | fp16 | bf16`` chooses the *compute dtype*; then:
+
+- UNet forward: under ``torch.autocast`` in the compute dtype on the training device; the
+  frozen UNet weights are stored in the compute dtype (half the memory of fp32);
+- trainable parameters (LoRA, ControlNet) and the optimizer state: fp32, whatever the compute
+  dtype, so updates far below the weights' fp16/bf16 resolution are not lost;
+- VAE: fp32 (SD and SDXL VAEs overflow in fp16; its encode runs once per image, or is cached);
+- text encoders: the compute dtype (frozen, run without gradients, their outputs cached);
+- fp16: a ``torch.amp.GradScaler`` scales the losses so small gradients do not underflow; the
+  fair combiner divides that scale out of the Gramian before solving the weights, the scaler
+  unscales the combined gradient, and a step whose gradients overflowed is skipped by the
+  scaler's rule (and counted as a ``nan`` event with cause "gradient overflow");
+- bf16: fp32's exponent range, so no scaler.
+
+The CPU runs both (``torch.autocast("cpu")`` supports bf16 and fp16), slowly; that is how this
+policy is tested without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def autocast_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether autocast on ``device_type`` computes a matmul in ``dtype`` (probed once)."""
+    if not torch.amp.autocast_mode.is_autocast_available(device_type):
+        return False
+    try:
+        x = torch.ones(2, 2, device=device_type)
+        with torch.autocast(device_type, dtype=dtype):
+            return (x @ x).dtype == dtype
+    except (RuntimeError, TypeError, AssertionError):
+        return False
+
+
+class Precision:
+    """The policy for one compute dtype on one device."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        if dtype not in NAMES:
+            raise ValueError(f"unsupported compute dtype {dtype}; expected one of {sorted(DTYPES)}")
+        self.dtype, self.device = dtype, torch.device(device)
+        self.mode = NAMES[dtype]
+
+    @classmethod
+    def from_name(cls, name: str, device: str | torch.device) -> "Precision":
+        if name not in DTYPES:
+            raise ValueError(f"--mixed-precision {name!r}: use no, fp16 or bf16")
+        return cls(DTYPES[name], device)
+
+    @property
+    def mixed(self) -> bool:
+        return self.dtype != torch.float32
+
+    def check(self) -> None:
+        """A clear error where this device cannot compute in this dtype."""
+        if not self.mixed:
+            return
+        if self.device.type == "cuda" and self.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ValueError("--mixed-precision bf16 needs a GPU with bf16 support (Ampere or later); "
+                             "use --mixed-precision fp16")
+        if not autocast_works(self.device.type, self.dtype):
+            raise ValueError(f"--mixed-precision {self.mode} is not supported by torch {torch.__version__} "
+                             f"on {self.device.type}; use --mixed-precision no")
+
+    def apply(self, pipe) -> None:
+        """Cast the frozen modules: VAE fp32, text encoders and UNet in the compute dtype (the
+        trainable is attached afterwards and keeps fp32)."""
+        if getattr(pipe, "vae", None) is not None and pipe.vae.dtype != torch.float32:
+            pipe.vae.to(dtype=torch.float32)
+        for name in ("text_encoder", "text_encoder_2", "unet"):
+            module = getattr(pipe, name, None)
+            if module is not None and module.dtype != self.dtype:
+                module.to(dtype=self.dtype)
+
+    def autocast(self):
+        """The context of a UNet forward (a no-op in fp32)."""
+        if not self.mixed:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def make_scaler(self, init_scale: float = 2.0**16) -> torch.amp.GradScaler:
+        """A GradScaler for fp16; a disabled one (every call a pass-through) otherwise."""
+        return torch.amp.GradScaler(self.device.type, init_scale=init_scale,
+                                    enabled=self.dtype == torch.float16)
+
+    def describe(self) -> str:
+        if not self.mixed:
+            return "fp32 throughout"
+        scaler = "GradScaler loss scaling" if self.dtype == torch.float16 else "no loss scaling"
+        return (f"UNet forward under {self.mode} autocast on {self.device.type}, frozen UNet and text encoders "
+                f"in {self.mode}, VAE fp32, trainable parameters and optimizer state fp32, {scaler}")
