@@ -58,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="processes (default: one per CPU core; 1 runs in this process)")
     parser.add_argument("--retry-errors", action="store_true",
                         help="annotate again the images whose record has status 'error'")
+    parser.add_argument("--pose", action="store_true",
+                        help="also render an OpenPose-style whole-body pose (body, hands, face points) per image "
+                             "as masks/<stem>_condition.png, the FairHuman ControlNet's condition; a "
+                             "<stem>_condition.png of your own (depth, another tool's pose) is kept and used")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class Settings:
     tiles: bool
     max_side: int | None
     models_dir: str | None
+    pose: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class Job:
     mask_face: Path  # absolute
     mask_hand: Path
     out: Path
+    condition: Path | None = None  # absolute; the ControlNet condition image
 
 
 # ---- one image (runs in a worker process) -----------------------------------------------------
@@ -105,7 +111,8 @@ def is_our_mask(path: Path) -> bool:
 
 
 def write_mask(path: Path, mask) -> None:
-    """8-bit grayscale PNG tagged as ours, written atomically (a killed run leaves no half file)."""
+    """8-bit grayscale PNG (an RGB uint8 array: RGB) tagged as ours, written atomically (a killed run
+    leaves no half file)."""
     import numpy as np
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
@@ -113,8 +120,9 @@ def write_mask(path: Path, mask) -> None:
     info = PngInfo()
     info.add_text(OWNER_KEY, OWNER_VALUE)
     with atomic_path(path) as tmp:
-        Image.fromarray((np.clip(mask, 0, 1) * 255 + 0.5).astype(np.uint8), mode="L").save(
-            tmp, format="PNG", pnginfo=info)
+        image = (Image.fromarray(mask, mode="RGB") if np.ndim(mask) == 3
+                 else Image.fromarray((np.clip(mask, 0, 1) * 255 + 0.5).astype(np.uint8), mode="L"))
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def _relative(path: Path, out: Path) -> str:
@@ -167,10 +175,28 @@ def annotate_one(job: Job, settings: Settings) -> dict:
                               dilation=settings.dilation, feather=settings.feather)
             write_mask(path, mask)
         record[f"mask_{kind}"] = _relative(path, job.out)
+    add_condition(record, job, settings, rgb, notes)
     if record["status"] == "error":
-        record["mask_face"] = record["mask_hand"] = None
+        record["mask_face"] = record["mask_hand"] = record["condition"] = None
     record["reason"] = "; ".join(notes) or None
     return record
+
+
+def add_condition(record: dict, job: Job, settings: Settings, rgb, notes: list) -> None:
+    """The record's ``condition``: the user's ``<stem>_condition.png`` as it is, else (``--pose``)
+    our pose render, tagged like our masks; ``pose`` counts what was drawn."""
+    path = job.condition
+    if path is None:
+        return
+    if path.exists() and not is_our_mask(path):
+        record["condition"] = _relative(path, job.out)
+        notes.append(f"kept the user's condition image {record['condition']}")
+    elif settings.pose:
+        from core.masks.pose import detect_pose, render_pose
+
+        pose = detect_pose(rgb, min_confidence=settings.min_confidence, models_dir=settings.models_dir)
+        write_mask(path, render_pose(pose))
+        record["condition"], record["pose"] = _relative(path, job.out), pose.to_json()
 
 
 # ---- the folder ---------------------------------------------------------------------------------
@@ -205,6 +231,7 @@ def make_jobs(root: Path, out: Path, images: list[Path]) -> list[Job]:
             caption=caption if caption.is_file() else None,
             mask_face=(out / MASKS / f"{base}_face.png").resolve(),
             mask_hand=(out / MASKS / f"{base}_hand.png").resolve(), out=out.resolve(),
+            condition=(out / MASKS / f"{base}_condition.png").resolve(),
         ))
     return jobs
 
@@ -220,12 +247,14 @@ def read_metadata(path: Path) -> dict[str, dict]:
     return records
 
 
-def is_done(record: dict | None, out: Path, retry_errors: bool) -> bool:
+def is_done(record: dict | None, out: Path, retry_errors: bool, pose: bool = False) -> bool:
     if record is None:
         return False
     if record.get("status", "ok") == "error":
         return not retry_errors
-    masks = [record.get(k) for k in ("mask_face", "mask_hand")]
+    if pose and not record.get("condition"):
+        return False  # annotated before --pose
+    masks = [record.get(k) for k in ("mask_face", "mask_hand", "condition")]
     return all((out / m).is_file() for m in masks if m)  # a deleted mask is made again
 
 
@@ -283,12 +312,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         files = resolve_model_files(args.models_dir)
+        if args.pose:
+            from core.masks.pose import resolve_pose_file
+
+            resolve_pose_file(args.models_dir)
     except ModelFilesMissing as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     settings = Settings(min_confidence=args.min_confidence, padding=args.padding, dilation=args.dilation,
                         feather=args.feather, tiles=not args.no_tiles, max_side=args.max_side or None,
-                        models_dir=str(args.models_dir) if args.models_dir else None)
+                        models_dir=str(args.models_dir) if args.models_dir else None, pose=args.pose)
 
     images, ignored = list_files(root, out)
     meta_path = out / METADATA
@@ -303,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
         del records[key]
     if gone:
         print(f"  dropped {len(gone)} record(s) of images no longer there (e.g. {gone[0]})")
-    todo = [job for job in jobs if not is_done(records.get(job.key), out.resolve(), args.retry_errors)]
+    todo = [job for job in jobs if not is_done(records.get(job.key), out.resolve(), args.retry_errors, args.pose)]
     print(f"annotate {root}: {len(jobs)} images, {len(jobs) - len(todo)} already done, {len(todo)} to do "
           f"(models: {files.origin})", flush=True)
 

@@ -32,6 +32,7 @@ class Record:
     mask_hand: Path | None
     width: int
     height: int
+    condition: Path | None = None  # a ControlNet's condition image (annotate --pose, or the user's)
 
 
 def read_records(data_dir: str | Path) -> list[Record]:
@@ -57,6 +58,7 @@ def read_records(data_dir: str | Path) -> list[Record]:
             image=data_dir / row["image"], text=row.get("text") or "",
             mask_face=_path("mask_face"), mask_hand=_path("mask_hand"),
             width=int(row.get("width") or 0), height=int(row.get("height") or 0),
+            condition=_path("condition"),
         ))
     if not records:
         raise ValueError(f"{meta} lists no usable image (status ok or no_people)")
@@ -132,6 +134,21 @@ def _load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def _load_condition(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
+    """A condition image as (H,W,3) float in [0, 1] at its photo's size (a user's image of
+    another size is resized to it)."""
+    from PIL import Image
+
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"condition image {path} not found: run `python -m trainers annotate DIR --pose`, "
+                                "or put your own as masks/<image stem>_condition.png and annotate again")
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != (shape[1], shape[0]):
+            im = im.resize((shape[1], shape[0]), Image.BILINEAR)
+        return np.asarray(im, dtype=np.float32) / 255.0
+
+
 def aligned_transform(
     stack: torch.Tensor, bucket: tuple[int, int], generator: torch.Generator, *, random_crop: bool, flip_p: float
 ):
@@ -159,11 +176,14 @@ def aligned_transform(
 
 
 class RegionDataset(torch.utils.data.Dataset):
-    """Images with face and hand masks, augmented and bucketed, for FairHuman."""
+    """Images with face and hand masks, augmented and bucketed, for FairHuman; with
+    ``conditions`` also each record's condition image, in the same stack (so in the same crop)."""
 
     def __init__(self, data_dir, *, resolution: int, seed: int, random_crop: bool = True,
-                 flip_p: float = 0.5, bucketing: bool = True, latent_factor: int = 8):
+                 flip_p: float = 0.5, bucketing: bool = True, latent_factor: int = 8,
+                 conditions: bool = False):
         self.records = read_records(data_dir)
+        self.conditions = conditions
         self.resolution, self.seed = resolution, seed
         self.random_crop, self.flip_p, self.latent_factor = random_crop, flip_p, latent_factor
         options = buckets(resolution) if bucketing else [(resolution, resolution)]
@@ -190,13 +210,14 @@ class RegionDataset(torch.utils.data.Dataset):
             torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0,
             torch.from_numpy(_load_mask(rec.mask_face, shape))[None],
             torch.from_numpy(_load_mask(rec.mask_hand, shape))[None],
+            *([torch.from_numpy(_load_condition(rec.condition, shape)).permute(2, 0, 1)] if self.conditions else []),
         ])
         generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & 0x7FFFFFFF)
         bucket = self.bucket_of[index]
         out, top, left, flipped = aligned_transform(stack, bucket, generator, random_crop=self.random_crop,
                                                     flip_p=self.flip_p)
         latent_hw = (bucket[1] // self.latent_factor, bucket[0] // self.latent_factor)
-        masks = out[3:].clamp(0, 1)
+        masks = out[3:5].clamp(0, 1)
         latent_masks = torch.stack([torch.as_tensor(to_latent(m, latent_hw)).float() for m in masks])
         return {
             "pixels": out[:3].clamp(-1, 1),
@@ -208,6 +229,7 @@ class RegionDataset(torch.utils.data.Dataset):
             "index": index,
             # what the pixels are a function of: the key of the latent cache (no random crop)
             "view": f"{index}-{bucket[0]}x{bucket[1]}-{'flip' if flipped else 'orig'}",
+            **({"condition": out[5:8].clamp(0, 1)} if self.conditions else {}),
         }
 
 

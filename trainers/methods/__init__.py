@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-METHODS = {"fairhuman": "fairhuman", "hg-dpo": "hg_dpo"}
+METHODS = {"fairhuman": "fairhuman", "fairhuman-controlnet": "fairhuman_controlnet", "hg-dpo": "hg_dpo"}
 
 
 def method_module(name: str):

@@ -19,6 +19,7 @@ class FairHuman(Method):
     combine = "fair"
     # Paper defaults for an SDXL LoRA: rank 256, lr 1e-5, 1024 px, batch 1, Adam.
     defaults = dict(rank=256, lr=1e-5, resolution=1024, batch_size=1)
+    conditions = False  # the ControlNet variant also reads each record's condition image
 
     @classmethod
     def check_data(cls, cfg) -> None:
@@ -28,7 +29,7 @@ class FairHuman(Method):
         super().__init__(cfg, model)
         self.dataset = RegionDataset(
             cfg.data, resolution=cfg.resolution, seed=cfg.seed, random_crop=cfg.random_crop,
-            flip_p=cfg.flip_p, bucketing=cfg.bucketing,
+            flip_p=cfg.flip_p, bucketing=cfg.bucketing, conditions=self.conditions,
         )
         self.order = StepBatches(self.dataset.bucket_of, cfg.batch_size, cfg.seed)
         self.latent_cache = None
@@ -59,13 +60,18 @@ class FairHuman(Method):
         latents = model.sample_latents(self._moments(batch), generator)
         noise, timesteps = model.sample_noise_and_timesteps(latents, generator)
         noisy = model.add_noise(latents, noise, timesteps)
-        pred = model.predict(noisy, timesteps, model.conditioning(batch["text"]), batch["time_ids"])
+        pred = model.predict(noisy, timesteps, model.conditioning(batch["text"]), batch["time_ids"],
+                             self.condition(batch, generator))
         target = model.target(latents, noise, timesteps)
         masks = batch["latent_masks"].to(pred.device)
         losses, active = regional_losses(
             pred, target, masks[:, 0:1], masks[:, 1:2], normalization=self.cfg.normalization
         )
         return StepLosses(losses, active)
+
+    def condition(self, batch: dict, generator: torch.Generator):
+        """The ControlNet's condition images of a micro-batch; None: nothing to condition."""
+        return None
 
     def summary(self) -> dict:
         return {"weighting": self.cfg.weighting, "normalization": self.cfg.normalization}

@@ -1,0 +1,90 @@
+"""annotate --pose on real photos: a skeleton per detected person, counted in the render; the
+pose model file's resolution and its error; a user's own condition image is kept."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train_helpers import ROOT, offline_env
+
+pytestmark = pytest.mark.slow
+
+
+def annotate(*args):
+    return subprocess.run([sys.executable, "-m", "trainers", "annotate", *map(str, args), "--workers", "1"],
+                          cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=600)
+
+
+def drawn(render: np.ndarray, a, b, color) -> bool:
+    """Whether the middle of segment a-b carries the limb's colour (ends are under the joints)."""
+    for t in np.linspace(0.35, 0.65, 7):
+        x, y = np.round(a + (b - a) * t).astype(int)
+        patch = render[max(y - 1, 0): y + 2, max(x - 1, 0): x + 2].reshape(-1, 3)
+        if (patch == np.array(color, np.uint8)).all(axis=1).any():
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def annotated(sample_photos, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("posed")
+    for path in sample_photos:
+        shutil.copy(path, folder / path.name)
+    result = annotate(folder, "--pose")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+def test_every_detected_person_gets_a_skeleton_and_every_limb_is_drawn(annotated):
+    from core.masks import load_rgb
+    from core.masks.pose import COLORS, LIMBS, detect_pose
+
+    rows = [json.loads(line) for line in (annotated / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    people = 0
+    for row in rows:
+        render = np.asarray(Image.open(annotated / row["condition"]).convert("RGB"))
+        assert render.shape[:2] == (row["height"], row["width"])
+        pose = detect_pose(load_rgb(annotated / row["image"]))  # IMAGE mode: the same result again
+        assert pose.to_json() == row["pose"]
+        assert row["pose"]["people"] >= 2, row  # every sample photo shows a group
+        for person in pose.people:
+            assert len(person.limbs) >= 8, (row["image"], person.limbs)  # a skeleton, not a stray point
+            found = [i for i in person.limbs
+                     if drawn(render, person.keypoints[LIMBS[i][0]], person.keypoints[LIMBS[i][1]], COLORS[i])]
+            assert len(found) >= len(person.limbs) - 1, (row["image"], person.limbs, found)
+            people += 1
+    assert people >= 12
+    # black where nothing is drawn: most of the image
+    assert (render.sum(axis=2) == 0).mean() > 0.8
+
+
+def test_a_users_own_condition_image_is_kept_and_recorded(tmp_path, sample_photos):
+    shutil.copy(sample_photos[0], tmp_path / "a.jpg")
+    (tmp_path / "masks").mkdir()
+    own = np.full((40, 60, 3), 77, np.uint8)  # a depth map of another size: resized at training time
+    Image.fromarray(own).save(tmp_path / "masks" / "a_condition.png")
+    before = (tmp_path / "masks" / "a_condition.png").read_bytes()
+    result = annotate(tmp_path, "--pose")
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads((tmp_path / "metadata.jsonl").read_text())
+    assert row["condition"] == "masks/a_condition.png" and "pose" not in row
+    assert "kept the user's condition image" in row["reason"]
+    assert (tmp_path / "masks" / "a_condition.png").read_bytes() == before
+
+
+def test_missing_pose_model_names_the_file_and_the_command(tmp_path, monkeypatch):
+    from core.masks import ModelFilesMissing
+    from core.masks import model_files as mf
+    from core.masks.pose import POSE_FILE, resolve_pose_file
+
+    monkeypatch.setenv("FAIRHUMAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(mf, "installed_models_root", lambda: None)  # a mediapipe without bundled models
+    with pytest.raises(ModelFilesMissing) as err:
+        resolve_pose_file(tmp_path / "empty")
+    message = str(err.value)
+    assert POSE_FILE in message and "-m trainers models" in message and str(tmp_path / "empty") in message
