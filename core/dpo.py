@@ -12,9 +12,15 @@ than the reference does); the implicit accuracy is the fraction of pairs where i
 When the tuned model is the reference, Δ = 0 and L_DPO = log 2.
 
 Statistic matching (HG-DPO): from the winner's noisy latent x_t, one DDPM step to t−1 with each
-model (no guidance); the loss is the squared difference of the channel means of the two x_{t−1},
-weighted by λ_stat. Both steps share x_t (and the step's noise, which cancels), so only the
-posterior-mean term of the predicted x0 differs.
+model (no guidance); the loss compares the channel means μ ∈ R^C of the two x_{t−1}, weighted by
+λ_stat. Both steps share x_t (and the step's noise, which cancels), so only the posterior-mean
+term of the predicted x0 differs. Two reductions over the C channels, averaged over the batch:
+
+- ``squared-norm``: ‖μ_θ − μ_ref‖², the paper's Eq. 8 read literally;
+- ``channel-mean``: ‖μ_θ − μ_ref‖² / C, the mean over channels — C = 4 times smaller, so the
+  same λ_stat acts as λ_stat / 4. The default: this pack's first reduction, kept so a run saved
+  before the option existed resumes with the loss it started with (``--preset paper`` takes
+  the literal one).
 """
 from __future__ import annotations
 
@@ -51,7 +57,17 @@ def ddpm_posterior_mean(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
     return coef_x0 * x0.float() + coef_xt * x_t.float()
 
 
-def stat_matching_loss(prev_tuned: torch.Tensor, prev_reference: torch.Tensor) -> torch.Tensor:
-    """Squared difference of the per-sample channel means of two latents, averaged."""
+STAT_REDUCTIONS = ("squared-norm", "channel-mean")
+
+
+def stat_matching_loss(prev_tuned: torch.Tensor, prev_reference: torch.Tensor,
+                       reduction: str = "channel-mean") -> torch.Tensor:
+    """The squared difference of the per-sample channel means of two (B, C, ...) latents, summed
+    over the channels (``squared-norm``, Eq. 8) or averaged (``channel-mean``), then averaged
+    over the batch."""
+    if reduction not in STAT_REDUCTIONS:
+        raise ValueError(f"unknown statistic-loss reduction {reduction!r}; expected one of {STAT_REDUCTIONS}")
     dims = tuple(range(2, prev_tuned.ndim))
-    return ((prev_tuned.float().mean(dims) - prev_reference.detach().float().mean(dims)) ** 2).mean()
+    squared = (prev_tuned.float().mean(dims) - prev_reference.detach().float().mean(dims)) ** 2  # (B, C)
+    per_sample = squared.sum(1) if reduction == "squared-norm" else squared.mean(1)
+    return per_sample.mean()

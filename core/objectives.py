@@ -2,14 +2,16 @@
 
 Two normalizations of the masked losses, named in the training config:
 
-- ``reference`` — as the FairHuman code does: the squared error of the masked residual scaled
-  by ``local_scale`` (5) *inside* the square, averaged over all elements,
-  ``mean((s · m ⊙ (pred − target))²)``. Its size grows with the region's area, so a small
-  hand's loss is small in absolute terms.
+- ``reference`` — the squared error of the masked residual scaled by ``local_scale`` *inside*
+  the square, averaged over all elements, ``mean((s · m ⊙ (pred − target))²)``. With s = 1 it
+  is the paper's Eq. 2, the masked MSE ``mean((m ⊙ (pred − target))²)``; with s = 5 (the
+  default) it is the release code's (``scale=5.0`` inside its ``mse_loss``), 25 × Eq. 2. Its
+  size grows with the region's area, so a small hand's loss is small in absolute terms.
 - ``area`` — the mean squared error over the masked elements only,
   ``Σ m ⊙ (pred − target)² / (C · Σ m)``: the same scale as the global loss whatever the area.
 
-MPD is not scale-invariant (see ``core.weighting.mpd``), so this choice changes the weights.
+MPD is not scale-invariant (see ``core.weighting.mpd``), so these choices change the weights: a
+masked loss 25 times larger gets a smaller share of the update, not a larger one.
 An objective whose mask is empty across the whole batch is *inactive*: its loss is an exact 0
 with no gradient, and the combination gives it weight 0 — never a NaN.
 """
@@ -26,9 +28,12 @@ def regional_losses(pred: torch.Tensor, target: torch.Tensor, face_mask: torch.T
     """(losses (3,) ordered global, face, hand; active (3,) bool).
 
     ``pred``/``target``: (B, C, h, w); masks: (B, 1, h, w) on the same grid, values in [0, 1].
+    ``local_scale`` applies to the ``reference`` normalization only (1: Eq. 2, 5: the release).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
+    if not local_scale > 0:
+        raise ValueError(f"local_scale must be positive, got {local_scale}")
     err = (pred.float() - target.float()) ** 2
     losses, active = [err.mean()], [torch.ones((), dtype=torch.bool, device=err.device)]
     channels = err.shape[1]

@@ -18,23 +18,68 @@ import torch
 from core.fileio import JsonlWriter, atomic_path, write_jsonl_atomic
 
 from .methods.hg_dpo import PAIRS, read_pair_records
+from .presets import preset_names, preset_problem, preset_values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="tiny-sd15", help="tiny-sd15, tiny-sdxl, a single-file checkpoint or a diffusers folder")
     parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
-    parser.add_argument("--n", type=int, default=20, help="images per prompt (paper: 20)")
-    parser.add_argument("--scorer", default="anatomy", help="anatomy, pickscore, hps, imagereward, or a weighted composite such as anatomy:1,hps:5")
+    parser.add_argument("--preset", default="", choices=["", *preset_names()],
+                        help="paper: HG-DPO's settings (PickScore, N 20, DPM-Solver++ 50 steps, CFG 5; README, "
+                             "Paper fidelity); flags still override it")
+    parser.add_argument("--n", type=int, default=None, help=f"images per prompt (default {DEFAULTS['n']}; paper: 20)")
+    parser.add_argument("--scorer", default=None, help="anatomy (the default), pickscore (--preset paper), hps, "
+                                                       "imagereward, or a weighted composite such as anatomy:1,hps:5")
     parser.add_argument("--scorer-model", action="append", default=[], metavar="[NAME=]FOLDER",
                         help="local weights folder of a model-based scorer (pickscore, hps, imagereward); repeat as "
                              "NAME=FOLDER for each one in a composite")
     parser.add_argument("--output", type=Path, required=True, help="pairs folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; each image gets its own")
-    parser.add_argument("--steps", type=int, default=30, help="sampler steps")
-    parser.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
-    parser.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
+    parser.add_argument("--sampler", default=None, choices=SAMPLERS,
+                        help="default: the base model's own scheduler; dpmsolver++: diffusers' DPMSolverMultistep "
+                             "built from that scheduler's config (the paper's)")
+    parser.add_argument("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULTS['steps']}; paper: 50)")
+    parser.add_argument("--cfg", type=float, default=None, help=f"guidance scale (default {DEFAULTS['cfg']}; paper: 5)")
+    parser.add_argument("--size", type=image_size, default=None,
+                        help="image size, SIDE or WIDTHxHEIGHT (default: the model's; the paper's SD1.5: 704x1024)")
     parser.add_argument("--batch", type=int, default=4, help="images generated at once")
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
+
+
+DEFAULTS = {"scorer": "anatomy", "n": 20, "sampler": "default", "steps": 30, "cfg": 7.5}
+SAMPLERS = ("default", "dpmsolver++")
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """``--size``: SIDE or WIDTHxHEIGHT, as (width, height), sides positive multiples of 8."""
+    parts = str(text).lower().split("x")
+    try:
+        width, height = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"expected SIDE or WIDTHxHEIGHT, got {text!r}") from None
+    if len(parts) > 2 or min(width, height) <= 0 or width % 8 or height % 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: sides must be positive multiples of 8")
+    return width, height
+
+
+def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Each option left unset takes the preset's value, else its default (a flag wins)."""
+    problem = preset_problem(args.preset, "build-pairs")
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    for name, value in {**DEFAULTS, **preset_values(args.preset, "build-pairs")}.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+def use_sampler(pipe, name: str) -> None:
+    """Swap in the sampler ``name``, built offline from the pipeline's own scheduler config (its
+    schedule: betas, prediction type, timestep spacing)."""
+    if name == "dpmsolver++":
+        from diffusers import DPMSolverMultistepScheduler
+
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
 
 
 def scorer_folders(spec: str, values: list[str]) -> dict[str, str]:
@@ -60,12 +105,16 @@ def run(args: argparse.Namespace) -> int:
     from core.checkpoints import load_pipeline
     from core.scorers import get_scorer
 
+    args = resolve_options(args)
     prompts = [p.strip() for p in args.prompts.read_text(encoding="utf-8").splitlines() if p.strip()]
     if not prompts:
         raise SystemExit(f"{args.prompts} has no prompts")
     if args.n < 2:
         raise SystemExit("--n must be at least 2: a pair needs a best and a worst image")
-    scorer = get_scorer(args.scorer, models=scorer_folders(args.scorer, args.scorer_model))
+    try:  # before any generation: a scorer without its weights folder is named with the flag
+        scorer = get_scorer(args.scorer, models=scorer_folders(args.scorer, args.scorer_model))
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
     out = args.output
     (out / "images").mkdir(parents=True, exist_ok=True)
     jsonl = out / PAIRS
@@ -76,13 +125,18 @@ def run(args: argparse.Namespace) -> int:
           + (f", {retried} failed before and tried again" if retried else ""))
     journal = JsonlWriter(jsonl)
     pipe = load_pipeline(args.base, tokenizer=args.tokenizer) if todo else None
+    if pipe is not None:
+        use_sampler(pipe, args.sampler)
     common = dict(num_inference_steps=args.steps, guidance_scale=args.cfg)
     if args.size:
-        common.update(height=args.size, width=args.size)
+        common.update(width=args.size[0], height=args.size[1])
+    generation = {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "scorer": args.scorer,
+                  "preset": args.preset}
     counts = {"ok": 0, "tied": 0, "error": 0}
     for k, prompt in tqdm(todo, desc="prompts", unit="prompt"):
         seeds = [args.seed + k * args.n + i for i in range(args.n)]
-        record = {"prompt": prompt, "seeds": seeds, "images": [], "scores": [], "errors": {}}
+        record = {"prompt": prompt, "seeds": seeds, "images": [], "scores": [], "errors": {},
+                  "generation": generation}
         try:
             for start in range(0, args.n, args.batch):
                 chunk = seeds[start: start + args.batch]

@@ -17,6 +17,7 @@ from pathlib import Path
 class TrainConfig:
     method: str = "fairhuman"
     base: str = "tiny-sdxl"
+    preset: str = ""  # "paper": every setting the paper states (trainers/presets.py)
     data: str = ""
     output: str = "outputs/run"
     steps: int = 1000
@@ -39,6 +40,7 @@ class TrainConfig:
     weighting: str = "mpd"
     weighting_options: dict = field(default_factory=dict)
     normalization: str = "reference"  # reference | area
+    local_scale: float = 5.0  # reference normalization: 1 = the paper's Eq. 2, 5 = the release code
     batched_vjp: bool = True
     tokenizer: str = ""
     random_crop: bool = True
@@ -51,6 +53,7 @@ class TrainConfig:
     # HG-DPO
     beta: float | None = None  # None: method default by architecture
     lambda_stat: float = 10000.0
+    stat_reduction: str = "channel-mean"  # channel-mean | squared-norm (Eq. 8 literally)
     eval_pairs: int = 64  # 0: no fixed-probe evaluation
     # jobs
     checkpoint_every: int = 100
@@ -92,7 +95,10 @@ HELP = {
     "seed": "seed of data order, augmentation, noise and timesteps",
     "weighting": "mpd, mpd-closed-form, ls, dwa, uw, rlw, si, nash-mtl",
     "weighting_options": "JSON object of weighting options, e.g. '{\"alpha\": 2}'",
+    "preset": "paper: every setting the method's paper states (README, Paper fidelity); flags still override it",
     "normalization": "masked-loss normalization: reference (FairHuman code) or area",
+    "local_scale": "reference normalization's scale inside the square: 1 = the FairHuman paper's Eq. 2, "
+                   "5 = the release code (25 × Eq. 2)",
     "batched_vjp": "objective gradients by one batched vector-Jacobian product (faster) or K backward passes (less transient memory)",
     "tokenizer": "folder with CLIP's vocab.json and merges.txt, for single-file checkpoints outside a ComfyUI tree",
     "random_crop": "random crops (else centred)",
@@ -103,6 +109,8 @@ HELP = {
     "conditioning_scale": "fairhuman-controlnet: scale of the ControlNet's residuals while training",
     "beta": "DPO beta (default 2500 for SD1.5, 5000 for SDXL)",
     "lambda_stat": "weight of the statistic-matching loss (paper: 10000)",
+    "stat_reduction": "statistic loss over the latent channels: channel-mean (the squared differences averaged) "
+                      "or squared-norm (summed: Eq. 8 literally, 4 × channel-mean)",
     "eval_pairs": "pairs (the first N) whose reward margin is measured under fixed probes at the start, the end and every --eval-every steps (0: off)",
     "eval_every": "also evaluate every N steps (0: only at the start and the end)",
     "checkpoint_every": "save a resumable checkpoint every N steps",
@@ -248,7 +256,11 @@ def explicit_values(args: argparse.Namespace) -> dict:
 
 
 def resolve(args: argparse.Namespace, method_defaults: dict | None = None) -> TrainConfig:
-    return TrainConfig(**{**(method_defaults or {}), **explicit_values(args)})
+    from .presets import preset_values
+
+    given = explicit_values(args)
+    preset = preset_values(given.get("preset", ""), given.get("method", TrainConfig.method))
+    return TrainConfig(**{**(method_defaults or {}), **preset, **given})
 
 
 # ---- validation: every rule checked before anything loads --------------------------------------
@@ -280,6 +292,12 @@ def _weightings():
     from core.weighting import WEIGHTINGS
 
     return WEIGHTINGS
+
+
+def _stat_reductions():
+    from core.dpo import STAT_REDUCTIONS
+
+    return STAT_REDUCTIONS
 
 
 def _methods():
@@ -320,6 +338,8 @@ RULES = {
     "mixed_precision": one_of(("no", "fp16", "bf16")),
     "weighting": one_of(_weightings),
     "normalization": one_of(("reference", "area")),
+    "local_scale": above(0),
+    "stat_reduction": one_of(_stat_reductions),
     "flip_p": between(0, 1),
     "condition_dropout": between(0, 1),
     "conditioning_scale": above(0),
@@ -347,6 +367,10 @@ def validate(cfg: TrainConfig) -> None:
         problem = check(value)
         if problem:
             problems.append(f"--{name.replace('_', '-')} {value!r} {problem}")
+    from .presets import preset_problem
+
+    if preset_problem(cfg.preset, cfg.method):
+        problems.append(preset_problem(cfg.preset, cfg.method))
     from core.tiny_models import TINY_BASES
 
     if cfg.base not in TINY_BASES and not Path(cfg.base).exists():

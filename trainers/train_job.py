@@ -69,6 +69,7 @@ def make_sampler(cfg, model: TrainableModel, run_dir: Path, events: EventLog):
 def export_metadata(cfg, model: TrainableModel, method, result: dict) -> dict:
     return {
         "method": cfg.method,
+        "preset": cfg.preset,
         "base_arch": model.arch,
         "base": cfg.base,
         "trainable": model.trainable.kind,

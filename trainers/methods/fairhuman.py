@@ -65,7 +65,8 @@ class FairHuman(Method):
         target = model.target(latents, noise, timesteps)
         masks = batch["latent_masks"].to(pred.device)
         losses, active = regional_losses(
-            pred, target, masks[:, 0:1], masks[:, 1:2], normalization=self.cfg.normalization
+            pred, target, masks[:, 0:1], masks[:, 1:2], normalization=self.cfg.normalization,
+            local_scale=self.cfg.local_scale,
         )
         return StepLosses(losses, active)
 
@@ -74,6 +75,7 @@ class FairHuman(Method):
         return None
 
     def summary(self) -> dict:
-        return {"weighting": self.cfg.weighting, "normalization": self.cfg.normalization}
+        return {"weighting": self.cfg.weighting, "normalization": self.cfg.normalization,
+                "local_scale": self.cfg.local_scale}
 
 METHOD = FairHuman

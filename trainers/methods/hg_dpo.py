@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from core.fileio import read_jsonl
 from core.dpo import ddpm_posterior_mean, diffusion_dpo_loss, per_sample_error, stat_matching_loss
 
-from ..data import StepBatches, collate, refuse_unreadable
+from ..data import StepBatches, buckets, collate, nearest_bucket, refuse_unreadable
 from .base import Method, StepLosses
 
 PAIRS = "pairs.jsonl"
@@ -45,18 +45,39 @@ def read_pairs(folder) -> list[dict]:
     return usable
 
 
-def _pixels(path: Path, size: int) -> torch.Tensor:
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def training_size(width: int, height: int, resolution: int, multiple: int = 8) -> tuple[int, int]:
+    """(width, height) a pair trains at: its own size, sides rounded down to the latent grid
+    (``multiple`` pixels), up to about ``resolution``² pixels; a larger pair goes to the nearest
+    aspect bucket of that area, as the FairHuman data path does. ``--resolution`` only caps."""
+    if width * height <= resolution * resolution:
+        return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
+    return nearest_bucket(width, height, buckets(resolution))
+
+
+def _pixels(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) in [-1, 1] at ``size`` (H, W); no resampling when the image already has it."""
     from PIL import Image
 
     with Image.open(path) as im:
         arr = np.array(im.convert("RGB"))
     x = torch.from_numpy(arr).permute(2, 0, 1).float()[None] / 127.5 - 1.0
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x[0]
+    return F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
-def dpo_objectives(model, noisy, t, target, cond, time_ids, n: int, beta: float):
+def dpo_objectives(model, noisy, t, target, cond, time_ids, n: int, beta: float,
+                   stat_reduction: str = "channel-mean"):
     """(DPO loss, statistic-matching loss, metrics) for 2n noisy latents: winners then losers,
-    sharing noise and timesteps."""
+    sharing noise and timesteps; ``stat_reduction`` as ``core.dpo.stat_matching_loss``'s."""
     with torch.no_grad(), model.reference():  # first: its activations are gone before ours
         ref_pred = model.predict(noisy, t, cond, time_ids)
     pred = model.predict(noisy, t, cond, time_ids)
@@ -67,7 +88,7 @@ def dpo_objectives(model, noisy, t, target, cond, time_ids, n: int, beta: float)
     x0, _ = model.predicted_x0_and_eps(noisy[:n], t[:n], pred[:n])
     x0_ref, _ = model.predicted_x0_and_eps(noisy[:n], t[:n], ref_pred[:n])
     stat = stat_matching_loss(ddpm_posterior_mean(noisy[:n], x0, t[:n], ac),
-                              ddpm_posterior_mean(noisy[:n], x0_ref, t[:n], ac))
+                              ddpm_posterior_mean(noisy[:n], x0_ref, t[:n], ac), stat_reduction)
     return dpo, stat, metrics
 
 
@@ -76,8 +97,9 @@ class HGDPO(Method):
     objective_names = ("dpo", "stat")
     combine = "sum"
     # Paper: SD1.5, LoRA rank 8 on the attention linears, lr 1e-5, 8-bit Adam, β = 2500,
-    # λ_stat = 10000.
-    defaults = dict(rank=8, lr=1e-5, resolution=512, batch_size=1, optimizer="auto")
+    # λ_stat = 10000 (the rest of --preset paper: trainers/presets.py). Pairs train at their own
+    # size: the resolution is a cap (1024² pixels holds SDXL's 1024² and the paper's 704 × 1024).
+    defaults = dict(rank=8, lr=1e-5, resolution=1024, batch_size=1, optimizer="auto")
 
     @classmethod
     def check_data(cls, cfg) -> None:
@@ -91,7 +113,11 @@ class HGDPO(Method):
         self.folder = Path(cfg.data)
         self.pairs = read_pairs(self.folder)
         self.beta = cfg.beta if cfg.beta is not None else (5000.0 if model.arch == "sdxl" else 2500.0)
-        self.order = StepBatches([0] * len(self.pairs), cfg.batch_size, cfg.seed)
+        # each pair's real (width, height) and the (width, height) it trains at; a batch holds
+        # pairs of one training size
+        self.sizes = [image_size(self.folder / p["winner"]) for p in self.pairs]
+        self.train_sizes = [training_size(w, h, cfg.resolution) for w, h in self.sizes]
+        self.order = StepBatches(self.train_sizes, cfg.batch_size, cfg.seed)
 
     def dataset_size(self) -> int:
         return len(self.pairs)
@@ -99,12 +125,21 @@ class HGDPO(Method):
     def sum_weights(self) -> torch.Tensor:
         return torch.tensor([1.0, float(self.cfg.lambda_stat)])
 
+    def pixel_size(self, i: int) -> tuple[int, int]:
+        """(H, W) of pair ``i``'s training pixels."""
+        return self.train_sizes[i][::-1]
+
+    def time_ids(self, i: int) -> torch.Tensor:
+        """SDXL's size conditioning of pair ``i`` from its real size: original (h, w), crop
+        top-left (0, 0: resized whole, never cropped), target (h, w)."""
+        (w, h), (tw, th) = self.sizes[i], self.train_sizes[i]
+        return torch.tensor([h, w, 0, 0, th, tw], dtype=torch.float32)
+
     def batch(self, step: int, micro: int) -> dict:
         _, indices = self.order.batch(self.batch_number(step, micro))
-        size = self.cfg.resolution
-        items = [{"winner": _pixels(self.folder / self.pairs[i]["winner"], size),
-                  "loser": _pixels(self.folder / self.pairs[i]["loser"], size),
-                  "text": self.pairs[i]["prompt"], "index": i} for i in indices]
+        items = [{"winner": _pixels(self.folder / self.pairs[i]["winner"], self.pixel_size(i)),
+                  "loser": _pixels(self.folder / self.pairs[i]["loser"], self.pixel_size(i)),
+                  "time_ids": self.time_ids(i), "text": self.pairs[i]["prompt"], "index": i} for i in indices]
         return collate(items)
 
     def losses(self, batch: dict, generator: torch.Generator) -> StepLosses:
@@ -118,9 +153,9 @@ class HGDPO(Method):
         noisy = model.add_noise(latents, noise, t)
         target = model.target(latents, noise, t)
         cond = model.conditioning(batch["text"]).repeat(2)
-        size = float(self.cfg.resolution)
-        time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(2 * n, 1)
-        dpo, stat, metrics = dpo_objectives(model, noisy, t, target, cond, time_ids, n, self.beta)
+        time_ids = batch["time_ids"].repeat(2, 1)  # winners then losers
+        dpo, stat, metrics = dpo_objectives(model, noisy, t, target, cond, time_ids, n, self.beta,
+                                            self.cfg.stat_reduction)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update(dpo_loss=float(dpo.detach()), stat_loss=float(stat.detach()))
         return StepLosses(torch.stack([dpo, stat]), metrics=metrics)
@@ -136,10 +171,9 @@ class HGDPO(Method):
         pairs = self.pairs[: self.cfg.eval_pairs]
         if not pairs:
             return {}
-        model, size = self.model, self.cfg.resolution
+        model = self.model
         steps = model.noise_scheduler.config.num_train_timesteps
         t = ((torch.arange(probes) + 0.5) * steps / probes).long().to(model.device).repeat(2)
-        time_ids = torch.tensor([[float(size), float(size), 0.0, 0.0, float(size), float(size)]]).repeat(2 * probes, 1)
         first = not hasattr(self, "_eval_cache")
         if first:
             self._eval_cache = []
@@ -147,9 +181,10 @@ class HGDPO(Method):
         model.unet.eval()
         margins = []
         for i, pair in enumerate(pairs):
+            time_ids = self.time_ids(i)[None].repeat(2 * probes, 1)
             if first:
-                pixels = torch.stack([_pixels(self.folder / pair["winner"], size),
-                                      _pixels(self.folder / pair["loser"], size)])
+                pixels = torch.stack([_pixels(self.folder / pair["winner"], self.pixel_size(i)),
+                                      _pixels(self.folder / pair["loser"], self.pixel_size(i))])
                 means = model.latent_moments(pixels)[:, 0] * model.pipe.vae.config.scaling_factor
             else:
                 means = self._eval_cache[i][0]
@@ -171,7 +206,7 @@ class HGDPO(Method):
         return {"pair_margin": float(margins.mean()), "pair_accuracy": float((margins > 0).float().mean())}
 
     def summary(self) -> dict:
-        return {"beta": self.beta, "lambda_stat": self.cfg.lambda_stat}
+        return {"beta": self.beta, "lambda_stat": self.cfg.lambda_stat, "stat_reduction": self.cfg.stat_reduction}
 
 
 METHOD = HGDPO
