@@ -11,6 +11,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 	# The CPU build of torch that this machine keeps on disk; a plain `torch` would pull CUDA.
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	# The mediapipe face/hand model files the tests and the demo detect with (into the pack's cache,
+	# ~/.cache/fairhuman-hgdpo/mediapipe; kept when already there with the right checksums).
+	$(PY) -m trainers models
 	touch $(STAMP)
 
 venv: $(STAMP)

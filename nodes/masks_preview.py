@@ -1,7 +1,9 @@
 """The "Hand/Face Masks" node: face and hand masks of an image batch, with a preview.
 
-mediapipe model files are looked up in ComfyUI's ``models/mediapipe/`` (registered here), then
-in the installed mediapipe 0.10.21 wheel; see ``core.masks.model_files``.
+mediapipe model files are looked up in ComfyUI's ``models/mediapipe/`` (registered here), where
+``python -m trainers models`` puts them; see ``core.masks.model_files``. Neither mediapipe nor the
+model files are needed to load the pack: without them the node fails with a message naming the
+command that fixes it.
 """
 from __future__ import annotations
 
@@ -51,8 +53,8 @@ class HandFaceMasks:
     FUNCTION = "run"
     CATEGORY = "FairHuman"
     DESCRIPTION = ("Face and hand masks from mediapipe detection (FairHuman's regions), with a preview. "
-                   f"Models: {FACE_FILE} and {HAND_FILE} in models/mediapipe/, or those bundled in "
-                   "mediapipe 0.10.21.")
+                   "Model files: run `python -m trainers models` in the pack's folder once (it puts them in "
+                   f"models/mediapipe/), or put the official {FACE_FILE} and {HAND_FILE} there.")
 
     def run(self, images, min_confidence, padding, dilation, feather, faces, hands, tiles):
         import numpy as np
@@ -63,7 +65,8 @@ class HandFaceMasks:
 
         from ..core.masks import as_rgb_array, boxes_mask, detect, draw_preview
 
-        folders = [p for p in folder_paths.get_folder_paths(MODELS_KIND) if os.path.isdir(p)]
+        # Every registered folder, existing or not: the first is where the error message says to set up.
+        folders = list(folder_paths.get_folder_paths(MODELS_KIND))
         bar = comfy.utils.ProgressBar(images.shape[0])
         face_masks, hand_masks, previews = [], [], []
         for frame in images:

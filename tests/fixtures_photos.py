@@ -6,8 +6,24 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def sample_photos():
-    """The six face-api demo photos (list of paths); skips when npm cannot fetch them."""
+def mediapipe_models():
+    """The pack's cache folder holding the mediapipe model files, set up there once as
+    `python -m trainers models` does (detect() finds them without models_dir); skips when they
+    cannot be obtained."""
+    from core.masks.model_files import cache_dir
+    from trainers.models_setup import ModelsUnavailable, set_up
+
+    try:
+        set_up(cache_dir(), log=lambda _: None)
+    except ModelsUnavailable as err:
+        pytest.skip(f"mediapipe model files unavailable: {err}")
+    return cache_dir()
+
+
+@pytest.fixture(scope="session")
+def sample_photos(mediapipe_models):
+    """The six face-api demo photos (list of paths), with the model files to detect in them set
+    up; skips when npm cannot fetch them."""
     from trainers.photos import PhotosUnavailable, sample_photos
 
     try:

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import itertools
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from core.masks import (Face, ModelFilesMissing, boxes_mask, detect, region_masks, resolve_model_files,
-                        to_latent)
+from core.masks import Face, boxes_mask, detect, region_masks, to_latent
 from core.masks import detection as detection_module
-from core.masks import model_files
 from core.masks.tiling import merge_duplicates, overlaps, tile_windows
 
 
@@ -99,29 +96,6 @@ def test_detectors_are_created_once(sample_photos):
     detect(rgb)
     detect(rgb, tiles=False)
     assert detection_module._cache == cached and len(cached) >= 1
-
-
-def test_model_files_resolution_order(tmp_path, monkeypatch):
-    wheel = resolve_model_files(None)
-    assert wheel.origin == "mediapipe wheel" and wheel.hand.suffix == ".task"
-
-    folder = tmp_path / "mediapipe"
-    folder.mkdir()
-    shutil.copyfile(wheel.face, folder / model_files.FACE_FILE)
-    shutil.copyfile(wheel.hand, folder / model_files.HAND_FILE)
-    explicit = resolve_model_files(folder)
-    assert (explicit.face, explicit.hand) == (folder / model_files.FACE_FILE, folder / model_files.HAND_FILE)
-    # a models folder with the official names works for detection
-    assert detect(np.full((64, 64, 3), 90, np.uint8), models_dir=folder) == ([], [])
-
-    # no folder files and no wheel models: the error names the official files and where they go
-    monkeypatch.setattr(model_files, "_mediapipe_root", lambda: None)
-    with pytest.raises(ModelFilesMissing) as err:
-        resolve_model_files(tmp_path / "empty")
-    message = str(err.value)
-    assert "blaze_face_short_range.tflite" in message and "hand_landmarker.task" in message
-    assert "models/mediapipe" in message and str(tmp_path / "empty") in message
-    assert resolve_model_files(folder).origin == "models folder"
 
 
 def test_to_latent_keeps_a_six_pixel_hand():

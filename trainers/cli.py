@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report", "plot a run's losses, weights and DPO margins from its events.jsonl"),
     "bench": ("bench", "benchmarks: fairhuman, dpo, lan, annotate"),
     "demo": ("demo", "the end-to-end demo on the embedded tiny model; writes outputs/"),
+    "models": ("models_setup", "set up the mediapipe face/hand model files (from the mediapipe 0.10.21 wheel)"),
     "job": ("node_job", "run a ComfyUI training node's job from its spec (annotate/build-pairs, train, export)"),
 }
 

@@ -13,12 +13,12 @@ need them, so ComfyUI loads the pack quickly.
 """
 from .detection import detect, release_detectors
 from .images import as_rgb_array, load_rgb
-from .model_files import ModelFilesMissing, resolve_model_files
+from .model_files import MediapipeMissing, ModelFilesMissing, resolve_model_files
 from .preview import draw_preview
 from .regions import boxes_mask, region_masks, to_latent
 from .types import Face, Hand
 
 __all__ = [
-    "Face", "Hand", "ModelFilesMissing", "as_rgb_array", "boxes_mask", "detect", "draw_preview",
+    "Face", "Hand", "MediapipeMissing", "ModelFilesMissing", "as_rgb_array", "boxes_mask", "detect", "draw_preview",
     "load_rgb", "region_masks", "release_detectors", "resolve_model_files", "to_latent",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .images import as_rgb_array
-from .model_files import ModelFiles, ModelsDir, resolve_model_files
+from .model_files import ModelFiles, ModelsDir, mediapipe_missing, resolve_model_files
 from .tiling import merge_duplicates, tile_windows, touches_inner_edge
 from .types import Face, Hand
 
@@ -46,9 +46,11 @@ def _import_mediapipe():
     # mediapipe's C++ side logs every graph start at INFO level; keep the console readable.
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import mediapipe as mp
-    from mediapipe.tasks.python import BaseOptions, vision
-
+    try:
+        import mediapipe as mp
+        from mediapipe.tasks.python import BaseOptions, vision
+    except ImportError as err:  # a ComfyUI whose Python lacks the pack's requirements
+        raise mediapipe_missing(err) from err
     return mp, BaseOptions, vision
 
 
