@@ -102,6 +102,7 @@ def add_lora_loader(page) -> None:
     """A LoraLoader node on the canvas, whose dropdown must learn about the new LoRA."""
     page.evaluate("""() => {
         const node = window.LiteGraph.createNode("LoraLoader");
+        node.pos = [320, 160];
         window.app.graph.add(node);
         window.fairhumanTestLoader = node;
     }""")
@@ -116,7 +117,8 @@ def train_prompt(ckpt: str, dataset: str, output_name: str, steps: int) -> dict:
     return {"1": {"class_type": "FairHumanTrainLoRA", "inputs": {
         "ckpt_name": ckpt, "dataset": dataset, "output_name": output_name, "steps": steps,
         "resolution": 64, "rank": 4, "learning_rate": 1e-3, "weighting": "mpd", "mode": "background",
-    }}}
+        "mixed_precision": "no",  # fp16 needs a GPU; ComfyUI runs on the CPU here
+    }}, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}}  # the loss plot
 
 
 def server_jobs(server) -> dict[str, dict]:
@@ -182,6 +184,7 @@ def test_panel_follows_cancels_and_refreshes_loras(browser, comfy_server, comfy_
 
     # 1. a job that runs to the end: progress while it runs, then its LoRA in the dropdown
     output = f"web_panel_{int(time.time())}"
+    assert not [name for name in loader_loras(page) if output in name]  # the page has never heard of it
     comfy_server.run(train_prompt(ckpt, folder, output, steps=3), timeout=120)
     job_id = wait_for(lambda: next((i for i, j in server_jobs(comfy_server).items()
                                     if i not in existing and output in (j.get("lora_name") or "")), None),
@@ -201,6 +204,11 @@ def test_panel_follows_cancels_and_refreshes_loras(browser, comfy_server, comfy_
     running_shot = shoot(page, tmp_path, "panel-running")
     shutil.copyfile(running_shot, SHOWCASE)
     print(f"screenshot: {SHOWCASE}")
+    # the fallback for frontends without sidebar tabs renders the same live rows
+    page.evaluate("() => window.fairhumanJobs.mountFloatingPanel()")
+    page.locator(f'.fh-jobs-floating .fh-job[data-job-id="{job_id}"] .fh-progress').wait_for(timeout=10_000)
+    shoot(page, tmp_path, "panel-running-floating")
+    page.evaluate("() => document.querySelector('.fh-jobs-floating').remove()")
 
     page.wait_for_function(
         """(id) => { const r = document.querySelector(`.fh-job[data-job-id="${id}"]`);
@@ -211,6 +219,9 @@ def test_panel_follows_cancels_and_refreshes_loras(browser, comfy_server, comfy_
     assert row.get_attribute("data-state") == "done"
     assert row.locator(".fh-cancel").count() == 0
     lora_name = final["lora_name"]
+    assert output in lora_name
+    # the panel refreshes the node definitions once the job's process has exited (`finished`)
+    wait_for(lambda: server_jobs(comfy_server)[job_id].get("finished"), 60, "the job's process to exit")
     wait_for(lambda: lora_name in loader_loras(page), 30, f"{lora_name} in LoraLoader's dropdown")
     assert page.evaluate("() => window.fairhumanJobs.store.modelRefreshes") >= 1
     shoot(page, tmp_path, "panel-done")

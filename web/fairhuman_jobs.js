@@ -33,25 +33,26 @@ function isActive(job) {
   return ACTIVE.has(job.state);
 }
 
-// A state change seen here is what triggers the model-list refresh: a job already done when the page
-// loaded never does, a job seen finishing does, once.
-function noteTransition(previous, job) {
-  if (job.state !== "done" || store.finishedRefreshed.has(job.id)) return;
-  if (previous && previous.state === "done") return;
-  store.finishedRefreshed.add(job.id);
-  refreshModelLists();
+// A job is "done" from its trainer's done event, but the server lists its LoRA only once the job's
+// process has exited (then `finished` is set): refresh the model lists at that moment, once per
+// job, and never for jobs that had finished before the page loaded.
+function settled(job) {
+  return !("finished" in job) || Boolean(job.finished); // servers without the field: done is enough
 }
 
-function applyJob(job, { initial = false } = {}) {
+function noteFinished(job, initial) {
+  if (job.state !== "done" || !settled(job) || store.finishedRefreshed.has(job.id)) return;
+  store.finishedRefreshed.add(job.id);
+  if (!initial) refreshModelLists();
+}
+
+function applyJob(job) {
   if (!job || typeof job.id !== "string") return;
-  const previous = store.jobs.get(job.id);
-  store.jobs.set(job.id, { ...previous, ...job });
-  if (!isActive(job)) store.cancelling.delete(job.id);
-  if (initial) {
-    if (job.state === "done") store.finishedRefreshed.add(job.id);
-  } else {
-    noteTransition(previous, job);
-  }
+  const merged = { ...store.jobs.get(job.id), ...job };
+  delete merged.event; // the raw trainer event that came with a pushed summary
+  store.jobs.set(job.id, merged);
+  if (!isActive(merged)) store.cancelling.delete(job.id);
+  noteFinished(merged, false);
 }
 
 async function fetchJobs(initial) {
@@ -88,13 +89,10 @@ async function fetchJobs(initial) {
   for (const job of listed) {
     if (!job || typeof job.id !== "string" || seen.has(job.id)) continue;
     seen.add(job.id);
-    const previous = store.jobs.get(job.id);
-    fresh.set(job.id, { ...previous, ...job });
-    if (initial) {
-      if (job.state === "done") store.finishedRefreshed.add(job.id);
-    } else {
-      noteTransition(previous, job);
-    }
+    const merged = { ...store.jobs.get(job.id), ...job };
+    fresh.set(job.id, merged);
+    if (!isActive(merged)) store.cancelling.delete(job.id);
+    noteFinished(merged, initial);
   }
   store.jobs = fresh; // the server's list is the truth: jobs it no longer has disappear
   store.status = "ready";
@@ -214,9 +212,14 @@ function renderJob(job) {
 
   const head = el("div", "fh-job-head");
   head.append(el("span", "fh-job-method", job.method || "job"));
-  head.append(el("span", "fh-job-name", job.lora_name || job.output_name || job.id));
   head.append(el("span", "fh-job-state", job.state || "unknown"));
   row.append(head);
+  row.append(el("div", "fh-job-name", job.output_name || job.lora_name || job.id));
+  if (job.lora_name && job.lora_name !== job.output_name) {
+    const file = el("div", "fh-job-lora", job.lora_name);
+    file.title = "The LoRA's name in LoraLoader and the pack's loaders";
+    row.append(file);
+  }
 
   const step = Number(job.step) || 0;
   const total = Number(job.total) || 0;
