@@ -41,9 +41,9 @@ def checkpoint_path(name: str) -> str:
 def comfy_tokenizer() -> str:
     """ComfyUI's own CLIP tokenizer folder (SD1.5's and SDXL's vocabulary), so that no user
     passes one to the trainer."""
-    import comfy
+    import comfy.sd1_clip  # comfy is a namespace package: locate it through a module in it
 
-    folder = Path(comfy.__file__).resolve().parent / "sd1_tokenizer"
+    folder = Path(comfy.sd1_clip.__file__).resolve().parent / "sd1_tokenizer"
     return str(folder) if (folder / "vocab.json").is_file() else ""
 
 
@@ -94,7 +94,7 @@ def _optional_common(strength: float) -> dict:
             "UNet forward in fp16/bf16 (LoRA weights stay fp32; paper: fp16). Needs a GPU: use 'no' on a CPU.")}),
         "gradient_checkpointing": ("BOOLEAN", {"default": False,
                                                "tooltip": "Less activation memory for more compute."}),
-        "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+        "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
                          "tooltip": "Seed of data order, noise and timesteps (a resumed run is bit for bit the same)."}),
         "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000, "tooltip": (
             "Save a resumable checkpoint every N steps (0: only when cancelled). An interrupt always saves one.")}),
