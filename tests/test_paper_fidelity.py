@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from train_helpers import make_region_dataset
 
 
-def _pairs_folder(folder, width, height, prompts=2):
+def pairs_folder(folder, width, height, prompts=2):
     """A build-pairs output of random width × height winner/loser images (no generation)."""
     rng = np.random.default_rng(0)
     (folder / "images").mkdir(parents=True)
@@ -51,7 +50,7 @@ def _recording_predict(model):
 
 
 def test_hgdpo_pairs_of_64_by_96_train_at_64_by_96(tmp_path):
-    method = _method("tiny-sd15", _pairs_folder(tmp_path / "pairs", 64, 96))
+    method = _method("tiny-sd15", pairs_folder(tmp_path / "pairs", 64, 96))
     batch = method.batch(0, 0)
     assert batch["winner"].shape == (1, 3, 96, 64) and batch["loser"].shape == (1, 3, 96, 64)
     calls = _recording_predict(method.model)
@@ -62,7 +61,7 @@ def test_hgdpo_pairs_of_64_by_96_train_at_64_by_96(tmp_path):
 
 
 def test_sdxl_pairs_keep_their_size_conditioning(tmp_path):
-    method = _method("tiny-sdxl", _pairs_folder(tmp_path / "pairs", 64, 96))
+    method = _method("tiny-sdxl", pairs_folder(tmp_path / "pairs", 64, 96))
     calls = _recording_predict(method.model)
     method.losses(method.batch(0, 0), torch.Generator().manual_seed(0))
     for shape, time_ids in calls:
@@ -84,14 +83,14 @@ def test_resolution_only_caps_the_training_size():
 
 
 def test_an_sdxl_pair_above_the_cap_is_conditioned_on_its_real_size(tmp_path):
-    method = _method("tiny-sdxl", _pairs_folder(tmp_path / "pairs", 256, 384, prompts=1), resolution=256)
+    method = _method("tiny-sdxl", pairs_folder(tmp_path / "pairs", 256, 384, prompts=1), resolution=256)
     batch = method.batch(0, 0)
     assert batch["winner"].shape == (1, 3, 320, 192)
     assert batch["time_ids"].tolist() == [[384.0, 256.0, 0.0, 0.0, 320.0, 192.0]]
 
 
 def test_pairs_of_two_sizes_are_batched_by_size(tmp_path):
-    folder = _pairs_folder(tmp_path / "pairs", 64, 96, prompts=2)
+    folder = pairs_folder(tmp_path / "pairs", 64, 96, prompts=2)
     for side in ("w", "l"):  # the second pair: 96 × 64
         Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(folder / f"images/1_{side}.png")
     method = _method("tiny-sd15", folder, batch_size=2)
@@ -144,7 +143,7 @@ def test_the_literal_statistic_loss_is_the_squared_norm_of_the_channel_mean_diff
 
 
 def test_stat_reduction_reaches_hgdpos_loss(tmp_path):
-    folder = _pairs_folder(tmp_path / "pairs", 64, 64, prompts=1)
+    folder = pairs_folder(tmp_path / "pairs", 64, 64, prompts=1)
     mean = _method("tiny-sd15", folder, stat_reduction="channel-mean")
     norm = _method("tiny-sd15", folder, stat_reduction="squared-norm")
     with torch.no_grad():  # move the tuned model off the reference, so the loss is not 0

@@ -48,6 +48,9 @@ PRESETS = {PAPER: {
         Setting("stat_reduction", "squared-norm", "paper Eq. 8 read literally: ‖μ − μ_ref‖² over the 4 latent "
                                                   "channels; the default `channel-mean` (÷ 4) is this pack's "
                                                   "first reduction, kept so earlier runs resume unchanged"),
+        Setting("resolution", 1024, "a cap, not a size: each pair trains at its own size (the paper: at the "
+                                    "generation size, 704 × 1024 for its SD1.5 model); a pair above about "
+                                    "resolution² pixels goes to the nearest aspect bucket of that area"),
         Setting("batch_size", 1, "micro-batch of one pair: the paper's batch of 16 comes from `grad_accum`"),
         Setting("grad_accum", 16, "paper: batch 16, here 16 accumulated pairs (the loop sums the "
                                   "micro-batches' gradients exactly)"),
