@@ -53,8 +53,7 @@ def test_requirements_are_pyproject_dependencies_with_one_opencv():
 
 
 BLOCK_MEDIAPIPE = """
-import importlib.abc, importlib.util, sys
-from pathlib import Path
+import importlib.abc, sys
 
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -62,6 +61,12 @@ class Block(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 sys.meta_path.insert(0, Block())
+"""
+
+IMPORT_PACK = """
+import importlib.util, sys
+from pathlib import Path
+
 root = Path(sys.argv[1])
 # the pack as ComfyUI imports it: a package named after its folder, from its __init__.py
 spec = importlib.util.spec_from_file_location("fairhuman_hgdpo", root / "__init__.py",
@@ -79,9 +84,9 @@ except ImportError as err:
 """
 
 
-def test_the_pack_imports_in_a_python_without_mediapipe():
-    done = subprocess.run([sys.executable, "-c", BLOCK_MEDIAPIPE, str(ROOT)], check=False, capture_output=True,
-                          text=True, timeout=300, cwd="/")
+def test_the_pack_imports_in_a_python_without_mediapipe(tmp_path):
+    done = subprocess.run([sys.executable, "-c", BLOCK_MEDIAPIPE + IMPORT_PACK, str(ROOT)], check=False,
+                          capture_output=True, text=True, timeout=300, cwd="/")
     assert done.returncode == 0, done.stderr
     nodes, error = done.stdout.strip().splitlines()
     for node in ("FairHumanLoraLoader", "HGDPOLoraLoader", "FairHumanControlNetLoader", "FairHumanLANSampler",
@@ -91,6 +96,16 @@ def test_the_pack_imports_in_a_python_without_mediapipe():
     assert error.startswith("MediapipeMissing mediapipe is not installed"), error
     assert f"{sys.executable} -m pip install -r {ROOT / 'requirements.txt'}" in error, error
     assert "-m trainers models" in error
+
+    # annotate (also a training node's first stage) stops at once with that message
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(b"not read")
+    annotate = BLOCK_MEDIAPIPE + "from trainers.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", annotate, "annotate", str(tmp_path / "photos")], check=False,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "error: mediapipe is not installed" in done.stderr and "pip install -r" in done.stderr, done.stderr
+    assert not (tmp_path / "photos" / "metadata.jsonl").exists()
 
 
 @pytest.mark.comfyui

@@ -52,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-side", type=int, default=2048,
                         help="detect on a copy downscaled to this long side (default 2048; boxes map back)")
     parser.add_argument("--models-dir", type=Path, default=None,
-                        help="folder with blaze_face_short_range.tflite and hand_landmarker.task "
-                             "(default: the models bundled in mediapipe 0.10.21)")
+                        help="folder with the model files (default: where `python -m trainers models` "
+                             "puts them; see docs/masks.md)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes (default: one per CPU core; 1 runs in this process)")
     parser.add_argument("--retry-errors", action="store_true",
@@ -299,7 +299,7 @@ def _results(jobs: list[Job], settings: Settings, workers: int):
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from core.masks import ModelFilesMissing, resolve_model_files
+    from core.masks import MediapipeMissing, ModelFilesMissing, require_mediapipe, resolve_model_files
 
     root = args.dir
     if not root.is_dir():
@@ -311,12 +311,13 @@ def run(args: argparse.Namespace) -> int:
         print("error: --min-confidence must be in (0, 1]; --padding, --dilation, --feather >= 0", file=sys.stderr)
         return 2
     try:
+        require_mediapipe()  # else every worker would record each image as an error
         files = resolve_model_files(args.models_dir)
         if args.pose:
             from core.masks.pose import resolve_pose_file
 
             resolve_pose_file(args.models_dir)
-    except ModelFilesMissing as err:
+    except (MediapipeMissing, ModelFilesMissing) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     settings = Settings(min_confidence=args.min_confidence, padding=args.padding, dilation=args.dilation,

@@ -11,7 +11,7 @@ Public entry points (stable; other parts of the pack and users call them):
 Only numpy is imported here; mediapipe, cv2 and torch are imported inside the functions that
 need them, so ComfyUI loads the pack quickly.
 """
-from .detection import detect, release_detectors
+from .detection import detect, release_detectors, require_mediapipe
 from .images import as_rgb_array, load_rgb
 from .model_files import MediapipeMissing, ModelFilesMissing, resolve_model_files
 from .preview import draw_preview
@@ -20,5 +20,5 @@ from .types import Face, Hand
 
 __all__ = [
     "Face", "Hand", "MediapipeMissing", "ModelFilesMissing", "as_rgb_array", "boxes_mask", "detect", "draw_preview",
-    "load_rgb", "region_masks", "release_detectors", "resolve_model_files", "to_latent",
+    "load_rgb", "region_masks", "release_detectors", "require_mediapipe", "resolve_model_files", "to_latent",
 ]

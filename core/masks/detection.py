@@ -54,6 +54,11 @@ def _import_mediapipe():
     return mp, BaseOptions, vision
 
 
+def require_mediapipe() -> None:
+    """Raise ``MediapipeMissing`` (naming what to install) when mediapipe cannot be imported."""
+    _import_mediapipe()
+
+
 def tile_confidence(min_confidence: float) -> float:
     return min_confidence + (1.0 - min_confidence) * TILE_MARGIN
 
