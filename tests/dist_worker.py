@@ -29,8 +29,18 @@ def main(data: str, out: str) -> None:
         return original(batch, generator)
 
     method.losses = spy
+    devices = []  # the device of every tensor handed to a collective
+    all_reduce = dist.all_reduce
+
+    def recording_all_reduce(tensor, *args, **kwargs):
+        devices.append(str(tensor.device))
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = recording_all_reduce
     result = train(cfg, method, Path(out), EventLog(Path(out) / f"events{rank}.jsonl", echo=False))
-    torch.save({"lora": model.trainable.state_dict(), "weights": result["final_weights"], "seen": seen},
+    dist.all_reduce = all_reduce
+    torch.save({"lora": model.trainable.state_dict(), "weights": result["final_weights"], "seen": seen,
+                "collective_devices": devices, "grad_device": str(model.trainable.parameters()[0].device)},
                Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -49,10 +49,11 @@ def _batch(n=2, seed=0, empty_hand=False):
                 time_ids=time_ids, t=torch.tensor([100, 700])[:n])
 
 
-def _losses(unet, b, sl=slice(None)):
+def _losses(unet, b, sl=slice(None), scale=1.0):
     pred = unet(b["latents"][sl] + b["noise"][sl], b["t"][sl], encoder_hidden_states=b["cond"][sl],
                 added_cond_kwargs={"text_embeds": b["pooled"][sl], "time_ids": b["time_ids"][sl]}).sample
-    return regional_losses(pred, b["noise"][sl], b["face"][sl], b["hand"][sl])
+    losses, active = regional_losses(pred, b["noise"][sl], b["face"][sl], b["hand"][sl])
+    return losses * scale, active
 
 
 def _grads(params):
@@ -77,19 +78,28 @@ def test_ls_ones_equals_the_gradient_of_the_sum(lora_unet):
     assert _close(_grads(params), expected)
 
 
-def test_loss_scale_2_16_leaves_the_update_unchanged(lora_unet):
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_loss_scale_2_16_leaves_the_update_unchanged(lora_unet, as_tensor):
+    """The scale is divided out of the Gramian: same weights; .grad stays in the scaled domain
+    (as after ``scaler.scale(loss).backward()``), so ``GradScaler.unscale_`` recovers d exactly."""
     unet, params = lora_unet
     b = _batch(seed=1)
     plain = FairCombiner(params, get_weighting("mpd"), 3)
     plain.add(*_losses(unet, b))
-    w_plain = plain.step().weights
+    step_plain = plain.step()
     g_plain = _grads(params)
     scaled = FairCombiner(params, get_weighting("mpd"), 3)
     losses, active = _losses(unet, b)
-    scaled.add(losses * 2.0**16, active, loss_scale=2.0**16)
-    w_scaled = scaled.step().weights
-    assert torch.allclose(w_plain, w_scaled, rtol=1e-4)
-    assert _close(g_plain, _grads(params), rtol=1e-4)
+    scale = torch.tensor(2.0**16) if as_tensor else 2.0**16
+    scaled.add(losses * scale, active, loss_scale=scale)
+    step_scaled = scaled.step()
+    assert torch.allclose(step_plain.weights, step_scaled.weights, rtol=1e-4)
+    assert torch.allclose(step_plain.gram, step_scaled.gram, rtol=1e-4)
+    assert _close(g_plain, [g / 2.0**16 for g in _grads(params)], rtol=1e-4)
+    # unscaled without it: the weights would change (MPD is not scale-invariant)
+    unaware = FairCombiner(params, get_weighting("mpd"), 3)
+    unaware.add(*_losses(unet, b, scale=2.0**16))
+    assert not torch.allclose(step_plain.weights, unaware.step().weights, rtol=1e-2)
 
 
 def test_two_half_micro_batches_equal_one_full_batch(lora_unet):
@@ -153,6 +163,9 @@ def test_two_processes_agree_on_weights_and_lora(tmp_path):
     assert r0["weights"] == r1["weights"]
     for key in r0["lora"]:
         assert torch.equal(r0["lora"][key], r1["lora"][key]), key
+    for r in (r0, r1):  # flags, per-objective gradients, the finite vote: all on the gradients' device
+        assert len(r["collective_devices"]) >= 3 * 3
+        assert set(r["collective_devices"]) == {r["grad_device"]}
 
 
 def test_batched_vjp_equals_k_backward_passes(lora_unet):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class TrainConfig:
     alpha: float | None = None  # None: alpha = rank
     target_modules: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     mixed_precision: str = "no"  # no | fp16 | bf16
+    device: str = ""  # "": cuda if available else cpu
     gradient_checkpointing: bool = False
     seed: int = 0
     # FairHuman
@@ -90,7 +92,10 @@ HELP = {
     "rank": "LoRA rank (FairHuman paper: 256; HG-DPO paper: 8)",
     "alpha": "LoRA alpha (default: the rank)",
     "target_modules": "UNet module names that get LoRA (comma-separated)",
-    "mixed_precision": "no, fp16 or bf16 (LoRA parameters stay fp32)",
+    "mixed_precision": "compute dtype of the UNet forward (autocast): no, fp16 (with loss scaling) or bf16; "
+                       "trainable parameters, optimizer state and the VAE stay fp32; both run on the CPU too, slowly",
+    "device": "training device, e.g. cuda, cuda:1 or cpu ('': cuda if available, else cpu; under a multi-process "
+              "launcher each process uses cuda:LOCAL_RANK)",
     "gradient_checkpointing": "trade compute for activation memory",
     "seed": "seed of data order, augmentation, noise and timesteps",
     "weighting": "mpd, mpd-closed-form, ls, dwa, uw, rlw, si, nash-mtl",
@@ -336,6 +341,7 @@ RULES = {
     "alpha": above(0),
     "target_modules": lambda v: None if v else "must name at least one module",
     "mixed_precision": one_of(("no", "fp16", "bf16")),
+    "device": lambda v: None if re.fullmatch(r"(cpu|cuda(:\d+)?)?", v) else "must be cpu, cuda or cuda:N",
     "weighting": one_of(_weightings),
     "normalization": one_of(("reference", "area")),
     "local_scale": above(0),

@@ -5,9 +5,9 @@ Both methods see the same small surface: encode prompts and images, noise latent
 prediction target, and ``reference()`` — the same UNet with the trainable switched off, which is the
 frozen base model without a second copy in memory (HG-DPO's reference; LAN's reference).
 
-Dtype policy: the frozen VAE and text encoders run in the training dtype except the VAE, which
-stays fp32 (its fp16 decode/encode overflows on SD VAEs); the trainable parameters are kept
-in fp32 whatever the compute dtype, so the optimizer updates them at full precision.
+Dtype policy (``trainers.precision``, applied in ``__init__`` and ``predict``): the UNet forward
+under autocast in the compute dtype, the frozen UNet and text encoders stored in it, the VAE in
+fp32, the trainable parameters in fp32 whatever the compute dtype.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 
 from core.tiny_models import architecture_of
 
+from .precision import Precision
 from .trainables import DEFAULT_TARGETS, LoraTrainable, Trainable
 
 
@@ -56,7 +57,9 @@ class TrainableModel:
         self.pipe = pipe
         self.arch = architecture_of(pipe)
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = dtype  # the compute dtype
+        self.precision = Precision(dtype, self.device)
+        self.precision.check()
         # default: a LoRA (rank, alpha, target_modules); a ControlNet comes as ``trainable``
         self.trainable = trainable or LoraTrainable(rank, alpha, target_modules, init_seed)
         pipe.to(self.device)
@@ -64,8 +67,7 @@ class TrainableModel:
             module.requires_grad_(False)
         self.unet = unet = pipe.unet
         unet.requires_grad_(False)
-        if unet.dtype != dtype:
-            unet.to(dtype=dtype)
+        self.precision.apply(pipe)
         self.trainable.attach(unet, dtype, gradient_checkpointing)
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -158,14 +160,15 @@ class TrainableModel:
                 condition: torch.Tensor | None = None):
         """The UNet's output; ``condition`` (B,3,H,W in [0, 1]) is the ControlNet's image."""
         noisy, added = noisy.to(self.dtype), self.added_conditions(cond, time_ids)
-        out = self.unet(
-            noisy,
-            timesteps,
-            encoder_hidden_states=cond.hidden,
-            added_cond_kwargs=added,
-            return_dict=False,
-            **self.trainable.unet_kwargs(noisy, timesteps, cond.hidden, added, condition),
-        )[0]
+        with self.precision.autocast():
+            out = self.unet(
+                noisy,
+                timesteps,
+                encoder_hidden_states=cond.hidden,
+                added_cond_kwargs=added,
+                return_dict=False,
+                **self.trainable.unet_kwargs(noisy, timesteps, cond.hidden, added, condition),
+            )[0]
         return out.float()
 
     def predicted_x0_and_eps(self, noisy, timesteps, pred):

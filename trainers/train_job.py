@@ -2,6 +2,7 @@
 train, export its file."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -10,9 +11,9 @@ from core.fileio import EventLog, atomic_path
 from .loop import train
 from .methods import method_module
 from .model import TrainableModel
+from .precision import DTYPES
 from .trainables import ControlNetTrainable, LoraTrainable, Trainable
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_base(cfg):
@@ -29,10 +30,28 @@ def make_trainable(cfg) -> Trainable:
     return LoraTrainable(cfg.rank, cfg.alpha, cfg.target_modules, init_seed=cfg.seed)
 
 
+def training_device(requested: str = "", environ=os.environ) -> torch.device:
+    """``--device``, or cuda:LOCAL_RANK under a multi-process launcher, or cuda if available,
+    else the CPU."""
+    world = int(environ.get("WORLD_SIZE", "1"))
+    if requested and world > 1:
+        raise ValueError(f"--device {requested}: under a multi-process launcher each process uses "
+                         "cuda:LOCAL_RANK; leave --device empty (choose GPUs with CUDA_VISIBLE_DEVICES)")
+    if not requested:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(environ.get("LOCAL_RANK", "0")) if world > 1 else torch.cuda.current_device())
+    device = torch.device(requested)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {requested}: this machine has {count} CUDA device(s); "
+                             f"use {'cuda:0' if count else 'cpu'} or leave --device empty")
+    return device
+
+
 def build_model(cfg) -> TrainableModel:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.mixed_precision != "no" and device == "cpu":
-        raise ValueError(f"--mixed-precision {cfg.mixed_precision} needs a GPU; use 'no' on the CPU")
+    device = training_device(getattr(cfg, "device", ""))
     return TrainableModel(
         load_base(cfg), trainable=make_trainable(cfg), dtype=DTYPES[cfg.mixed_precision], device=device,
         gradient_checkpointing=cfg.gradient_checkpointing, init_seed=cfg.seed,
