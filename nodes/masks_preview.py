@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from ..core.masks.model_files import FACE_FILE, HAND_FILE
+from ..core.masks.model_files import FACE_FILE, FOLDERS_ENV, HAND_FILE
 
 try:
     import folder_paths
@@ -19,6 +19,8 @@ except ImportError:  # imported outside ComfyUI (pytest imports the pack root's 
 MODELS_KIND = "mediapipe"
 if folder_paths is not None:
     folder_paths.add_model_folder_path(MODELS_KIND, os.path.join(folder_paths.models_dir, MODELS_KIND))
+    # The trainer processes the training nodes start find the model files in the same folders.
+    os.environ[FOLDERS_ENV] = os.pathsep.join(folder_paths.get_folder_paths(MODELS_KIND))
 
 
 class HandFaceMasks:

@@ -41,6 +41,7 @@ def no_defaults(tmp_path, monkeypatch):
     monkeypatch.setenv("FAIRHUMAN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(mf, "installed_models_root", lambda: None)
     monkeypatch.setattr(mf, "PACK_ROOT", tmp_path / "pack")
+    monkeypatch.delenv(mf.FOLDERS_ENV, raising=False)
 
 
 def test_set_up_from_the_wheel_then_detect(wheel, tmp_path, sample_photos):
@@ -154,12 +155,27 @@ def test_inside_comfyui_models_go_to_its_models_folder(tmp_path, monkeypatch, no
     assert "-m trainers models`" in str(err.value) and f"cd {comfy / 'custom_nodes' / 'fairhuman-hgdpo'}" in str(err.value)
 
 
+def test_folders_from_the_environment_come_first(tmp_path, monkeypatch, no_defaults):
+    # the masks node sets this in ComfyUI's process; the trainer processes it starts inherit it
+    comfy_a, comfy_b = tmp_path / "a", tmp_path / "b"
+    for folder in (comfy_b, mf.cache_dir()):
+        folder.mkdir(parents=True)
+        (folder / mf.WHEEL_FACE_FILE).write_bytes(b"face")
+        (folder / mf.WHEEL_HAND_FILE).write_bytes(b"hand")
+    monkeypatch.setenv(mf.FOLDERS_ENV, os.pathsep.join([str(comfy_a), str(comfy_b)]))
+    assert mf.default_folders() == [comfy_a, comfy_b, mf.cache_dir()]
+    found = resolve_model_files(None)
+    assert (found.face.parent, found.hand.parent, found.origin) == (comfy_b, comfy_b, "default folder")
+    assert models_setup.default_dest() == comfy_a
+
+
 def test_installed_0_10_21_is_used_without_setup(tmp_path, monkeypatch):
     root = mf.installed_models_root()
     if root is None:
         pytest.skip("mediapipe 0.10.21 (the one that bundles its models) is not installed here")
     monkeypatch.setenv("FAIRHUMAN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(mf, "PACK_ROOT", tmp_path / "pack")
+    monkeypatch.delenv(mf.FOLDERS_ENV, raising=False)
     found = resolve_model_files(None)
     assert found.face == root / mf.WHEEL_FACE and found.origin == "mediapipe 0.10.21 package"
     assert mf.sha256(found.hand.read_bytes()) == mf.HAND_TASK_SHA256

@@ -8,8 +8,9 @@ mediapipe **0.10.21** wheel, which ``python -m trainers models`` extracts once (
 A file is looked up, by its accepted names (official name first), in:
 1. the folders given (``models_dir=``, ``--models-dir``; the node passes ComfyUI's
    ``models/mediapipe`` folders);
-2. the folders ``python -m trainers models`` writes to: ``<ComfyUI>/models/mediapipe`` when the
-   pack sits in ComfyUI's ``custom_nodes``, and the pack's cache
+2. the folders in ``$FAIRHUMAN_MEDIAPIPE_DIRS`` (ComfyUI's, for the processes the pack starts),
+   then the folders ``python -m trainers models`` writes to: ``<ComfyUI>/models/mediapipe`` when
+   the pack sits in ComfyUI's ``custom_nodes``, and the pack's cache
    ``~/.cache/fairhuman-hgdpo/mediapipe`` (``$FAIRHUMAN_CACHE/mediapipe``);
 3. an installed mediapipe 0.10.21 (its package folder holds the tflite files; the hand bundle is
    built from them into the cache once).
@@ -84,10 +85,21 @@ def comfyui_models_dir() -> Path | None:
     return None
 
 
+# ComfyUI's registered models/mediapipe folders, set by the masks node in ComfyUI's process, so
+# the trainer processes the pack starts (the training nodes' annotate stage) search them too.
+FOLDERS_ENV = "FAIRHUMAN_MEDIAPIPE_DIRS"
+
+
 def default_folders() -> list[Path]:
-    """Where ``python -m trainers models`` writes, hence where files are found without models_dir."""
+    """Where files are found without models_dir: the folders in ``$FAIRHUMAN_MEDIAPIPE_DIRS``,
+    then where ``python -m trainers models`` writes by default."""
+    listed = [Path(p) for p in os.environ.get(FOLDERS_ENV, "").split(os.pathsep) if p]
     comfy = comfyui_models_dir()
-    return ([comfy] if comfy else []) + [cache_dir()]
+    folders = []
+    for folder in listed + ([comfy] if comfy else []) + [cache_dir()]:
+        if folder not in folders:
+            folders.append(folder)
+    return folders
 
 
 def setup_command(dest: Path | None = None) -> str:
