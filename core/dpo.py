@@ -33,12 +33,17 @@ def per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((pred.float() - target.float()) ** 2).flatten(1).mean(dim=1)
 
 
+def implicit_reward_margin(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor,
+                           ref_l: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per pair, −β/2 · Δ with Δ = (e_θ(w) − e_θ(l)) − (e_ref(w) − e_ref(l)), (B,)."""
+    return -0.5 * beta * ((model_w - model_l) - (ref_w.detach() - ref_l.detach()))
+
+
 def diffusion_dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
                        beta: float) -> tuple[torch.Tensor, dict]:
     """(loss, metrics) from per-sample errors of the tuned model and the reference on winners
     and losers. Metrics: ``reward_margin`` (mean −β/2·Δ) and ``accuracy``."""
-    delta = (model_w - model_l) - (ref_w.detach() - ref_l.detach())
-    inside = -0.5 * beta * delta
+    inside = implicit_reward_margin(model_w, model_l, ref_w, ref_l, beta)
     loss = -F.logsigmoid(inside).mean()
     metrics = {"reward_margin": inside.detach().mean(), "accuracy": (inside.detach() > 0).float().mean()}
     return loss, metrics
@@ -71,3 +76,60 @@ def stat_matching_loss(prev_tuned: torch.Tensor, prev_reference: torch.Tensor,
     squared = (prev_tuned.float().mean(dims) - prev_reference.detach().float().mean(dims)) ** 2  # (B, C)
     per_sample = squared.sum(1) if reduction == "squared-norm" else squared.mean(1)
     return per_sample.mean()
+
+
+# ---- regional DPO (fair-dpo): the same implicit reward, over a region of each image --------------
+def masked_per_sample_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(errors (B,), present (B,) bool): per sample, the mean squared error over the mask's
+    elements, Σ m ⊙ (pred − target)² / (C · Σ m), so a region's error has the global error's
+    scale whatever its area (a full mask gives ``per_sample_error``). ``mask``: (B, 1, h, w) or
+    (B, h, w) on the latent grid, values in [0, 1]; an empty mask gives an error of exactly 0,
+    with no gradient, and ``present`` False."""
+    err = (pred.float() - target.float()) ** 2
+    m = (mask if mask.ndim == err.ndim else mask.unsqueeze(1)).to(err).expand_as(err[:, :1])
+    area = m.flatten(1).sum(dim=1)
+    total = (m * err).flatten(1).sum(dim=1)
+    present = area > 0
+    # an empty mask divides by 1, not by a tiny floor: 1/tiny times a gradient overflows to inf,
+    # and inf × the mask's 0 is NaN
+    return total / (err.shape[1] * torch.where(present, area, torch.ones_like(area))), present
+
+
+def regional_dpo_loss(model_w: torch.Tensor, model_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
+                      beta: float, active: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Diffusion-DPO over the pairs where ``active`` (B,) bool (the region is in the winner, the
+    loser or both): the mean of −log σ(−β/2·Δ) over them. An image without the region has a
+    regional error of 0 for both models, so it adds nothing to Δ. With no active pair the loss
+    is an exact 0 that keeps the graph (its objective is inactive). Metrics as
+    ``diffusion_dpo_loss``'s over the active pairs, plus ``pairs`` (how many)."""
+    inside = implicit_reward_margin(model_w, model_l, ref_w, ref_l, beta)
+    weight = active.to(inside.dtype)
+    count = weight.sum()
+    denom = count.clamp_min(1.0)
+    loss = (-F.logsigmoid(inside) * weight).sum() / denom
+    inside = inside.detach()
+    metrics = {"reward_margin": (inside * weight).sum() / denom,
+               "accuracy": ((inside > 0).to(weight) * weight).sum() / denom, "pairs": count}
+    return loss, metrics
+
+
+def regional_dpo_losses(pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor,
+                        masks: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """(losses (1+R,), active (1+R,) bool, metrics per objective) of 2n images, winners then
+    losers: the Diffusion-DPO loss over the whole latent, then over each of R regions, each
+    image's error taken over its own mask. ``masks``: (2n, R, h, w) on the latent grid. The
+    reference's errors are taken without gradients."""
+    n = pred.shape[0] // 2
+    full = torch.ones_like(masks[:, :1])
+    losses, active, metrics = [], [], []
+    for r, mask in enumerate(torch.cat([full, masks], dim=1).unbind(1)):
+        err, present = masked_per_sample_error(pred, target, mask)
+        with torch.no_grad():
+            ref, _ = masked_per_sample_error(ref_pred, target, mask)
+        pairs = present[:n] | present[n:]
+        loss, m = regional_dpo_loss(err[:n], err[n:], ref[:n], ref[n:], beta, pairs)
+        losses.append(loss)
+        active.append(pairs.any())
+        metrics.append(m)
+    return torch.stack(losses), torch.stack(active), metrics

@@ -5,6 +5,9 @@ the worst become a pair. Output: ``pairs.jsonl`` (one line per prompt: prompt, s
 winner, loser, every image, status) and the images. Resumable per prompt; an image the scorer
 fails on is recorded with the reason and left out of the choice, not fatal; a prompt whose images
 all score the same is recorded as ``tied`` (there is no preference in it) and not trained on.
+The winner's and the loser's face and hand masks are stored beside the images (``masks/``, as
+``annotate`` makes them) and named in the record's ``masks`` (fair-dpo trains on them; both DPO
+methods measure per-region margins with them); ``annotate_pairs`` adds them to an older folder.
 """
 from __future__ import annotations
 
@@ -44,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image size, SIDE or WIDTHxHEIGHT (default: the model's; the paper's SD1.5: 704x1024)")
     parser.add_argument("--batch", type=int, default=4, help="images generated at once")
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
+    parser.add_argument("--mask-confidence", type=float, default=0.5,
+                        help="minimum face/hand detection confidence of the winner's and loser's masks (default "
+                             "0.5, as annotate; a young model whose samples hold no confident face needs less)")
 
 
 DEFAULTS = {"scorer": "anatomy", "n": 20, "sampler": "default", "steps": 30, "cfg": 7.5}
@@ -96,6 +102,50 @@ def scorer_folders(spec: str, values: list[str]) -> dict[str, str]:
     return folders
 
 
+def kept_masks(folder: Path, names: list[str], min_confidence: float = 0.5) -> dict:
+    """``{image: {"mask_face", "mask_hand", "faces", "hands"}}`` for the kept images: detected and
+    drawn with ``annotate``'s defaults (at 0.5 the anatomy scorer's detector and settings, so its
+    detections), written as ``masks/<stem>_<region>.png``; an image without a face or a hand
+    gets an empty mask."""
+    from core.masks import boxes_mask, detect, load_rgb
+
+    from .annotate import write_mask
+
+    entries = {}
+    for name in names:
+        rgb = load_rgb(folder / name)
+        faces, hands = detect(rgb, min_confidence=min_confidence)
+        entry = {"faces": [f.to_json() for f in faces], "hands": [h.to_json() for h in hands],
+                 "min_confidence": min_confidence}
+        for region, found in (("face", faces), ("hand", hands)):
+            path = f"masks/{Path(name).stem}_{region}.png"
+            write_mask(folder / path, boxes_mask([d.box for d in found], rgb.shape[:2]))
+            entry[f"mask_{region}"] = path
+        entries[name] = entry
+    return entries
+
+
+def annotate_pairs(folder: Path) -> int:
+    """Add the kept images' masks to every usable pair of ``folder`` that has none (a folder
+    built before build-pairs stored them) or whose mask files are gone; rewrites ``pairs.jsonl``
+    atomically. Returns how many pairs were annotated."""
+    folder = Path(folder)
+    path = folder / PAIRS
+    records = read_pair_records(path)
+
+    def has_masks(record):
+        entries = record.get("masks") or {}
+        return all(record[k] in entries and all((folder / entries[record[k]][f"mask_{region}"]).is_file()
+                                                for region in ("face", "hand")) for k in ("winner", "loser"))
+
+    todo = [r for r in records.values() if r.get("status") == "ok" and not has_masks(r)]
+    for record in todo:
+        record["masks"] = kept_masks(folder, [record["winner"], record["loser"]])
+    if todo:
+        write_jsonl_atomic(path, list(records.values()))
+    return len(todo)
+
+
 FINISHED = ("ok", "tied")  # a prompt with status "error" is tried again on the next run
 
 
@@ -111,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.prompts} has no prompts")
     if args.n < 2:
         raise SystemExit("--n must be at least 2: a pair needs a best and a worst image")
+    if not 0 < args.mask_confidence <= 1:
+        raise SystemExit(f"--mask-confidence must be in (0, 1], got {args.mask_confidence}")
     try:  # before any generation: a scorer without its weights folder is named with the flag
         scorer = get_scorer(args.scorer, models=scorer_folders(args.scorer, args.scorer_model))
     except FileNotFoundError as err:
@@ -161,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
                 record.update(status="tied", reason=f"all {len(scored)} scored images scored {best[0]}")
             else:
                 record.update(status="ok", reason=None, winner=best[1], loser=worst[1], winner_score=best[0],
-                              loser_score=worst[0])
+                              loser_score=worst[0], masks=kept_masks(out, [best[1], worst[1]], args.mask_confidence))
         except Exception as err:
             record.update(status="error", reason=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1500:])
         counts[record["status"]] += 1

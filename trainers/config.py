@@ -75,9 +75,10 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 HELP = {
-    "method": "fairhuman (MPD-fair global/face/hand losses) or hg-dpo (Diffusion-DPO + statistic matching)",
+    "method": "fairhuman (MPD-fair global/face/hand losses), hg-dpo (Diffusion-DPO + statistic matching) or "
+              "fair-dpo (Diffusion-DPO over the whole image, the faces and the hands, MPD-fair)",
     "base": "tiny-sd15, tiny-sdxl, a single-file checkpoint (.safetensors, SD1.5 or SDXL) or a diffusers folder",
-    "data": "dataset folder: annotated images (fairhuman) or a pairs folder from build-pairs (hg-dpo)",
+    "data": "dataset folder: annotated images (fairhuman) or a pairs folder from build-pairs (hg-dpo, fair-dpo)",
     "output": "run directory (config, events.jsonl, checkpoints, samples, the LoRA)",
     "steps": "optimizer steps",
     "resolution": "training side in pixels (buckets keep about resolution² pixels)",

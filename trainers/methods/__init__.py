@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-METHODS = {"fairhuman": "fairhuman", "fairhuman-controlnet": "fairhuman_controlnet", "hg-dpo": "hg_dpo"}
+METHODS = {"fairhuman": "fairhuman", "fairhuman-controlnet": "fairhuman_controlnet", "hg-dpo": "hg_dpo",
+           "fair-dpo": "fair_dpo"}
 
 
 def method_module(name: str):

@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from core.fileio import read_jsonl
-from core.dpo import ddpm_posterior_mean, diffusion_dpo_loss, per_sample_error, stat_matching_loss
+from core.dpo import (ddpm_posterior_mean, diffusion_dpo_loss, masked_per_sample_error, per_sample_error,
+                      stat_matching_loss)
+from core.masks import to_latent
 
 from ..data import StepBatches, buckets, collate, nearest_bucket, refuse_unreadable
 from .base import Method, StepLosses
 
 PAIRS = "pairs.jsonl"
+REGIONS = ("face", "hand")  # the masks build-pairs stores per kept image: record["masks"][image]["mask_<region>"]
 
 
 def read_pair_records(path: Path) -> dict[str, dict]:
@@ -74,22 +77,65 @@ def _pixels(path: Path, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
+def pair_masks(folder: Path, pair: dict, size: tuple[int, int]) -> torch.Tensor | None:
+    """(2, 2, H, W) in [0, 1]: the winner's then the loser's face and hand masks resized to the
+    pixels' ``size`` (H, W) the way ``_pixels`` resizes the images (keep the two alike, or the
+    masks drift from their images); None when the record has no masks (made before build-pairs
+    stored them: ``annotate_pairs`` adds them)."""
+    from PIL import Image
+
+    entries = pair.get("masks") or {}
+    if not all(pair[k] in entries for k in ("winner", "loser")):
+        return None
+    out = []
+    for key in ("winner", "loser"):
+        for region in REGIONS:
+            path = entries[pair[key]].get(f"mask_{region}")
+            if not path:
+                out.append(torch.zeros(size))
+                continue
+            with Image.open(folder / path) as im:
+                m = torch.from_numpy(np.array(im.convert("L"), dtype=np.float32) / 255.0)[None, None]
+            if tuple(m.shape[-2:]) != tuple(size):
+                m = F.interpolate(m, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+            out.append(m[0, 0].clamp(0, 1))
+    return torch.stack(out).view(2, len(REGIONS), *size)
+
+
+def region_errors(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    """(1 + R, B) per-sample errors: over the whole latent, then over each of the R region
+    masks (B, R, h, w) on the latent grid; (1, B) without masks."""
+    rows = [per_sample_error(pred, target)]
+    if masks is not None:
+        rows += [masked_per_sample_error(pred, target, masks[:, r])[0] for r in range(masks.shape[1])]
+    return torch.stack(rows)
+
+
+def tuned_and_reference(model, noisy, t, cond, time_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tuned prediction, reference prediction); the reference without gradients."""
+    with torch.no_grad(), model.reference():  # first: its activations are gone before ours
+        ref_pred = model.predict(noisy, t, cond, time_ids)
+    return model.predict(noisy, t, cond, time_ids), ref_pred
+
+
 def dpo_objectives(model, noisy, t, target, cond, time_ids, n: int, beta: float,
                    stat_reduction: str = "channel-mean"):
     """(DPO loss, statistic-matching loss, metrics) for 2n noisy latents: winners then losers,
     sharing noise and timesteps; ``stat_reduction`` as ``core.dpo.stat_matching_loss``'s."""
-    with torch.no_grad(), model.reference():  # first: its activations are gone before ours
-        ref_pred = model.predict(noisy, t, cond, time_ids)
-    pred = model.predict(noisy, t, cond, time_ids)
+    pred, ref_pred = tuned_and_reference(model, noisy, t, cond, time_ids)
     err, ref_err = per_sample_error(pred, target), per_sample_error(ref_pred, target)
     dpo, metrics = diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], beta)
+    return dpo, stat_objective(model, noisy, t, pred, ref_pred, n, stat_reduction), metrics
+
+
+def stat_objective(model, noisy, t, pred, ref_pred, n: int, reduction: str = "channel-mean") -> torch.Tensor:
+    """The statistic-matching loss of the winners (the first n)."""
     # one DDPM step from the winners' x_t with each model: compare channel means of x_{t-1}
     ac = model.noise_scheduler.alphas_cumprod.to(pred.device)
     x0, _ = model.predicted_x0_and_eps(noisy[:n], t[:n], pred[:n])
     x0_ref, _ = model.predicted_x0_and_eps(noisy[:n], t[:n], ref_pred[:n])
-    stat = stat_matching_loss(ddpm_posterior_mean(noisy[:n], x0, t[:n], ac),
-                              ddpm_posterior_mean(noisy[:n], x0_ref, t[:n], ac), stat_reduction)
-    return dpo, stat, metrics
+    return stat_matching_loss(ddpm_posterior_mean(noisy[:n], x0, t[:n], ac),
+                              ddpm_posterior_mean(noisy[:n], x0_ref, t[:n], ac), reduction)
 
 
 class HGDPO(Method):
@@ -154,7 +200,12 @@ class HGDPO(Method):
         target = model.target(latents, noise, t)
         cond = model.conditioning(batch["text"]).repeat(2)
         time_ids = batch["time_ids"].repeat(2, 1)  # winners then losers
-        dpo, stat, metrics = dpo_objectives(model, noisy, t, target, cond, time_ids, n, self.beta,
+        return self.objectives(noisy, t, target, cond, time_ids, n, batch)
+
+    def objectives(self, noisy, t, target, cond, time_ids, n: int, batch: dict) -> StepLosses:
+        """The step's objectives from its 2n noisy latents (winners then losers); fair-dpo
+        overrides this, not the data path above."""
+        dpo, stat, metrics = dpo_objectives(self.model, noisy, t, target, cond, time_ids, n, self.beta,
                                             self.cfg.stat_reduction)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update(dpo_loss=float(dpo.detach()), stat_loss=float(stat.detach()))
@@ -167,7 +218,9 @@ class HGDPO(Method):
         spread evenly over the schedule. Unlike the per-step margin (one random t per pair) it is
         the same measurement at every call, so its change over a run is the training's. The
         pairs' latents and the reference's errors do not change during a run: they are computed
-        at the first call only."""
+        at the first call only. Where the pairs have masks, the margin is also measured over each
+        image's face and hand masks (``face_margin``, ``hand_margin``, over the pairs that have
+        the region in the winner or the loser), for hg-dpo and fair-dpo alike."""
         pairs = self.pairs[: self.cfg.eval_pairs]
         if not pairs:
             return {}
@@ -186,8 +239,11 @@ class HGDPO(Method):
                 pixels = torch.stack([_pixels(self.folder / pair["winner"], self.pixel_size(i)),
                                       _pixels(self.folder / pair["loser"], self.pixel_size(i))])
                 means = model.latent_moments(pixels)[:, 0] * model.pipe.vae.config.scaling_factor
+                masks = pair_masks(self.folder, pair, tuple(pixels.shape[-2:]))
+                regions = None if masks is None else to_latent(masks, tuple(means.shape[-2:])).to(means)
             else:
-                means = self._eval_cache[i][0]
+                means, _, regions = self._eval_cache[i]
+            probe_masks = None if regions is None else regions.repeat_interleave(probes, dim=0)
             latents = means.repeat_interleave(probes, dim=0)  # w, w, ..., l, l, ...
             generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i)
             noise = torch.randn(latents[:probes].shape, generator=generator).to(latents).repeat(2, 1, 1, 1)
@@ -195,15 +251,26 @@ class HGDPO(Method):
             cond = model.conditioning([pair["prompt"]]).repeat(2 * probes)
             if first:
                 with model.reference():
-                    ref = per_sample_error(model.predict(noisy, t, cond, time_ids), target)
-                self._eval_cache.append((means, ref))
+                    ref = region_errors(model.predict(noisy, t, cond, time_ids), target, probe_masks)
+                self._eval_cache.append((means, ref, regions))
             ref = self._eval_cache[i][1]
-            err = per_sample_error(model.predict(noisy, t, cond, time_ids), target)
-            delta = (err[:probes] - err[probes:]).mean() - (ref[:probes] - ref[probes:]).mean()
-            margins.append(float(-0.5 * self.beta * delta))
+            err = region_errors(model.predict(noisy, t, cond, time_ids), target, probe_masks)
+            delta = (err[:, :probes] - err[:, probes:]).mean(1) - (ref[:, :probes] - ref[:, probes:]).mean(1)
+            margin = (-0.5 * self.beta * delta).tolist()
+            # a region is measured on a pair when the winner or the loser has it
+            present = [True] + ([] if regions is None else regions.flatten(2).amax(2).amax(0).gt(0).tolist())
+            margins.append([m if p else None for m, p in zip(margin, present)])
         model.unet.train(was_training)
-        margins = torch.tensor(margins)
-        return {"pair_margin": float(margins.mean()), "pair_accuracy": float((margins > 0).float().mean())}
+        out = {}
+        names = ("pair", *REGIONS) if any(len(row) > 1 for row in margins) else ("pair",)
+        for r, name in enumerate(names):
+            values = torch.tensor([row[r] for row in margins if len(row) > r and row[r] is not None])
+            if r:
+                out[f"{name}_pairs"] = len(values)
+            if len(values):
+                out[f"{name}_margin"] = float(values.mean())
+                out[f"{name}_accuracy"] = float((values > 0).float().mean())
+        return out
 
     def summary(self) -> dict:
         return {"beta": self.beta, "lambda_stat": self.cfg.lambda_stat, "stat_reduction": self.cfg.stat_reduction}
