@@ -105,3 +105,88 @@ def scores_from_records(records: Iterable[dict]) -> ConfidenceReport:
                     hand_scores=tuple(h["handedness_score"] for h in row.get("hands", [])))
         for row in records if row.get("status", "ok") != "error"
     )
+
+
+# ---- comparing models: color shift and win rates ---------------------------------------------
+HSV_CHANNELS = ("hue", "saturation", "value")
+
+
+def hsv_means(images: Iterable[Any]) -> tuple[float, float, float]:
+    """Mean hue (in turns, [0, 1)), saturation and value ([0, 1]) over every pixel of ``images``
+    (arrays, PIL images or paths). Hue is an angle: its plain mean barely moves when every hue
+    is rotated (values wrap around), so it is the circular mean of the pixels' chroma vectors
+    (saturation × (cos, sin) of the hue): gray pixels, whose hue means nothing, weigh nothing."""
+    import numpy as np
+    from PIL import Image
+
+    total, chroma, count = np.zeros(3), np.zeros(2), 0
+    for image in images:
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        elif not isinstance(image, Image.Image):
+            with Image.open(image) as opened:
+                image = opened.convert("RGB")
+        hsv = (np.asarray(image.convert("RGB").convert("HSV"), dtype=np.float64) / 255.0).reshape(-1, 3)
+        total += hsv.sum(axis=0)
+        angle = hsv[:, 0] * 2 * np.pi
+        chroma += (hsv[:, 1] * np.cos(angle)).sum(), (hsv[:, 1] * np.sin(angle)).sum()
+        count += hsv.shape[0]
+    if not count:
+        raise ValueError("no images to measure")
+    hue = (np.arctan2(chroma[1], chroma[0]) / (2 * np.pi)) % 1.0
+    return float(hue), float(total[1] / count), float(total[2] / count)
+
+
+def color_shift(reference: Sequence[float], other: Sequence[float]) -> dict[str, float]:
+    """How far the colors of ``other`` moved from ``reference`` (HG-DPO Table 2's measure), from
+    their ``hsv_means``: saturation and value as the absolute % change of their means, hue as the
+    angle between the mean hues in % of a full turn (0-50); ``mean`` averages the three. All 0
+    for identical sets."""
+    turn = abs(other[0] - reference[0]) % 1.0
+    shift = {"hue": min(turn, 1.0 - turn) * 100.0}
+    shift.update({name: abs(o - r) / r * 100.0 if r else (0.0 if o == r else float("inf"))
+                  for name, r, o in zip(HSV_CHANNELS[1:], reference[1:], other[1:])})
+    shift["mean"] = sum(shift[n] for n in HSV_CHANNELS) / len(HSV_CHANNELS)
+    return shift
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """A against B on one metric over prompts: a tie counts half; ``low``/``high`` bound the
+    rate with the 95% Wilson score interval over ``prompts`` comparisons."""
+
+    wins: int
+    losses: int
+    ties: int
+    prompts: int
+    rate: float
+    low: float
+    high: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(a: Sequence[float | None], b: Sequence[float | None], higher_is_better: bool = True) -> WinRate:
+    """Per-prompt comparison of two models' scores (same prompts, same order); a prompt where
+    either has no score (e.g. no face detected by either) is left out."""
+    if len(a) != len(b):
+        raise ValueError(f"score lists differ in length: {len(a)} vs {len(b)}")
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    sign = 1 if higher_is_better else -1
+    wins = sum(1 for x, y in pairs if sign * (x - y) > 0)
+    losses = sum(1 for x, y in pairs if sign * (x - y) < 0)
+    ties = len(pairs) - wins - losses
+    n = len(pairs)
+    rate = (wins + 0.5 * ties) / n if n else 0.5
+    low, high = wilson_interval(wins + 0.5 * ties, n)
+    return WinRate(wins, losses, ties, n, rate, low, high)

@@ -7,12 +7,10 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from core.fileio import read_events
-from train_helpers import make_region_dataset, train_cli
+from train_helpers import make_pairs_folder, make_region_dataset, train_cli
 from trainers.cli import main
 
 pytestmark = pytest.mark.slow
@@ -147,24 +145,8 @@ def test_overwrite_replaces_the_earlier_run(dataset, earlier_run, tmp_path):
     assert (run / "notes.txt").read_text() == "mine"
 
 
-def _pairs_folder(folder: Path, prompts: int = 2) -> Path:
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for k in range(prompts):
-        names = []
-        for side in ("w", "l"):
-            name = f"images/{k}_{side}.png"
-            Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / name)
-            names.append(name)
-        rows.append({"prompt": f"a photo of a person {k}", "status": "ok", "winner": names[0], "loser": names[1],
-                     "winner_score": 1.0, "loser_score": 0.0, "images": names, "scores": [1.0, 0.0]})
-    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
-
-
 def test_torn_last_line_of_pairs_is_ignored(tmp_path):
-    pairs = _pairs_folder(tmp_path / "pairs")
+    pairs = make_pairs_folder(tmp_path / "pairs")
     with open(pairs / "pairs.jsonl", "a") as handle:
         handle.write('{"prompt": "killed mid-wri')  # what a killed build-pairs leaves
     result = train_cli("--method", "hg-dpo", "--base", "tiny-sd15", "--data", pairs, "--output", tmp_path / "run",
@@ -174,7 +156,7 @@ def test_torn_last_line_of_pairs_is_ignored(tmp_path):
 
 
 def test_bad_line_inside_pairs_is_named_with_file_and_line(capsys, tmp_path):
-    pairs = _pairs_folder(tmp_path / "pairs", prompts=2)
+    pairs = make_pairs_folder(tmp_path / "pairs", prompts=2)
     lines = (pairs / "pairs.jsonl").read_text().splitlines()
     (pairs / "pairs.jsonl").write_text(lines[0] + "\n{oops\n" + lines[1] + "\n")
     line = refused(capsys, "train", "--method", "hg-dpo", "--base", "tiny-sd15", "--data", pairs, "--output",
@@ -184,7 +166,7 @@ def test_bad_line_inside_pairs_is_named_with_file_and_line(capsys, tmp_path):
 
 
 def test_missing_pair_image_is_named(capsys, tmp_path):
-    pairs = _pairs_folder(tmp_path / "pairs")
+    pairs = make_pairs_folder(tmp_path / "pairs")
     (pairs / "images" / "1_l.png").unlink()
     line = refused(capsys, "train", "--method", "hg-dpo", "--base", "tiny-sd15", "--data", pairs, "--output",
                    tmp_path / "run", "--steps", 1, "--resolution", 64)

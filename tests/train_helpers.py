@@ -45,6 +45,23 @@ def make_region_dataset(folder: Path, count: int = 4, size: int = 128, seed: int
     return folder
 
 
+def make_pairs_folder(folder: Path, prompts: int = 2) -> Path:
+    """A build-pairs output of random 64-px winner/loser images (no generation: fast)."""
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for k in range(prompts):
+        names = []
+        for side in ("w", "l"):
+            name = f"images/{k}_{side}.png"
+            Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / name)
+            names.append(name)
+        rows.append({"prompt": f"a photo of a person {k}", "status": "ok", "winner": names[0], "loser": names[1],
+                     "winner_score": 1.0, "loser_score": 0.0, "images": names, "scores": [1.0, 0.0]})
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
 def offline_env() -> dict:
     """No hub, and any attempt at the network fails fast."""
     return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HTTPS_PROXY="http://127.0.0.1:9",

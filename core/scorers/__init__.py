@@ -6,6 +6,7 @@
 | pickscore | PickScore (CLIP fine-tuned on human choices): logit scale × text-image cosine | a local folder |
 | hps | HPS v2 / v2.1 (open_clip ViT-H-14 fine-tuned on human choices): text-image cosine | a local folder |
 | imagereward | ImageReward (BLIP + reward head), standardized | a local folder |
+| clipscore | CLIP score: 100 × max(cosine, 0) of a plain CLIP model (evaluation) | a local folder |
 | composite | a weighted sum, e.g. ``anatomy:1,hps:5`` | those of its parts |
 
 Nothing is downloaded: model-based scorers load from folders the user supplies
@@ -17,7 +18,7 @@ from __future__ import annotations
 from importlib import import_module
 
 MODEL_SCORERS = {"pickscore": (".clip_preference", "PickScore"), "hps": (".hps", "HPSv2"),
-                 "imagereward": (".image_reward", "ImageReward")}
+                 "imagereward": (".image_reward", "ImageReward"), "clipscore": (".clip_preference", "ClipScore")}
 NAMES = ("anatomy", *MODEL_SCORERS)
 
 
