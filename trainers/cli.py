@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a LoRA: --method fairhuman (MPD-fair regional losses) or hg-dpo"),
     "build-pairs": ("build_pairs", "generate N images per prompt, score them, keep best/worst pairs"),
     "sample": ("sample", "generate images with a base model, optional LoRA, optional LAN"),
+    "evaluate": ("evaluate", "compare a base with LoRAs: Face/Hand Confi., color shift, scores, win rates; an HTML report"),
     "report": ("report", "plot a run's losses, weights and DPO margins from its events.jsonl"),
     "bench": ("bench", "benchmarks: fairhuman, dpo, lan, annotate"),
     "demo": ("demo", "the end-to-end demo on the embedded tiny model; writes outputs/"),
