@@ -7,16 +7,15 @@ a real background training job's progress as it runs (screenshots go to the test
 finishes."""
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 try:
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 except ImportError:  # the tests skip with the reason below
     sync_playwright = None
@@ -70,14 +69,14 @@ class Console:
 
 def open_panel(page, server) -> Console:
     """Load ComfyUI in ``page`` and open the jobs tab as a user would; returns its console."""
+    # A first visit opens ComfyUI's template browser over the canvas; a returning user's does not.
+    request = urllib.request.Request(f"{server.url}/settings/Comfy.TutorialCompleted", data=b"true",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=30).close()
     console = Console(page)
     page.goto(server.url, wait_until="load", timeout=120_000)
     page.wait_for_function("() => window.fairhumanJobs && window.fairhumanJobs.store.status !== 'loading'",
                            timeout=120_000)
-    # A first visit opens ComfyUI's template browser over the canvas: close it.
-    with contextlib.suppress(PlaywrightTimeout):
-        page.locator(".p-dialog-mask").wait_for(state="attached", timeout=5_000)
-    page.keyboard.press("Escape")
     page.locator(".p-dialog-mask").wait_for(state="detached", timeout=15_000)
     page.locator(".pi-chart-line").first.click()  # the tab's icon in the sidebar
     page.locator(".fh-jobs").wait_for(timeout=15_000)
@@ -102,7 +101,7 @@ def add_lora_loader(page) -> None:
     """A LoraLoader node on the canvas, whose dropdown must learn about the new LoRA."""
     page.evaluate("""() => {
         const node = window.LiteGraph.createNode("LoraLoader");
-        node.pos = [320, 160];
+        node.pos = [420, 40];
         window.app.graph.add(node);
         window.fairhumanTestLoader = node;
     }""")
@@ -224,7 +223,9 @@ def test_panel_follows_cancels_and_refreshes_loras(browser, comfy_server, comfy_
     wait_for(lambda: server_jobs(comfy_server)[job_id].get("finished"), 60, "the job's process to exit")
     wait_for(lambda: lora_name in loader_loras(page), 30, f"{lora_name} in LoraLoader's dropdown")
     assert page.evaluate("() => window.fairhumanJobs.store.modelRefreshes") >= 1
-    shoot(page, tmp_path, "panel-done")
+    page.evaluate("""(name) => { const w = window.fairhumanTestLoader.widgets.find((w) => w.name === "lora_name");
+                                 w.value = name; window.app.graph.setDirtyCanvas(true, true); }""", lora_name)
+    shoot(page, tmp_path, "panel-done")  # the new LoRA picked in the loader, no reload
 
     # 2. a long job cancelled from its button
     long_output = f"web_cancel_{int(time.time())}"
