@@ -58,6 +58,11 @@ def test_hgdpo_pairs_of_64_by_96_train_at_64_by_96(tmp_path):
     assert torch.isfinite(out.losses).all()
     # the reference's and the tuned model's forwards: winner and loser latents at 96 × 64 / 8
     assert [shape for shape, _ in calls] == [(2, 4, 12, 8), (2, 4, 12, 8)]
+    # the fixed-probe evaluation measures the pairs at the same size
+    calls.clear()
+    method.cfg.eval_pairs = 1
+    assert method.evaluate(probes=2)["pair_margin"] == pytest.approx(0.0, abs=1e-6)  # tuned = reference
+    assert {shape for shape, _ in calls} == {(4, 4, 12, 8)}
 
 
 def test_sdxl_pairs_keep_their_size_conditioning(tmp_path):

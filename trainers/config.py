@@ -19,6 +19,7 @@ class TrainConfig:
     method: str = "fairhuman"
     base: str = "tiny-sdxl"
     preset: str = ""  # "paper": every setting the paper states (trainers/presets.py)
+    preset: str = ""  # "paper": every setting the paper states (trainers/presets.py)
     data: str = ""
     output: str = "outputs/run"
     steps: int = 1000
@@ -43,6 +44,7 @@ class TrainConfig:
     weighting_options: dict = field(default_factory=dict)
     normalization: str = "reference"  # reference | area
     local_scale: float = 5.0  # reference normalization: 1 = the paper's Eq. 2, 5 = the release code
+    local_scale: float = 5.0  # reference normalization: 1 = the paper's Eq. 2, 5 = the release code
     batched_vjp: bool = True
     tokenizer: str = ""
     random_crop: bool = True
@@ -55,6 +57,7 @@ class TrainConfig:
     # HG-DPO
     beta: float | None = None  # None: method default by architecture
     lambda_stat: float = 10000.0
+    stat_reduction: str = "channel-mean"  # channel-mean | squared-norm (Eq. 8 literally)
     stat_reduction: str = "channel-mean"  # channel-mean | squared-norm (Eq. 8 literally)
     eval_pairs: int = 64  # 0: no fixed-probe evaluation
     # jobs
@@ -81,7 +84,8 @@ HELP = {
     "data": "dataset folder: annotated images (fairhuman) or a pairs folder from build-pairs (hg-dpo, fair-dpo)",
     "output": "run directory (config, events.jsonl, checkpoints, samples, the LoRA)",
     "steps": "optimizer steps",
-    "resolution": "training side in pixels (buckets keep about resolution² pixels)",
+    "resolution": "training side in pixels (buckets keep about resolution² pixels); hg-dpo: a cap, each pair "
+                  "trains at its own size up to about resolution² pixels",
     "batch_size": "images per micro-batch",
     "grad_accum": "micro-batches per optimizer step",
     "lr": "learning rate (paper: 1e-5)",
@@ -102,7 +106,10 @@ HELP = {
     "weighting": "mpd, mpd-closed-form, ls, dwa, uw, rlw, si, nash-mtl",
     "weighting_options": "JSON object of weighting options, e.g. '{\"alpha\": 2}'",
     "preset": "paper: every setting the method's paper states (README, Paper fidelity); flags still override it",
+    "preset": "paper: every setting the method's paper states (README, Paper fidelity); flags still override it",
     "normalization": "masked-loss normalization: reference (FairHuman code) or area",
+    "local_scale": "reference normalization's scale inside the square: 1 = the FairHuman paper's Eq. 2, "
+                   "5 = the release code (25 × Eq. 2)",
     "local_scale": "reference normalization's scale inside the square: 1 = the FairHuman paper's Eq. 2, "
                    "5 = the release code (25 × Eq. 2)",
     "batched_vjp": "objective gradients by one batched vector-Jacobian product (faster) or K backward passes (less transient memory)",
@@ -115,6 +122,8 @@ HELP = {
     "conditioning_scale": "fairhuman-controlnet: scale of the ControlNet's residuals while training",
     "beta": "DPO beta (default 2500 for SD1.5, 5000 for SDXL)",
     "lambda_stat": "weight of the statistic-matching loss (paper: 10000)",
+    "stat_reduction": "statistic loss over the latent channels: channel-mean (the squared differences averaged) "
+                      "or squared-norm (summed: Eq. 8 literally, 4 × channel-mean)",
     "stat_reduction": "statistic loss over the latent channels: channel-mean (the squared differences averaged) "
                       "or squared-norm (summed: Eq. 8 literally, 4 × channel-mean)",
     "eval_pairs": "pairs (the first N) whose reward margin is measured under fixed probes at the start, the end and every --eval-every steps (0: off)",
@@ -306,6 +315,12 @@ def _stat_reductions():
     return STAT_REDUCTIONS
 
 
+def _stat_reductions():
+    from core.dpo import STAT_REDUCTIONS
+
+    return STAT_REDUCTIONS
+
+
 def _methods():
     from .methods import METHODS
 
@@ -345,6 +360,8 @@ RULES = {
     "device": lambda v: None if re.fullmatch(r"(cpu|cuda(:\d+)?)?", v) else "must be cpu, cuda or cuda:N",
     "weighting": one_of(_weightings),
     "normalization": one_of(("reference", "area")),
+    "local_scale": above(0),
+    "stat_reduction": one_of(_stat_reductions),
     "local_scale": above(0),
     "stat_reduction": one_of(_stat_reductions),
     "flip_p": between(0, 1),
