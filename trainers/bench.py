@@ -11,9 +11,12 @@ import sys
 
 BENCHMARKS = {
     "fairhuman": "plain LoRA step vs. MPD step vs. reference-style step (time and memory)",
+    "controlnet": "plain ControlNet step vs. MPD step on the tiny SDXL-shaped ControlNet (time and memory)",
+    "fairness": "every weighting, same steps, tiny SD1.5 on real photos: held-out regional error reductions",
     "dpo": "peak memory of a Diffusion-DPO step vs. a plain LoRA step",
     "lan": "LAN sampling vs. plain sampling (time and peak memory)",
     "annotate": "annotation throughput (images/s) on ~1024 px photos",
+    "gpu": "full-size SDXL (rank 256, 1024², bf16/fp16) plain/MPD/reference steps, SD1.5 LAN and DPO ratios, on one GPU",
 }
 
 
