@@ -19,7 +19,6 @@ class TrainConfig:
     method: str = "fairhuman"
     base: str = "tiny-sdxl"
     preset: str = ""  # "paper": every setting the paper states (trainers/presets.py)
-    preset: str = ""  # "paper": every setting the paper states (trainers/presets.py)
     data: str = ""
     output: str = "outputs/run"
     steps: int = 1000
@@ -44,7 +43,6 @@ class TrainConfig:
     weighting_options: dict = field(default_factory=dict)
     normalization: str = "reference"  # reference | area
     local_scale: float = 5.0  # reference normalization: 1 = the paper's Eq. 2, 5 = the release code
-    local_scale: float = 5.0  # reference normalization: 1 = the paper's Eq. 2, 5 = the release code
     batched_vjp: bool = True
     tokenizer: str = ""
     random_crop: bool = True
@@ -57,7 +55,6 @@ class TrainConfig:
     # HG-DPO
     beta: float | None = None  # None: method default by architecture
     lambda_stat: float = 10000.0
-    stat_reduction: str = "channel-mean"  # channel-mean | squared-norm (Eq. 8 literally)
     stat_reduction: str = "channel-mean"  # channel-mean | squared-norm (Eq. 8 literally)
     eval_pairs: int = 64  # 0: no fixed-probe evaluation
     # jobs
@@ -106,10 +103,7 @@ HELP = {
     "weighting": "mpd, mpd-closed-form, ls, dwa, uw, rlw, si, nash-mtl",
     "weighting_options": "JSON object of weighting options, e.g. '{\"alpha\": 2}'",
     "preset": "paper: every setting the method's paper states (README, Paper fidelity); flags still override it",
-    "preset": "paper: every setting the method's paper states (README, Paper fidelity); flags still override it",
     "normalization": "masked-loss normalization: reference (FairHuman code) or area",
-    "local_scale": "reference normalization's scale inside the square: 1 = the FairHuman paper's Eq. 2, "
-                   "5 = the release code (25 × Eq. 2)",
     "local_scale": "reference normalization's scale inside the square: 1 = the FairHuman paper's Eq. 2, "
                    "5 = the release code (25 × Eq. 2)",
     "batched_vjp": "objective gradients by one batched vector-Jacobian product (faster) or K backward passes (less transient memory)",
@@ -122,8 +116,6 @@ HELP = {
     "conditioning_scale": "fairhuman-controlnet: scale of the ControlNet's residuals while training",
     "beta": "DPO beta (default 2500 for SD1.5, 5000 for SDXL)",
     "lambda_stat": "weight of the statistic-matching loss (paper: 10000)",
-    "stat_reduction": "statistic loss over the latent channels: channel-mean (the squared differences averaged) "
-                      "or squared-norm (summed: Eq. 8 literally, 4 × channel-mean)",
     "stat_reduction": "statistic loss over the latent channels: channel-mean (the squared differences averaged) "
                       "or squared-norm (summed: Eq. 8 literally, 4 × channel-mean)",
     "eval_pairs": "pairs (the first N) whose reward margin is measured under fixed probes at the start, the end and every --eval-every steps (0: off)",
@@ -315,12 +307,6 @@ def _stat_reductions():
     return STAT_REDUCTIONS
 
 
-def _stat_reductions():
-    from core.dpo import STAT_REDUCTIONS
-
-    return STAT_REDUCTIONS
-
-
 def _methods():
     from .methods import METHODS
 
@@ -360,8 +346,6 @@ RULES = {
     "device": lambda v: None if re.fullmatch(r"(cpu|cuda(:\d+)?)?", v) else "must be cpu, cuda or cuda:N",
     "weighting": one_of(_weightings),
     "normalization": one_of(("reference", "area")),
-    "local_scale": above(0),
-    "stat_reduction": one_of(_stat_reductions),
     "local_scale": above(0),
     "stat_reduction": one_of(_stat_reductions),
     "flip_p": between(0, 1),
