@@ -91,6 +91,10 @@ def shoot(page, tmp_path: Path, name: str) -> Path:
 
 
 def report_console(console: Console) -> None:
+    warnings = console.from_pack(("warning",))
+    print(f"console warnings about the pack ({len(warnings)}):")
+    for line in warnings:
+        print("  " + line[:300])
     others = console.others()
     print(f"console messages not from the pack ({len(others)}):")
     for line in others:
@@ -203,6 +207,14 @@ def test_panel_follows_cancels_and_refreshes_loras(browser, comfy_server, comfy_
     running_shot = shoot(page, tmp_path, "panel-running")
     shutil.copyfile(running_shot, SHOWCASE)
     print(f"screenshot: {SHOWCASE}")
+    # a page opened mid-job lists it from GET /fairhuman/jobs, running
+    late = browser.new_page(viewport={"width": 1280, "height": 800})
+    late_console = open_panel(late, comfy_server)
+    late_row = panel_row(late, job_id)
+    late_row.wait_for(timeout=15_000)
+    assert late_row.get_attribute("data-state") == "running"
+    assert "/ 3" in late_row.inner_text()
+    late.close()
     # the fallback for frontends without sidebar tabs renders the same live rows
     page.evaluate("() => window.fairhumanJobs.mountFloatingPanel()")
     page.locator(f'.fh-jobs-floating .fh-job[data-job-id="{job_id}"] .fh-progress').wait_for(timeout=10_000)
@@ -245,7 +257,8 @@ def test_panel_follows_cancels_and_refreshes_loras(browser, comfy_server, comfy_
     assert server_jobs(comfy_server)[long_id]["state"] in ("cancelled", "interrupted")
     shoot(page, tmp_path, "panel-cancelled")
 
-    report_console(console)
-    pack = console.from_pack()
-    assert not pack, "console errors from the pack:\n" + "\n".join(pack)
     page.close()
+    for each in (console, late_console):
+        report_console(each)
+        pack = each.from_pack()
+        assert not pack, "console errors from the pack:\n" + "\n".join(pack)
