@@ -25,6 +25,7 @@ const store = {
 const views = new Set(); // mounted containers (the sidebar re-renders on every open)
 let refreshTimer = null;
 let refreshInFlight = null;
+let refreshAgain = false;
 let lastRefresh = 0;
 let pollTimer = null;
 
@@ -114,7 +115,11 @@ async function errorText(response) {
 }
 
 async function refresh(initial = false) {
-  if (refreshInFlight) return refreshInFlight;
+  if (refreshInFlight) {
+    refreshAgain = true; // the answer in flight may predate the event that asked for this one
+    return refreshInFlight;
+  }
+  refreshAgain = false;
   lastRefresh = Date.now();
   refreshInFlight = fetchJobs(initial)
     .catch((err) => {
@@ -124,7 +129,8 @@ async function refresh(initial = false) {
     .finally(() => {
       refreshInFlight = null;
       renderAll();
-      schedulePoll();
+      if (refreshAgain) scheduleRefresh();
+      else schedulePoll();
     });
   return refreshInFlight;
 }
