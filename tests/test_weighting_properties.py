@@ -185,3 +185,19 @@ def test_options_a_weighting_does_not_take_are_a_clear_error():
         get_weighting("mpd", temperature=2.0)
     with pytest.raises(ValueError, match="3 weights for 2 objectives"):
         get_weighting("ls", objectives=2, weights=[1, 2, 3])
+
+
+def test_every_weighting_through_the_combiner_with_an_absent_objective(name):
+    """The combiner hands each weighting the sub-Gramian of the present objectives and names
+    them (``active``): a micro-batch without a hand must train, not crash or mix objectives."""
+    from core.combine import FairCombiner
+
+    options = {"weights": [1.0, 2.0, 3.0]} if name == "ls" else {}
+    p = torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(0)))
+    combiner = FairCombiner([p], get_weighting(name, **options), K)
+    losses = torch.stack([(p ** 2).sum(), (p ** 3).sum(), (p * torch.arange(6.0)).sum()])
+    combiner.add(losses, torch.tensor([True, False, True]))
+    step = combiner.step(torch.Generator().manual_seed(0))
+    assert step.weights[1] == 0 and torch.isfinite(p.grad).all()
+    if name == "ls":  # the fixed weights stay on their objectives
+        assert step.weights.tolist() == [1.0, 0.0, 3.0]
