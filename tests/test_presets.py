@@ -109,7 +109,7 @@ def test_build_pairs_preset_without_a_pickscore_folder_names_the_flag(tmp_path):
     (tmp_path / "prompts.txt").write_text("a person waving\n")
     result = subprocess.run([sys.executable, "-m", "trainers", "build-pairs", "--base", "tiny-sd15", "--preset",
                              PAPER, "--prompts", str(tmp_path / "prompts.txt"), "--output", str(tmp_path / "out")],
-                            cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--scorer-model pickscore=FOLDER" in lines[0]
