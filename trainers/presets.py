@@ -39,6 +39,12 @@ _FAIRHUMAN = (
 
 PRESETS = {PAPER: {
     "fairhuman": _FAIRHUMAN,
+    "fairhuman-controlnet": (
+        Setting("lr", 1e-5, "paper (ControlNet); release script `LR=1e-5`"),
+        Setting("condition_dropout", 0.3, "paper (ControlNet): the condition image dropped for 30% of samples"),
+        Setting("resolution", 1024, "release script `RESOLUTION=1024`"),
+        *(s for s in _FAIRHUMAN if s.option in ("weighting", "normalization", "local_scale", "mixed_precision")),
+    ),
     "hg-dpo": (
         Setting("rank", 8, "paper: LoRA rank 8 on the attention linears"),
         Setting("lr", 1e-5, "paper"),
