@@ -129,3 +129,49 @@ def test_the_preset_is_recorded_in_the_run_and_the_lora(tmp_path):
     assert saved["preset"] == PAPER and saved["stat_reduction"] == "squared-norm" and saved["rank"] == 8
     metadata = read_lora_metadata(next(run.glob("*.safetensors")))
     assert metadata["fairhuman.preset"] == PAPER and metadata["fairhuman.stat_reduction"] == "squared-norm"
+
+
+def test_the_paper_sampler_is_dpm_solver_pp_on_the_models_own_schedule():
+    from diffusers import DPMSolverMultistepScheduler
+
+    from core.tiny_models import build_tiny_pipeline
+    from trainers.build_pairs import use_sampler
+
+    pipe = build_tiny_pipeline("tiny-sd15")
+    before = dict(pipe.scheduler.config)
+    use_sampler(pipe, "dpmsolver++")
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
+        assert pipe.scheduler.config[key] == before[key], key
+    kept = type(pipe.scheduler)
+    use_sampler(pipe, "default")  # the model's own: nothing swapped
+    assert type(pipe.scheduler) is kept
+
+
+def test_build_pairs_size_takes_a_side_or_width_x_height():
+    import argparse
+
+    from trainers.build_pairs import image_size
+
+    assert image_size("512") == (512, 512) and image_size("704x1024") == (704, 1024)
+    for bad in ("700x1024", "0", "axb", "64x64x64"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            image_size(bad)
+
+
+@pytest.mark.slow
+def test_build_pairs_with_the_paper_preset_records_how_it_generated(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "prompts.txt").write_text("a person waving\n")
+    result = subprocess.run([sys.executable, "-m", "trainers", "build-pairs", "--base", "tiny-sd15", "--preset", PAPER,
+                             "--scorer", "anatomy", "--n", "2", "--steps", "2", "--size", "64x96", "--prompts",
+                             str(tmp_path / "prompts.txt"), "--output", str(tmp_path)],
+                            cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "pairs.jsonl").read_text().splitlines()[0])
+    assert record["generation"] == {"sampler": "dpmsolver++", "steps": 2, "cfg": 5.0, "scorer": "anatomy",
+                                    "preset": PAPER}
+    with Image.open(tmp_path / record["images"][0]) as im:
+        assert im.size == (64, 96)
