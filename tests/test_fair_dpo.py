@@ -270,3 +270,35 @@ def test_fair_dpo_raises_the_regional_margins_from_zero(pairs_dir, tmp_path):
     assert evals[40]["face_margin"] > 0 and evals[40]["hand_margin"] > 0, evals[40]
     meta = read_lora_metadata(run / "fairdpo_sd15.safetensors")
     assert meta["fairhuman.method"] == "fair-dpo" and meta["fairhuman.objectives"] == ["global", "face", "hand"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from core.fileio import read_events
+    from train_helpers import ROOT, lora_tensors, offline_env, train_cli
+
+    folder = make_pairs_folder(tmp_path / "pairs", pairs=3)
+    common = ["--method", "fair-dpo", "--base", "tiny-sd15", "--data", folder, "--resolution", 64,
+              "--batch-size", 2, "--lr", "1e-3", "--eval-pairs", 0, "--steps", 6, "--checkpoint-every", 2]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert train_cli(*common, "--output", straight).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "trainers", "train", *map(str, common), "--output", str(killed)],
+                            cwd=ROOT, env=offline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not any(e["event"] == "checkpoint" and e["step"] == 4 for e in read_events(killed / "events.jsonl")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(killed.glob("*.safetensors")), "killed before the end: no LoRA may exist yet"
+    resumed = train_cli(*common, "--output", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [e["step"] for e in read_events(killed / "events.jsonl") if e["event"] == "resume"] == [4]
+    a, b = lora_tensors(straight / "fairdpo_sd15.safetensors"), lora_tensors(killed / "fairdpo_sd15.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise: CPU fp32, seeded draws

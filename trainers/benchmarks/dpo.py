@@ -4,8 +4,12 @@ plain LoRA step on the same 2B batch.
 Both on the tiny SD1.5-shaped UNet with a rank-8 LoRA: *plain* is one forward and backward of
 the diffusion loss on 2B latents; *dpo* is the HG-DPO step on B pairs (= 2B latents): the
 reference forward without gradients (the same UNet, adapter off — no second copy), then the
-tuned forward and backward of the DPO + statistic-matching loss. Peak = live tensor bytes
-during the step (``measure.TensorMemory``). Target: dpo / plain ≤ 1.15.
+tuned forward and backward of the DPO + statistic-matching loss; *fair-dpo* is the fair-dpo
+step on the same pairs: the same two forwards, the DPO loss over the whole latent and over each
+image's face and hand masks, one batched vector-Jacobian product for the three gradients, the
+Gramian, MPD and d into ``.grad`` (``core.combine.FairCombiner``); *fair-dpo-loop* the same with
+three backward passes (``--batched-vjp false``). Peak = live tensor bytes
+during the step (``measure.TensorMemory``). Targets: dpo / plain ≤ 1.15, fair-dpo / dpo ≤ 1.15.
 """
 from __future__ import annotations
 
@@ -24,8 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.combine import FairCombiner
+    from core.dpo import regional_dpo_losses
     from core.tiny_models import build_tiny_pipeline
-    from trainers.methods.hg_dpo import dpo_objectives
+    from core.weighting import get_weighting
+    from trainers.methods.hg_dpo import dpo_objectives, stat_objective, tuned_and_reference
     from trainers.model import TrainableModel
 
     torch.set_num_threads(args.threads)
@@ -52,12 +59,31 @@ def run(args: argparse.Namespace) -> int:
         loss, stat, _ = dpo_objectives(model, noisy, t, noise, cond, None, n, 2500.0)
         (loss + 10000.0 * stat).backward()
 
-    times = interleaved_medians({"plain": plain, "dpo": dpo}, args.rounds)
-    peaks = {"plain": peak_bytes(plain), "dpo": peak_bytes(dpo)}
+    # each image's face (a quarter) and hand (a small square, absent from the first loser)
+    masks = torch.zeros(2 * n, 2, side, side)
+    masks[:, 0, : side // 2, : side // 2] = 1
+    masks[:, 1, -side // 4:, side // 2: side // 2 + side // 8] = 1
+    masks[n, 1] = 0
+    combiners = {batched: FairCombiner(params, get_weighting("mpd", 3), 3, batched=batched)
+                 for batched in (True, False)}
+
+    def fair_dpo(batched=True):
+        zero()
+        combiner = combiners[batched]
+        pred, ref_pred = tuned_and_reference(model, noisy, t, cond, None)
+        losses, active, _ = regional_dpo_losses(pred, ref_pred, noise, masks, 2500.0)
+        stat = stat_objective(model, noisy, t, pred, ref_pred, n)
+        combiner.add(torch.cat([(losses[0] + 10000.0 * stat)[None], losses[1:]]), active)
+        combiner.step()
+
+    steps = {"plain": plain, "dpo": dpo, "fair-dpo": fair_dpo, "fair-dpo-loop": lambda: fair_dpo(False)}
+    times = interleaved_medians(steps, args.rounds)
+    peaks = {name: peak_bytes(fn) for name, fn in steps.items()}
     print(f"tiny SD1.5-shaped UNet, LoRA rank 8, {2 * n} latents of {side}x{side}, CPU {args.threads} threads\n")
-    print("| step | time (ms) | time / plain | peak MiB | peak / plain |")
-    print("|---|---|---|---|---|")
-    for name in ("plain", "dpo"):
-        print(f"| {name} | {times[name] * 1e3:.0f} | {times[name] / times['plain']:.2f} | {mib(peaks[name])} | "
-              f"{peaks[name] / peaks['plain']:.3f} |")
+    print("| step | time (ms) | time / plain | time / dpo | peak MiB | peak / plain | peak / dpo |")
+    print("|---|---|---|---|---|---|---|")
+    for name in steps:
+        print(f"| {name} | {times[name] * 1e3:.0f} | {times[name] / times['plain']:.2f} | "
+              f"{times[name] / times['dpo']:.2f} | {mib(peaks[name])} | {peaks[name] / peaks['plain']:.3f} | "
+              f"{peaks[name] / peaks['dpo']:.3f} |")
     return 0
