@@ -120,7 +120,6 @@ def test_landmark_plausibility_rejects_a_collapsed_hand():
 
 def test_tied_prompts_are_recorded_and_not_trained_on(tmp_path):
     from train_helpers import train_cli
-    from core.fileio import read_events
 
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:2]))
     result = _build(tmp_path, "--scorer", "anatomy:0", "--n", "2")  # every image scores 0
@@ -132,9 +131,10 @@ def test_tied_prompts_are_recorded_and_not_trained_on(tmp_path):
     run = tmp_path / "run"
     trained = train_cli("--method", "hg-dpo", "--base", "tiny-sd15", "--data", tmp_path, "--output", run,
                         "--steps", 1, "--resolution", 64)
-    assert trained.returncode == 1
-    error = [e for e in read_events(run / "events.jsonl") if e["event"] == "error"][0]
-    assert "no usable pair" in error["message"] and "'tied': 2" in error["message"]
+    assert trained.returncode == 2  # refused before the model loads; nothing written
+    error = trained.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "no usable pair" in error and "'tied': 2" in error
+    assert not run.exists()
 
 
 @pytest.mark.slow
