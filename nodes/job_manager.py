@@ -45,8 +45,8 @@ JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 # ends within 10 s, and the run resumes from its last periodic checkpoint.
 CANCEL_GRACE_S = 8.0
 RECENT_EVENTS = 50
-# settings that may change when a run is queued again: the trainer lets steps grow
-RESUMABLE_CHANGES = ("steps",)
+# settings that may change when a run is queued again (as the trainer's --resume allows)
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device")
 
 
 class JobRefused(InputRefused):

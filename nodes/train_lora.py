@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from ..core.scorers import NAMES as SCORERS
@@ -47,10 +48,20 @@ def comfy_tokenizer() -> str:
     return str(folder) if (folder / "vocab.json").is_file() else ""
 
 
-def training_device() -> str:
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def training_device(requested: str = "") -> str:
+    """The device a job trains on: the one asked for, else ComfyUI's own."""
+    requested = (requested or "").strip()
+    if requested:
+        if not DEVICE.match(requested):
+            raise InputRefused(f"device {requested!r}: use cpu, cuda or cuda:N, or leave it empty for ComfyUI's device")
+        return "cuda:0" if requested == "cuda" else requested
     import comfy.model_management as mm
 
-    return str(mm.get_torch_device())
+    device = mm.get_torch_device()
+    return f"{device.type}:{device.index or 0}" if getattr(device, "type", "") == "cuda" else str(device)
 
 
 def free_device_memory(device: str) -> None:
@@ -98,6 +109,8 @@ def _optional_common(strength: float) -> dict:
                          "tooltip": "Seed of data order, noise and timesteps (a resumed run is bit for bit the same)."}),
         "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000, "tooltip": (
             "Save a resumable checkpoint every N steps (0: only when cancelled). An interrupt always saves one.")}),
+        "device": ("STRING", {"default": "", "tooltip": (
+            "Where the job trains: empty for ComfyUI's device, or cpu, cuda, cuda:N. One job runs per device.")}),
         "overwrite": ("BOOLEAN", {"default": False, "tooltip": (
             "Replace an existing LoRA of this name and start its run over. Off: an existing LoRA is refused, "
             "and a cancelled run of this name is resumed.")}),
@@ -131,11 +144,12 @@ class _TrainNode:
                        "The job's folder: events.jsonl, job.log, train/ (checkpoints, config).",
                        "The input model with the new LoRA (wait mode, when a model is linked).")
     FUNCTION = "train"
+    OUTPUT_NODE = True  # it writes a LoRA: runs even when nothing consumes its outputs
     METHOD = ""
     LABEL = ""
 
     def launch(self, *, ckpt_name: str, output_name: str, mode: str, overwrite: bool, model, strength: float,
-               spec: dict, settings: dict):
+               spec: dict, settings: dict, device: str = ""):
         name = sanitize_output_name(output_name)
         if mode not in MODES:
             raise InputRefused(f"mode {mode!r}: expected one of {MODES}")
@@ -143,12 +157,13 @@ class _TrainNode:
         if dest.exists() and not overwrite:
             raise InputRefused(f"a LoRA named {listed!r} already exists ({dest}): choose another output_name or "
                                f"set overwrite to true to replace it")
-        device = training_device()
+        device = training_device(device)
         if settings.get("mixed_precision", "no") != "no" and device == "cpu":
             raise InputRefused(f"mixed_precision {settings['mixed_precision']} needs a GPU and ComfyUI runs on the "
                                f"CPU: set mixed_precision to no")
         manager = comfy_manager()
         settings = {"method": self.METHOD, "ckpt_name": ckpt_name, **settings}
+        spec["train"] = {**spec["train"], "device": device}
         manager.check(name=name, device=device, settings=settings, overwrite=overwrite)
         free_device_memory(device)
         spec = {"version": 1, "method": self.METHOD, "base": checkpoint_path(ckpt_name),
@@ -233,7 +248,7 @@ class FairHumanTrainLoRA(_TrainNode):
 
     def train(self, ckpt_name, dataset, output_name, steps, resolution, rank, learning_rate, weighting, mode,
               normalization="reference", batch_size=1, gradient_accumulation=1, mixed_precision="fp16",
-              gradient_checkpointing=False, seed=0, checkpoint_every=100, overwrite=False, model=None,
+              gradient_checkpointing=False, seed=0, checkpoint_every=100, device="", overwrite=False, model=None,
               strength=0.4):
         import folder_paths
 
@@ -244,7 +259,7 @@ class FairHumanTrainLoRA(_TrainNode):
                  "gradient_checkpointing": gradient_checkpointing, "seed": seed, "checkpoint_every": checkpoint_every}
         return self.launch(ckpt_name=ckpt_name, output_name=output_name, mode=mode, overwrite=overwrite,
                            model=model, strength=strength, spec={"dataset": str(folder), "train": train},
-                           settings={"dataset": str(folder), **train})
+                           settings={"dataset": str(folder), **train}, device=device)
 
 
 class HGDPOTrainLoRA(_TrainNode):
@@ -287,7 +302,7 @@ class HGDPOTrainLoRA(_TrainNode):
     def train(self, ckpt_name, prompts, images_per_prompt, scorer, output_name, steps, mode, pairs="",
               resolution=512, rank=8, learning_rate=1e-5, sampling_steps=30, batch_size=1,
               gradient_accumulation=1, mixed_precision="fp16", gradient_checkpointing=False, seed=0,
-              checkpoint_every=100, overwrite=False, model=None, strength=0.5):
+              checkpoint_every=100, device="", overwrite=False, model=None, strength=0.5):
         import folder_paths
 
         train = {"steps": steps, "resolution": resolution, "rank": rank, "lr": learning_rate,
@@ -317,7 +332,7 @@ class HGDPOTrainLoRA(_TrainNode):
             source = {"prompts": lines, "images_per_prompt": images_per_prompt, "scorer": scorer,
                       "sampling_steps": sampling_steps}
         return self.launch(ckpt_name=ckpt_name, output_name=output_name, mode=mode, overwrite=overwrite,
-                           model=model, strength=strength, spec=spec, settings={**source, **train})
+                           model=model, strength=strength, spec=spec, settings={**source, **train}, device=device)
 
 
 NODE_CLASS_MAPPINGS = {"FairHumanTrainLoRA": FairHumanTrainLoRA, "HGDPOTrainLoRA": HGDPOTrainLoRA}

@@ -115,17 +115,27 @@ class ComfyServer:
         )
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
-                return json.loads(resp.read())
+                body = resp.read()
+                return json.loads(body) if body.strip() else {}  # /interrupt answers with no body
         except urllib.error.HTTPError as err:
             raise RuntimeError(f"POST {path} -> {err.code}: {err.read().decode(errors='replace')}") from err
 
     def object_info(self) -> dict:
         return self.get("/object_info")
 
-    def run(self, prompt: dict, timeout: float = 600.0) -> dict:
+    def run(self, prompt: dict, timeout: float = 600.0, client_id: str | None = None) -> dict:
         """Queue an API-format graph and wait for it; returns its history entry or raises with
-        ComfyUI's own error message and the tail of the log."""
-        prompt_id = self.post("/prompt", {"prompt": prompt})["prompt_id"]
+        ComfyUI's own error message and the tail of the log. ``client_id``: the websocket client
+        that gets the prompt's progress messages (see ``WebSocketListener``)."""
+        return self.wait(self.queue(prompt, client_id), timeout)
+
+    def queue(self, prompt: dict, client_id: str | None = None) -> str:
+        """Queue an API-format graph; returns its prompt id at once."""
+        payload = {"prompt": prompt, **({"client_id": client_id} if client_id else {})}
+        return self.post("/prompt", payload)["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
+        """The history entry of a queued prompt once it has finished (see ``run``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             history = self.get(f"/history/{prompt_id}")
@@ -183,3 +193,94 @@ def sampler_inputs(seed=0, steps=1, cfg=1.0, sampler_name="euler", scheduler="no
 
 def save_latent(source: str, prefix: str) -> dict:
     return {"class_type": "SaveLatent", "inputs": {"samples": [source, 0], "filename_prefix": prefix}}
+
+
+class WebSocketListener:
+    """The server's websocket (``/ws``) as a browser tab sees it: every JSON message it sends,
+    collected by a thread. Queue prompts with ``client_id=listener.client_id`` to receive their
+    progress messages (ComfyUI sends those to the prompt's client only)."""
+
+    def __init__(self, server: ComfyServer):
+        import threading
+        import uuid
+
+        import websocket  # websocket-client, in requirements-dev.txt
+
+        self.client_id = uuid.uuid4().hex
+        self.messages: list[dict] = []
+        self._ws = websocket.create_connection(
+            f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}", timeout=30)
+        self._ws.settimeout(1.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        import websocket
+
+        while not self._stop.is_set():
+            try:
+                data = self._ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except (websocket.WebSocketException, OSError):
+                return
+            if isinstance(data, str) and data.strip():  # binary frames are preview images
+                self.messages.append(json.loads(data))
+
+    def of_type(self, kind: str) -> list[dict]:
+        return [m["data"] for m in list(self.messages) if m.get("type") == kind]
+
+    def wait_for(self, kind: str, predicate=lambda data: True, timeout: float = 300.0) -> dict:
+        """The first message of ``kind`` whose data satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for data in self.of_type(kind):
+                if predicate(data):
+                    return data
+            time.sleep(0.1)
+        raise TimeoutError(f"no {kind!r} message matching within {timeout} s (got {len(self.messages)} messages)")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._ws.close()
+        self._thread.join(5)
+
+
+FRONTEND_ONLY_NODES = ("Note", "MarkdownNote")  # drawn by the browser; not in /object_info
+
+
+def declared_inputs(info_node: dict) -> dict:
+    spec = info_node["input"]
+    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+def workflow_to_api(workflow: dict, object_info: dict) -> dict:
+    """The API form of a UI-format workflow, as the browser builds it for /prompt: each node's
+    widget values in its declared input order (skipping the UI's extra control/upload widgets),
+    links as [source id, output slot]; notes left out."""
+    nodes = {n["id"]: n for n in workflow["nodes"] if n["type"] not in FRONTEND_ONLY_NODES}
+    links = {link[0]: link for link in workflow["links"]}
+    api = {}
+    for node_id, node in nodes.items():
+        inputs, values = {}, list(node.get("widgets_values", []))
+        linked = {}
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                _, src, src_slot, *_ = links[slot["link"]]
+                linked[slot["name"]] = [str(src), src_slot]
+        for name, spec in declared_inputs(object_info[node["type"]]).items():
+            if name in linked:
+                inputs[name] = linked[name]
+                continue
+            options = spec[1] if len(spec) > 1 else {}
+            is_widget = isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+            if not values or not is_widget:  # an unlinked socket (an optional MODEL) has no widget value
+                continue
+            inputs[name] = values.pop(0)
+            if options.get("control_after_generate"):
+                values.pop(0)
+            if options.get("image_upload") and values:
+                values.pop(0)
+        api[str(node_id)] = {"class_type": node["type"], "inputs": inputs}
+    return api

@@ -175,3 +175,17 @@ def test_job_environment_is_explicit(jm):
     env = jm.job_environment(ROOT)
     assert env["PYTHONPATH"] == str(ROOT) and env["PYTHONUNBUFFERED"] == "1" and env["HF_HUB_OFFLINE"] == "1"
     assert os.path.isdir(env["PYTHONPATH"])
+
+
+def test_a_refused_trainer_option_is_the_jobs_error(tmp_path):
+    """The trainer refuses a bad option (exit 2, one 'error:' line): the job's final event carries
+    that line, so the node and the panel show it."""
+    spec = _spec(tmp_path, "bad", 2, rank=0)
+    spec["job_dir"] = str(tmp_path / "job")
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    done = subprocess.run([sys.executable, "-m", "trainers", "job", str(tmp_path / "spec.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    events = [json.loads(line) for line in (tmp_path / "job" / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "error" and "--rank 0" in events[-1]["message"]
+    assert not (tmp_path / "loras").exists()

@@ -1,0 +1,258 @@
+"""Train in ComfyUI: the training nodes, their jobs and routes in a real ComfyUI on the full-size
+random SD1.5 checkpoint, 3 steps at 64 px, on real photos in an input folder whose name has
+spaces and no metadata.jsonl (so the job annotates them first)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfyui_harness import WebSocketListener, sampler_inputs, save_latent, txt2img_nodes
+from train_helpers import lora_tensors
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+
+DATASET = "my photos"  # under ComfyUI's input directory, deliberately with a space
+TRAIN = {"steps": 3, "resolution": 64, "rank": 4, "learning_rate": 1e-3, "weighting": "mpd",
+         "mixed_precision": "no", "seed": 0, "checkpoint_every": 0}
+
+
+@pytest.fixture(scope="module")
+def setup(comfy_server, comfy_sd15_checkpoint, sample_photos):
+    server = comfy_server
+    ckpt = server.add_model("checkpoints", comfy_sd15_checkpoint)
+    photos = server.base_dir / "input" / DATASET
+    photos.mkdir(parents=True, exist_ok=True)
+    for path in sample_photos[:2]:
+        shutil.copy(path, photos / path.name)
+    listener = WebSocketListener(server)
+    yield server, ckpt, listener
+    listener.close()
+    for job in server.get("/fairhuman/jobs")["jobs"]:  # leave no trainer behind
+        if job["state"] in ("queued", "running"):
+            server.post(f"/fairhuman/jobs/{job['id']}/cancel", {})
+
+
+def train_node(ckpt, output_name, mode="wait", **overrides):
+    return {"class_type": "FairHumanTrainLoRA",
+            "inputs": {"ckpt_name": ckpt, "dataset": DATASET, "output_name": output_name, "mode": mode,
+                       **TRAIN, **overrides}}
+
+
+def runs(server) -> Path:
+    return server.base_dir / "output" / "fairhuman_runs"
+
+
+def loras(server) -> Path:
+    return server.base_dir / "models" / "loras" / "fairhuman"
+
+
+def job_of(server, output_name) -> dict:
+    found = [j for j in server.get("/fairhuman/jobs")["jobs"] if j["output_name"] == output_name]
+    assert found, server.get("/fairhuman/jobs")
+    return found[0]  # newest first
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def job_pid(server, output_name) -> int:
+    return json.loads((runs(server) / output_name / "job.json").read_text())["pid"]
+
+
+def error_of(server, prompt) -> str:
+    with pytest.raises(RuntimeError) as caught:
+        server.run(prompt, timeout=300)
+    return str(caught.value)
+
+
+# ---- wait mode -------------------------------------------------------------------------------------
+def test_wait_mode_trains_on_photos_and_the_lora_is_listed_and_applies(setup):
+    server, ckpt, listener = setup
+    graph = {
+        **txt2img_nodes(ckpt, prompt="two hands"),
+        "2": train_node(ckpt, "wait test", model=["1", 0], strength=1.0),
+        "6": {"class_type": "KSampler", "inputs": {"model": ["2", 3], **sampler_inputs(seed=1)}},
+        "7": save_latent("6", "train_wait"),
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}},
+        "9": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
+    }
+    entry = server.run(graph, timeout=1500, client_id=listener.client_id)
+    name = os.path.join("fairhuman", "wait test.safetensors")
+    assert entry["outputs"]["9"]["text"][0] == name
+    assert (loras(server) / "wait test.safetensors").is_file()
+
+    # progress: the node drove ComfyUI's progress bar (websocket "progress" for node 2), and the
+    # job's events were pushed as fairhuman.job messages
+    progress = [m for m in listener.of_type("progress") if m.get("node") == "2"]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == 3, progress[-5:]
+    stages = {m["event"].get("name") for m in listener.of_type("fairhuman.job") if m["event"]["event"] == "stage"}
+    assert stages == {"annotate", "train"}
+    job = job_of(server, "wait test")
+    assert job["state"] == "done" and job["step"] == 3 and set(job["losses"]) == {"global", "face", "hand"}
+
+    # loss_plot is a real plot: a large image with many distinct colours
+    (plot_file,) = server.outputs(entry, "8")
+    plot = np.asarray(Image.open(plot_file).convert("RGB"))
+    assert plot.shape[0] > 300 and plot.shape[1] > 600 and len(np.unique(plot.reshape(-1, 3), axis=0)) > 50
+
+    # listed by LoraLoader without a restart; LoraLoader and the FairHuman loader consume every key
+    listed = server.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
+    assert name in listed
+    before = len(server.log())
+    apply = {
+        **txt2img_nodes(ckpt, prompt="two hands"),
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": name,
+                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+        "3b": {"class_type": "FairHumanLoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                               "lora_name": name, "strength": 1.0}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], **sampler_inputs(seed=1)}},
+        "6b": {"class_type": "KSampler", "inputs": {"model": ["3b", 0], **sampler_inputs(seed=1)}},
+        "7": save_latent("6", "train_loraloader"),
+        "7b": save_latent("6b", "train_fhloader"),
+        "10": {"class_type": "PreviewAny", "inputs": {"source": ["3b", 2]}},
+    }
+    result = server.run(apply, timeout=900)
+    log = server.log()[before:]
+    assert "lora key not loaded" not in log and "ERROR lora" not in log, log[-2000:]
+    info = result["outputs"]["10"]["text"][0]
+    applied, total = (int(v) for v in info.split(" LoRA modules")[0].split("from ")[-1].split(" of "))
+    assert applied == total > 0, info
+    # the node's own MODEL output is the model with the LoRA: the same latent as LoraLoader's
+    assert (server.latest_latent("train_wait") == server.latest_latent("train_fhloader")).all()
+
+
+# ---- interrupt and resume --------------------------------------------------------------------------
+def test_interrupt_stops_the_trainer_and_requeueing_resumes_to_the_same_lora(setup):
+    server, ckpt, listener = setup
+    # checkpoint_every=1: a step of the full-size model takes a minute on these CPUs, longer than
+    # the manager waits after SIGTERM; it then stops the process and the run resumes from here
+    node = train_node(ckpt, "resumed", checkpoint_every=1)
+    prompt_id = server.queue({"2": node}, client_id=listener.client_id)
+    listener.wait_for("fairhuman.job", lambda m: m["output_name"] == "resumed"
+                      and m["event"]["event"] == "checkpoint" and m["event"]["step"] == 1, timeout=900)
+    pid = job_pid(server, "resumed")
+    server.post("/interrupt", {})
+    started = time.monotonic()
+    while pid_alive(pid) and time.monotonic() - started < 15:
+        time.sleep(0.1)
+    stopped_after = time.monotonic() - started
+    assert not pid_alive(pid) and stopped_after <= 10, stopped_after
+    with pytest.raises(RuntimeError, match="cancelled at step .* resumable"):
+        server.wait(prompt_id, timeout=60)
+    job = job_of(server, "resumed")
+    assert job["state"] == "cancelled" and not (loras(server) / "resumed.safetensors").exists()
+    assert list((runs(server) / "resumed" / "train" / "checkpoints").glob("step_*.pt"))
+
+    server.run({"2": node}, timeout=1500)
+    events = [json.loads(line) for line in (runs(server) / "resumed" / "train" / "events.jsonl").open()]
+    assert any(e["event"] == "resume" for e in events), "the second run did not resume from the checkpoint"
+    resumed = lora_tensors(loras(server) / "resumed.safetensors")
+    uninterrupted = lora_tensors(loras(server) / "wait test.safetensors")  # same data and settings
+    assert resumed.keys() == uninterrupted.keys()
+    assert all((resumed[k] == uninterrupted[k]).all() for k in resumed)
+
+
+# ---- background mode, cancel, a busy device --------------------------------------------------------
+def test_background_job_runs_beside_the_queue_and_cancels_within_10_s(setup):
+    server, ckpt, listener = setup
+    entry = server.run({"2": train_node(ckpt, "background", mode="background", steps=200),
+                        "9": {"class_type": "PreviewAny", "inputs": {"source": ["2", 2]}}}, timeout=120)
+    assert entry["outputs"]["9"]["text"][0] == str(runs(server) / "background")
+    # a plain txt2img prompt completes while the job trains
+    server.run({**txt2img_nodes(ckpt), "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0],
+                                                                                  **sampler_inputs()}},
+                "7": save_latent("6", "beside_training")}, timeout=900)
+    listener.wait_for("fairhuman.job", lambda m: m["output_name"] == "background" and m["stage"] == "train"
+                      and m["step"] >= 1, timeout=900)
+    job = job_of(server, "background")
+    assert job["state"] == "running" and job["step"] >= 1 and job["total"] == 200
+    detail = server.get(f"/fairhuman/jobs/{job['id']}")
+    assert detail["id"] == job["id"] and detail["events"] and detail["events"][-1]["event"] in (
+        "progress", "checkpoint", "start", "stage")
+
+    # a second job on the busy device: a clear error naming the running job, and nothing written
+    before = sorted(p.name for p in runs(server).iterdir())
+    message = error_of(server, {"2": train_node(ckpt, "second job")})
+    assert f"busy with training job {job['id']}" in message and "'background'" in message
+    assert sorted(p.name for p in runs(server).iterdir()) == before
+
+    pid = job_pid(server, "background")
+    started = time.monotonic()
+    cancelled = server.post(f"/fairhuman/jobs/{job['id']}/cancel", {})
+    assert time.monotonic() - started <= 10 and not pid_alive(pid)
+    assert cancelled["state"] == "cancelled"
+    assert listener.wait_for("fairhuman.job", lambda m: m["id"] == job["id"] and m["event"].get("event") == "state"
+                             and m["state"] == "cancelled", timeout=30)
+
+
+# ---- refused inputs --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def outside_folder(setup, tmp_path_factory):
+    """A folder of images outside ComfyUI's input directory, and a symlink to it inside."""
+    server = setup[0]
+    outside = tmp_path_factory.mktemp("outside")
+    Image.new("RGB", (64, 64), "white").save(outside / "a.png")
+    link = server.base_dir / "input" / "link out"
+    if not link.exists():
+        link.symlink_to(outside, target_is_directory=True)
+    (server.base_dir / "input" / "no images").mkdir(exist_ok=True)
+    (server.base_dir / "input" / "no images" / "notes.txt").write_text("not a photo")
+    return outside
+
+
+@pytest.mark.parametrize("case, expected", [
+    ({"dataset": "../../etc"}, "outside the allowed folders"),
+    ({"dataset": "/etc"}, "outside the allowed folders"),
+    ({"dataset": "link out"}, "outside the allowed folders"),
+    ({"dataset": "OUTSIDE"}, "outside the allowed folders"),
+    ({"output_name": "../evil"}, "may not contain path separators"),
+    ({"output_name": "sub/evil"}, "may not contain path separators"),
+    ({"ckpt_name": "missing.safetensors"}, "missing.safetensors"),
+    ({"dataset": "no images"}, "has no images"),
+    ({"output_name": "wait test"}, "already exists"),
+    ({"rank": 8, "output_name": "resumed"}, "already exists"),
+], ids=["dotdot", "absolute", "symlink-out", "absolute-outside", "name-dotdot", "name-slash", "missing-ckpt",
+        "no-images", "existing-lora", "existing-lora-2"])
+def test_bad_inputs_give_a_clear_error_and_write_nothing(setup, outside_folder, case, expected):
+    server, ckpt, _ = setup
+    case = {k: (str(outside_folder) if v == "OUTSIDE" else v) for k, v in case.items()}
+    before = {p: p.stat().st_mtime_ns for p in list(runs(server).rglob("*")) + list(loras(server).rglob("*"))}
+    message = error_of(server, {"2": train_node(ckpt, **{"output_name": "refused", **case})})
+    assert expected in message
+    after = {p: p.stat().st_mtime_ns for p in list(runs(server).rglob("*")) + list(loras(server).rglob("*"))}
+    assert after == before and not (runs(server) / "refused").exists()
+
+
+def test_different_settings_for_a_cancelled_run_are_refused_naming_them(setup):
+    server, ckpt, _ = setup
+    background = runs(server) / "background"  # cancelled above: resumable, no LoRA yet
+    before = {p: p.stat().st_mtime_ns for p in background.rglob("*")}
+    message = error_of(server, {"2": train_node(ckpt, "background", mode="background", steps=200, rank=8)})
+    assert "other settings" in message and "rank: 4 -> 8" in message
+    assert {p: p.stat().st_mtime_ns for p in background.rglob("*")} == before
+
+
+def test_routes_treat_ids_as_hostile(setup):
+    server = setup[0]
+    for bad in ("..%2F..%2Fetc", "0123456789ab", "x" * 12, "%2e%2e"):
+        for method in ("GET", "POST"):
+            path = f"/fairhuman/jobs/{bad}" + ("/cancel" if method == "POST" else "")
+            request = urllib.request.Request(server.url + path, method=method, data=b"{}" if method == "POST" else None)
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(request, timeout=30)
+            assert caught.value.code in (400, 404, 405), (bad, method, caught.value.code)
