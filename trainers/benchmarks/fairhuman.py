@@ -38,17 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
 
-def _setup(rank: int, batch: int, latent: int):
+def add_lora(unet, rank: int) -> list[torch.nn.Parameter]:
+    """A rank-``rank`` LoRA (fp32, gaussian init so every tensor gets a gradient) on the
+    attention projections of a frozen UNet; its parameters."""
     from peft import LoraConfig
 
-    unet = build_tiny_pipeline("tiny-sdxl").unet
     unet.requires_grad_(False)
     torch.manual_seed(0)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
+        p.data = p.data.float()
         p.requires_grad_(True)
+    return params
+
+
+def step_inputs(unet, batch: int, latent: int, device="cpu"):
+    """A fixed SDXL batch on ``device``: UNet keyword arguments, the noise target, face and hand masks."""
     g = torch.Generator().manual_seed(0)
     lat = torch.randn(batch, 4, latent, latent, generator=g)
     noise = torch.randn(batch, 4, latent, latent, generator=g)
@@ -64,6 +71,15 @@ def _setup(rank: int, batch: int, latent: int):
         added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, generator=g),
                            "time_ids": torch.tensor([[latent * 8.0, latent * 8, 0, 0, latent * 8, latent * 8]] * batch)},
     )
+    move = lambda t: t.to(device)  # noqa: E731
+    inputs = {k: ({kk: move(vv) for kk, vv in v.items()} if isinstance(v, dict) else move(v)) for k, v in inputs.items()}
+    return inputs, move(noise), move(face), move(hand)
+
+
+def _setup(rank: int, batch: int, latent: int):
+    unet = build_tiny_pipeline("tiny-sdxl").unet
+    params = add_lora(unet, rank)
+    inputs, noise, face, hand = step_inputs(unet, batch, latent)
 
     def losses():
         pred = unet(**inputs).sample
@@ -90,10 +106,11 @@ def _reference_solve(gram: np.ndarray, alpha: float = 2.0, iterations: int = 20)
     return w
 
 
-def steps_for(params, losses):
+def steps_for(params, losses, device="cpu"):
+    """The measured steps (see the module docstring) for ``losses()`` -> (3 losses, active)."""
     combiner = FairCombiner(params, get_weighting("mpd"), 3, batched=True)
     looped = FairCombiner(params, get_weighting("mpd"), 3, batched=False)
-    eye = torch.eye(3)
+    eye = torch.eye(3, device=device)
 
     def zero():
         for p in params:
@@ -131,14 +148,14 @@ def steps_for(params, losses):
         zero()
         values, _ = losses()
         numel = sum(p.numel() for p in params)
-        buffer = torch.zeros(numel, 3, dtype=torch.float32)  # fresh every step, as the reference does
+        buffer = torch.zeros(numel, 3, dtype=torch.float32, device=device)  # fresh every step, as the reference does
         for i in range(3):
             for p in params:
                 p.grad = None
             values[i].backward(retain_graph=i < 2)
             buffer[:, i] = torch.cat([p.grad.reshape(-1).float() for p in params])
         gram = (buffer.T @ buffer).cpu().numpy()  # host round trip
-        w = torch.from_numpy(_reference_solve(gram)).float()
+        w = torch.from_numpy(_reference_solve(gram)).float().to(device)
         combined = buffer @ w
         offset = 0
         for p in params:
