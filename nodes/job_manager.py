@@ -310,7 +310,8 @@ class JobManager:
                 return
             for job in active:
                 try:
-                    self.poll(job)
+                    with self.lock:  # cancel() may poll the same job from a request thread
+                        self.poll(job)
                 except Exception:
                     log.exception("fairhuman: following job %s failed", job.id)
             time.sleep(self.poll_interval)
@@ -330,6 +331,8 @@ class JobManager:
             self._settle(job)
 
     def _settle(self, job: Job) -> None:
+        if job.finished.is_set():
+            return
         code = job.proc.returncode if job.proc is not None else None
         record = job.record
         if record["state"] in ACTIVE:  # no final event: the process died (killed, crashed)
