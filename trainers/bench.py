@@ -17,7 +17,6 @@ BENCHMARKS = {
     "lan": "LAN sampling vs. plain sampling (time and peak memory)",
     "annotate": "annotation throughput (images/s) on ~1024 px photos",
     "gpu": "full-size SDXL (rank 256, 1024², bf16/fp16) plain/MPD/reference steps, SD1.5 LAN and DPO ratios, on one GPU",
-    "gpu": "full-size SDXL (rank 256, 1024², bf16/fp16) plain/MPD/reference steps, SD1.5 LAN and DPO ratios, on one GPU",
 }
 
 
