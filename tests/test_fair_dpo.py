@@ -223,7 +223,11 @@ def build_pairs(folder):
     return subprocess.run([sys.executable, "-m", "trainers", "build-pairs", "--base", "tiny-sd15", "--prompts",
                            str(folder / "prompts.txt"), "--n", "4", "--output", str(folder), "--steps", "2",
                            "--size", "64", "--scorer", "anatomy", "--mask-confidence", "0.1"],
-                          cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, env=dict(offline_env(), **ONE_THREAD), capture_output=True, text=True, timeout=900)
+
+
+# Tiny tensors: one thread is as fast, and on a loaded machine OpenMP's spinning threads are not.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -248,11 +252,13 @@ def test_build_pairs_stores_the_kept_images_masks(pairs_dir):
 
 
 @pytest.mark.slow
-def test_fair_dpo_raises_the_regional_margins_from_zero(pairs_dir, tmp_path):
+def test_fair_dpo_raises_the_regional_margins_from_zero(pairs_dir, tmp_path, monkeypatch):
     from core.fileio import read_events
     from core.lora_format import read_lora_metadata
     from train_helpers import train_cli
 
+    for key, value in ONE_THREAD.items():
+        monkeypatch.setenv(key, value)
     run = tmp_path / "run"
     trained = train_cli("--method", "fair-dpo", "--base", "tiny-sd15", "--data", pairs_dir, "--output", run,
                         "--steps", 40, "--resolution", 64, "--batch-size", 8, "--lr", "1e-3", "--seed", 0,
