@@ -47,6 +47,15 @@ class FairStep:
     def grad_norms(self) -> torch.Tensor:
         return torch.diagonal(self.gram).clamp_min(0).sqrt()
 
+    @property
+    def shares(self) -> torch.Tensor:
+        """Each objective's share of the update d = Σ w_i g_i: (w_i g_i · d) / ‖d‖² =
+        w_i (K w)_i / (wᵀ K w), summing to 1. MPD gives a large-gradient objective a small weight,
+        so the weights alone understate what it gets; the shares say it."""
+        w = self.weights.to(self.gram)
+        kw = self.gram @ w
+        return w * kw / (w @ kw).clamp_min(torch.finfo(kw.dtype).tiny)
+
 
 def is_out_of_memory(err: BaseException) -> bool:
     """A CUDA/CPU allocator failure (``torch.OutOfMemoryError``, or the RuntimeError older

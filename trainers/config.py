@@ -44,6 +44,7 @@ class TrainConfig:
     normalization: str = "reference"  # reference | area
     local_scale: float = 5.0  # reference normalization: 1 = the paper's Eq. 2, 5 = the release code
     batched_vjp: bool = True
+    fair_every: int = 1
     tokenizer: str = ""
     random_crop: bool = True
     flip_p: float = 0.5
@@ -106,6 +107,7 @@ HELP = {
     "normalization": "masked-loss normalization: reference (FairHuman code) or area",
     "local_scale": "reference normalization's scale inside the square: 1 = the FairHuman paper's Eq. 2, "
                    "5 = the release code (25 × Eq. 2)",
+    "fair_every": "solve the fair weights every N steps; in between, one backward of the weighted sum with the last weights (cost of a plain step; 1: every step)",
     "batched_vjp": "objective gradients by one batched vector-Jacobian product (faster) or K backward passes (less transient memory)",
     "tokenizer": "folder with CLIP's vocab.json and merges.txt, for single-file checkpoints outside a ComfyUI tree",
     "random_crop": "random crops (else centred)",
@@ -345,6 +347,7 @@ RULES = {
     "mixed_precision": one_of(("no", "fp16", "bf16")),
     "device": lambda v: None if re.fullmatch(r"(cpu|cuda(:\d+)?)?", v) else "must be cpu, cuda or cuda:N",
     "weighting": one_of(_weightings),
+    "fair_every": at_least(1),
     "normalization": one_of(("reference", "area")),
     "local_scale": above(0),
     "stat_reduction": one_of(_stat_reductions),

@@ -132,7 +132,13 @@ class Distributed:
 
 class StepGradients:
     """Turns each micro-batch's losses into gradients; ``finish`` completes ``.grad`` for the
-    optimizer step and returns the objective weights used."""
+    optimizer step and returns the objective weights used.
+
+    Amortized fairness (``--fair-every N``): the weights are solved from the per-objective
+    gradients on every N-th step only; on the steps between, one backward of Σ w_i L_i with the
+    last solved weights gives exactly d = Σ w_i g_i for those weights at the cost of a plain step.
+    A weighting's own state (DWA's loss history, UW's parameters) moves on solving steps only.
+    """
 
     def __init__(self, method: Method, params: list[torch.Tensor], cfg, dist: Distributed,
                  scaler: torch.amp.GradScaler | None = None, on_fallback=None):
@@ -140,6 +146,10 @@ class StepGradients:
         # fp16: losses scaled by the GradScaler's scale; disabled (pass-through) otherwise
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
         self.weighting = self.fair = None
+        self.every = max(1, int(getattr(cfg, "fair_every", 1) or 1))
+        self.solving = True  # this step solves the weights (always, unless amortized)
+        self.last_weights: torch.Tensor | None = None  # of the last solve that was applied
+        self.shares: torch.Tensor | None = None  # each objective's share of this step's update
         if method.combine == "fair":
             from core.combine import FairCombiner
             from core.weighting import get_weighting
@@ -156,9 +166,16 @@ class StepGradients:
         """The scaler's scale as a tensor on ``device`` (no host read), or 1."""
         return self.scaler.scale(torch.ones((), device=device)) if self.scaler.is_enabled() else 1.0
 
+    def begin(self, step: int) -> None:
+        """Before a step's micro-batches: decide whether it solves the weights."""
+        self.solving = self.fair is not None and (self.last_weights is None or step % self.every == 0)
+        self.shares = None
+
     def backward(self, out, scale: float) -> None:
         losses = self.scaler.scale(out.losses * scale)
-        if self.fair is not None:
+        if self.fair is not None and not self.solving:  # amortized: the last weights, one backward
+            (losses * self.last_weights.to(losses)).sum().backward()
+        elif self.fair is not None:
             self.fair.add(losses, out.active, loss_scale=self._loss_scale(losses.device))
         else:
             weights = self.method.sum_weights().to(losses)
@@ -171,16 +188,28 @@ class StepGradients:
     def finish(self, generator: torch.Generator) -> torch.Tensor:
         """``.grad`` of the step (in the scaler's scaled domain, for ``scaler.unscale_``) and
         the weights used (on the device)."""
-        if self.fair is not None:
-            weights = self.fair.step(generator).weights.detach()
+        if self.fair is not None and self.solving:
+            solved = self.fair.step(generator)
+            weights, self.shares = solved.weights.detach(), solved.shares.detach()
+            self._solved_active = solved.active.to(weights.device)
             if self.scaler.is_enabled():  # a weighting sets its parameters' .grad unscaled
                 for p in self.extra_parameters():
                     if p.grad is not None:
                         p.grad.mul_(self._loss_scale(p.grad.device))
             return weights
-        # a plain sum: average the gradient over processes, as DDP would
+        # a plain (or amortized weighted) sum: average the gradient over processes, as DDP would
         self.dist.average([p.grad for p in self.params if p.grad is not None])
-        return self.method.sum_weights()
+        return self.last_weights if self.fair is not None else self.method.sum_weights()
+
+    def commit(self, weights: torch.Tensor) -> None:
+        """The step was applied: its solved weights serve the amortized steps that follow. An
+        objective absent from this step's batch (no hand in it) keeps the weight of the last
+        solve it was present in, rather than 0 until the next solve."""
+        if self.fair is not None and self.solving:
+            if self.last_weights is None:
+                self.last_weights = weights
+            else:
+                self.last_weights = torch.where(self._solved_active, weights, self.last_weights.to(weights))
 
     def state_dict(self) -> dict:
         return self.weighting.state_dict() if self.weighting is not None else {}
@@ -224,6 +253,8 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
             optimizer.load_state_dict(state["optimizer"])
             lr_scheduler.load_state_dict(state["lr_scheduler"])
             combiner.load_state_dict(state.get("weighting", {}))
+            if state.get("last_weights") is not None:
+                combiner.last_weights = state["last_weights"].to(model.device)
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             start, nan_total = int(state["step"]), int(state.get("nan_steps", 0))
@@ -256,6 +287,7 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
     begin = time.perf_counter()
     for step in range(start, cfg.steps):
         optimizer.zero_grad(set_to_none=True)
+        combiner.begin(step)
         # losses, metrics and the finite flag stay on the device until the step's event
         step_losses = torch.zeros(len(names), device=model.device)
         finite, extra = torch.ones((), dtype=torch.bool, device=model.device), {}
@@ -286,6 +318,7 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
             continue
         nan_streak = 0
         lr_scheduler.step()
+        combiner.commit(weights)
         last_weights = weights.float().tolist()
         done = step + 1
         if dist.is_main and (done % cfg.log_every == 0 or done == cfg.steps):
@@ -295,6 +328,7 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
                 "progress", step=done, total=cfg.steps,
                 losses=dict(zip(names, step_losses.tolist())),
                 weights=last_weights, grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0],
+                **({"shares": combiner.shares.float().tolist()} if combiner.shares is not None else {}),
                 it_per_s=rate, eta_s=(cfg.steps - done) / rate if rate else None,
                 **{k: float(v) for k, v in extra.items()},
             )
@@ -305,6 +339,7 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
                 "step": done, "trainable": model.trainable.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(), "weighting": combiner.state_dict(),
                 "nan_steps": nan_total, "scaler": scaler.state_dict(),
+                "last_weights": None if combiner.last_weights is None else combiner.last_weights.cpu(),
             }, keep=cfg.keep_checkpoints)
             events.emit("checkpoint", step=done, path=str(path))
         if dist.is_main and sampler is not None and cfg.sample_every and done % cfg.sample_every == 0:
