@@ -399,3 +399,34 @@ def test_device_option_is_validated(dataset, tmp_path):
     validate(_cfg(dataset, tmp_path, device="cuda:1"))
     with pytest.raises(Exception, match="--device 'gpu1'"):
         validate(_cfg(dataset, tmp_path, device="gpu1"))
+
+
+def test_full_size_models_build_from_the_shipped_configs():
+    """What ``bench gpu`` builds at full size, on the meta device (no memory, no weights)."""
+    from trainers.benchmarks.fairhuman import add_lora
+    from trainers.benchmarks.gpu import full_size_unet
+
+    sdxl = full_size_unet("sdxl", "meta", torch.bfloat16)
+    assert sum(p.numel() for p in sdxl.parameters()) == 2_567_463_684
+    lora = add_lora(sdxl, 256)  # the paper's rank: 1.49 GB of fp32 LoRA, a 4.46 GB params x 3 buffer
+    assert sum(p.numel() for p in lora) == 371_589_120 and {p.dtype for p in lora} == {torch.float32}
+    assert sum(p.numel() for p in full_size_unet("sd15", "meta", torch.float32).parameters()) == 859_520_964
+
+
+@pytest.mark.slow
+def test_bench_gpu_smoke_runs_on_the_cpu():
+    import subprocess
+    import sys
+
+    from train_helpers import ROOT, offline_env
+
+    result = subprocess.run([sys.executable, "-m", "trainers", "bench", "gpu", "--smoke", "--dtypes", "fp16"],
+                            cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.startswith("device: CPU")
+    for checkpointing in ("off", "on"):
+        for step in ("plain", "floor", "mpd", "mpd-loop", "reference"):
+            assert f"| fp16 | {checkpointing} | {step} |" in out, (checkpointing, step, out)
+    assert "LAN sampling / plain sampling time" in out and "DPO step / plain LoRA step peak memory" in out
+    assert "| mpd extra ≤ (K-1) x LoRA + 5%" in out and "| reference / mpd ≥ 1.3" in out
