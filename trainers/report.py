@@ -75,19 +75,29 @@ def plot_run(events_path: str | Path, out_dir: str | Path, names: list[str] | No
     plt.close(fig)
 
     if progress[0].get("weights") and any(e["weights"] != progress[0]["weights"] for e in progress):
-        # Shares w_i / Σ w: the raw MPD weights scale with 1/|g|^(4/3) and swing over decades.
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        # Left: w_i / Σ w (the raw MPD weights scale with 1/|g|^(4/3) and swing over decades).
+        # Right: each objective's share of the update, w_i g_i · d / |d|², from the step's Gramian:
+        # MPD gives a large-gradient objective a small weight, so the weights alone mislead.
+        solved = [e for e in progress if e.get("shares")]
+        panels = 2 if solved else 1
+        fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.6), squeeze=False)
         totals = [sum(float(w) for w in e["weights"]) or 1.0 for e in progress]
-        for i, name in enumerate(names):
-            shares = [float(e["weights"][i]) / t for e, t in zip(progress, totals)]
-            ax.plot(steps, shares, color=f"C{i}", lw=0.8, alpha=0.35)
-            ax.plot(steps, _smooth(shares, window), color=f"C{i}", lw=2, label=name)
-        ax.set_title("objective weight shares  w_i / Σ w  (thin: per step)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("weight share")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        series = [(axes[0][0], steps, [[float(e["weights"][i]) / t for e, t in zip(progress, totals)]
+                                       for i in range(len(names))], "weight shares  w_i / Σ w")]
+        if solved:
+            series.append((axes[0][1], [e["step"] for e in solved],
+                           [[float(e["shares"][i]) for e in solved] for i in range(len(names))],
+                           "shares of the update  w_i g_i · d / |d|²"))
+        for ax, xs, per_objective, title in series:
+            for i, (name, values) in enumerate(zip(names, per_objective)):
+                ax.plot(xs, values, color=f"C{i}", lw=0.8, alpha=0.35)
+                ax.plot(xs, _smooth(values, max(1, len(xs) // 10)), color=f"C{i}", lw=2, label=name)
+            ax.set_title(f"{title}  (thin: per step)", fontsize=10)
+            ax.set_xlabel("step")
+            if ax is axes[0][0]:
+                ax.set_ylim(0, 1)  # update shares may leave [0, 1] where objectives conflict
+            ax.grid(alpha=0.3)
+            ax.legend()
         fig.tight_layout()
         written.append(out_dir / "weights.png")
         save_figure(fig, written[-1])
