@@ -1,7 +1,8 @@
 """``python -m trainers bench fairness``: what each weighting does to the regional balance.
 
 The same step budget with every weighting (LS, DWA, UW, RLW, SI, Nash-MTL, MPD, MPD's closed
-form; and MPD with the paper's Eq. 2 masked loss, ``--local-scale 1``) on the tiny SD1.5-shaped
+form; MPD with the paper's Eq. 2 masked loss, ``--local-scale 1``; MPD solved every 8th step
+only, ``--fair-every 8``) on the tiny SD1.5-shaped
 model, trained on real group photos whose faces and hands are small (the face-api sample photos,
 annotated by this pack, at 128 px). Measured on *held-out* photos under fixed probes (posterior
 mean latents, seeded noise, timesteps spread over the schedule): each region's denoising error —
@@ -32,6 +33,7 @@ VARIANTS = {  # label -> training overrides
     "mpd": {"weighting": "mpd"},
     "mpd-closed-form": {"weighting": "mpd-closed-form"},
     "mpd-local-scale-1": {"weighting": "mpd", "local_scale": 1.0},  # the paper's Eq. 2 masked loss
+    "mpd-fair-every-8": {"weighting": "mpd", "fair_every": 8},  # amortized: solve every 8th step
 }
 HELD_OUT = ("sample2.jpg", "sample4.jpg")
 REGIONS = ("global", "face", "hand")
