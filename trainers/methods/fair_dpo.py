@@ -33,7 +33,7 @@ from core.masks import to_latent
 
 from ..build_pairs import annotate_pairs
 from .base import StepLosses
-from .hg_dpo import REGIONS, HGDPO, pair_masks, stat_objective, tuned_and_reference
+from .hg_dpo import HGDPO, REGIONS, pair_masks, stat_objective, tuned_and_reference
 
 
 class FairDPO(HGDPO):
@@ -47,6 +47,11 @@ class FairDPO(HGDPO):
         if annotated:
             print(f"fair-dpo: detected faces and hands of {annotated} pairs in {cfg.data} (masks/)", file=sys.stderr)
         super().__init__(cfg, model)
+        for region in REGIONS:
+            if not any(entry.get(f"{region}s") for pair in self.pairs for entry in pair["masks"].values()):
+                print(f"fair-dpo: warning: no pair of {cfg.data} has a detected {region}, so the {region} objective "
+                      f"stays inactive; build the pairs with a lower --mask-confidence (a young model's samples "
+                      f"hold no confident {region}) or from a model that draws them", file=sys.stderr)
 
     def batch(self, step: int, micro: int) -> dict:
         batch = super().batch(step, micro)

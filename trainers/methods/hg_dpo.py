@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.fileio import read_jsonl
 from core.dpo import (ddpm_posterior_mean, diffusion_dpo_loss, masked_per_sample_error, per_sample_error,
                       stat_matching_loss)
+from core.fileio import read_jsonl
 from core.masks import to_latent
 
 from ..data import StepBatches, buckets, collate, nearest_bucket, refuse_unreadable
