@@ -196,3 +196,19 @@ def test_a_dataset_without_conditions_is_refused_with_the_fix(tmp_path):
     text = result.stderr + json.dumps(read_events(tmp_path / "run" / "events.jsonl")) if (tmp_path / "run").exists() \
         else result.stderr
     assert result.returncode != 0 and "annotate" in text and "--pose" in text
+
+
+@pytest.fixture(scope="module")
+def conditioned64(tmp_path_factory):
+    from controlnet_helpers import make_conditioned_dataset
+
+    return make_conditioned_dataset(tmp_path_factory.mktemp("conditioned64"), count=2, size=64)
+
+
+def test_an_sdxl_controlnet_trains_with_its_text_time_conditioning(conditioned64, tmp_path):
+    result = train_cli("--method", "fairhuman-controlnet", "--base", "tiny-sdxl", "--resolution", 64,
+                       "--batch-size", 1, "--lr", "1e-3", "--data", conditioned64, "--output", tmp_path,
+                       "--steps", 2, "--checkpoint-every", 0)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    tensors = lora_tensors(tmp_path / "fairhumancontrolnet_sdxl.safetensors")
+    assert "add_embedding.linear_1.weight" in tensors and "controlnet_cond_embedding.conv_in.weight" in tensors
