@@ -55,8 +55,14 @@ def test_bf16_run_is_finite_and_close_to_fp32(dataset, tmp_path):
 
     initial = _flat(build_model(_cfg(dataset, tmp_path / "init")).trainable.state_dict())
     fp32 = _run(_cfg(dataset, tmp_path / "fp32"), tmp_path / "fp32")
-    bf16 = _run(_cfg(dataset, tmp_path / "bf16", mixed_precision="bf16"), tmp_path / "bf16")
+    bf16 = _run(_cfg(dataset, tmp_path / "bf16", mixed_precision="bf16", sample_every=5, sample_prompts=["a hand"],
+                     sample_steps=2), tmp_path / "bf16")
     assert fp32["status"] == bf16["status"] == "done" and bf16["nan_steps"] == 0
+    # validation samples under the policy too: the denoising in bf16, the VAE decode in fp32
+    from PIL import Image
+
+    with Image.open(tmp_path / "bf16" / "samples" / "step_0000005_0.png") as image:
+        assert image.size == (64, 64)
     model = bf16["model"]
     # the policy, as applied: frozen UNet and text encoders bf16, VAE and the LoRA fp32
     assert model.unet.conv_in.weight.dtype == torch.bfloat16

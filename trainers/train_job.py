@@ -71,10 +71,10 @@ def make_sampler(cfg, model: TrainableModel, run_dir: Path, events: EventLog):
         paths = []
         with torch.no_grad():
             for k, prompt in enumerate(cfg.sample_prompts):
-                image = model.pipe(
-                    prompt, num_inference_steps=cfg.sample_steps, height=cfg.resolution,
+                image = model.precision.generate(
+                    model.pipe, prompt, num_inference_steps=cfg.sample_steps, height=cfg.resolution,
                     width=cfg.resolution, generator=torch.Generator().manual_seed(cfg.seed + k),
-                ).images[0]
+                )[0]
                 path = run_dir / "samples" / f"step_{step:07d}_{k}.png"
                 with atomic_path(path) as tmp:
                     image.save(tmp, format="PNG")
