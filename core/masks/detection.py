@@ -7,6 +7,7 @@ one image to the next, so a result depends on its image alone.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 from dataclasses import dataclass
@@ -90,6 +91,11 @@ def release_detectors() -> None:
             for task in (found.face, found.hand):
                 task.close()
         _cache.clear()
+
+
+# Closed before the interpreter tears modules down: mediapipe >= 0.10.30's detectors, left to
+# their __del__ at exit, print "TypeError: 'NoneType' object is not callable" tracebacks.
+atexit.register(release_detectors)
 
 
 def _mp_image(pixels: np.ndarray):
