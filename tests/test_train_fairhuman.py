@@ -72,12 +72,16 @@ def test_sigkill_then_resume_equals_uninterrupted(dataset, tmp_path):
         assert torch.equal(a[key], b[key]), key  # bitwise: CPU fp32, every draw seeded by step
 
 
-def test_bad_input_gives_an_error_event(tmp_path):
-    result = train_cli("--method", "fairhuman", "--base", "tiny-sd15", "--data", tmp_path / "nope",
+def test_unannotated_folder_is_refused_before_anything_loads(tmp_path):
+    (tmp_path / "photos").mkdir()
+    result = train_cli("--method", "fairhuman", "--base", "tiny-sd15", "--data", tmp_path / "photos",
                        "--output", tmp_path / "run", "--steps", 1)
-    assert result.returncode == 1
-    error = read_events(tmp_path / "run" / "events.jsonl")[-1]
-    assert error["event"] == "error" and "annotate the folder first" in error["message"]
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "annotate the folder first" in line
+    assert not (tmp_path / "run").exists()
+    missing = train_cli("--method", "fairhuman", "--data", tmp_path / "nope", "--output", tmp_path / "run")
+    assert missing.returncode == 2 and "--data" in missing.stderr and "is not a folder" in missing.stderr
 
 
 @pytest.mark.parametrize("base", ["tiny-sdxl", "tiny-sd15"])
