@@ -10,29 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from comfyui_harness import FRONTEND_ONLY_NODES, workflow_to_api
+
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "hand_face_masks.json"
 NODE_ID = "FairHumanHandFaceMasks"
-
-
-def ui_to_api(workflow: dict, info: dict) -> dict:
-    """An API prompt from a UI-format workflow: links become [node, slot] inputs, widget values
-    are matched to the node's non-link inputs in declaration order."""
-    links = {link[0]: link for link in workflow["links"]}
-    prompt = {}
-    for node in workflow["nodes"]:
-        spec = info[node["type"]]["input"]
-        declared = {**spec.get("required", {}), **spec.get("optional", {})}
-        inputs = {}
-        for slot in node.get("inputs", []):
-            if slot.get("link") is not None:
-                _, source, source_slot, *_ = links[slot["link"]]
-                inputs[slot["name"]] = [str(source), source_slot]
-        widgets = [name for name in declared if name not in inputs]
-        inputs.update(zip(widgets, node.get("widgets_values", [])))
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -58,8 +41,8 @@ def test_shipped_workflow_runs_on_a_group_photo_and_an_empty_scene(comfy_server,
 
     info = comfy_server.object_info()
     workflow = json.loads(WORKFLOW.read_text())
-    assert {n["type"] for n in workflow["nodes"]} <= set(info)
-    prompt = ui_to_api(workflow, info)
+    assert {n["type"] for n in workflow["nodes"]} - set(FRONTEND_ONLY_NODES) <= set(info)
+    prompt = workflow_to_api(workflow, info)
     load = next(k for k, v in prompt.items() if v["class_type"] == "LoadImage")
     masks = next(k for k, v in prompt.items() if v["class_type"] == NODE_ID)
     assert set(prompt[masks]["inputs"]) >= {"images", "min_confidence", "padding", "dilation", "faces", "hands"}
