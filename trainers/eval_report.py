@@ -119,8 +119,8 @@ def write_html(path: Path, report: dict) -> Path:
 <h1>Evaluation of {len(report['models'])} LoRA(s) against {html.escape(report['base'])}</h1>
 <p class=muted>{len(report['prompts'])} prompts × {len(report['seeds'])} seeds, strengths
 {', '.join(f'{s:g}' for s in report['strengths'])}. Face/Hand Confi.: mean detection / handedness confidence over
-detected faces / hands, with the share of images where any was found. Color shift: % change of the HSV channel
-means from the base. Win rate: per prompt, the mean over seeds and strengths; a tie counts half.</p>
+detected faces / hands, with the share of images where any was found. Color shift from the base: the angle
+between the mean hues in % of a full turn, and the % change of the saturation and value means. Win rate: per prompt, the mean over seeds and strengths; a tie counts half.</p>
 <h2>Metrics</h2>{metric_table(report)}
 <h2>Confidence by strength</h2><img alt="confidence by strength" src="{confidence_plot(report)}">
 <h2>Win rates</h2>{win_table(report)}

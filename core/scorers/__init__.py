@@ -2,7 +2,7 @@
 
 | name | what it scores | weights |
 |---|---|---|
-| anatomy | face detection confidence + hand confidence × landmark plausibility (mediapipe) | bundled with mediapipe 0.10.21 |
+| anatomy | face detection confidence + hand confidence × landmark plausibility (mediapipe) | the mediapipe model files (`python -m trainers models`) |
 | pickscore | PickScore (CLIP fine-tuned on human choices): logit scale × text-image cosine | a local folder |
 | hps | HPS v2 / v2.1 (open_clip ViT-H-14 fine-tuned on human choices): text-image cosine | a local folder |
 | imagereward | ImageReward (BLIP + reward head), standardized | a local folder |
