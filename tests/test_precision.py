@@ -436,3 +436,25 @@ def test_bench_gpu_smoke_runs_on_the_cpu():
             assert f"| fp16 | {checkpointing} | {step} |" in out, (checkpointing, step, out)
     assert "LAN sampling / plain sampling time" in out and "DPO step / plain LoRA step peak memory" in out
     assert "| mpd extra ≤ (K-1) x LoRA + 5%" in out and "| reference / mpd ≥ 1.3" in out
+
+
+@pytest.mark.slow
+def test_fp16_resume_restores_the_loss_scale(dataset, tmp_path, monkeypatch):
+    """Cancelled after the scaler has backed off, then resumed: the same LoRA bit for bit (a
+    resumed run that restarted at the initial scale would skip its next step again)."""
+    from trainers.precision import Precision
+    from trainers.train_job import run_job
+
+    make_scaler = Precision.make_scaler
+    monkeypatch.setattr(Precision, "make_scaler", lambda self, init_scale=2.0**21: make_scaler(self, init_scale))
+    straight = _run(_cfg(dataset, tmp_path / "a", mixed_precision="fp16", steps=6), tmp_path / "a")
+    out = tmp_path / "b"
+    out.mkdir()
+    events = EventLog(out / "events.jsonl", echo=False)
+    first = run_job(_cfg(dataset, out, mixed_precision="fp16", steps=6), out, events, resume=False,
+                    stop_requested=lambda: True)  # stops after the first applied step
+    assert first["status"] == "cancelled" and first["nan_steps"] >= 1
+    resumed = run_job(_cfg(dataset, out, mixed_precision="fp16", steps=6), out, events, resume=True,
+                      stop_requested=lambda: False, keep_model=True)
+    a, b = straight["model"].trainable.state_dict(), resumed["model"].trainable.state_dict()
+    assert resumed["status"] == "done" and all(torch.equal(a[k], b[k]) for k in a)
