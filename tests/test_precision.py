@@ -247,8 +247,6 @@ def test_the_fair_step_reads_the_host_once_per_optimizer_step(tiny_model):
     assert result.weights.tolist() == [1.0, 1.0, 0.0]
 
 
-@pytest.mark.xfail(strict=True, reason="core.weighting.mpd uses torch.linalg.solve, which checks its result on "
-                   "the host (30 syncs a step on CUDA); torch.linalg.solve_ex would not")
 def test_the_mpd_weighting_does_not_synchronise(tiny_model):
     combiner = FairCombiner(tiny_model.trainable.parameters(), get_weighting("mpd"), 3)
     combiner.add(*_fair_losses(tiny_model))

@@ -53,7 +53,8 @@ def mpd_weights(gram: torch.Tensor, alpha: float = 2.0, iterations: int = 30) ->
     for _ in range(iterations):
         grad = k @ w - w ** (-p)
         hess = k + torch.diag(p * w ** (-p - 1.0))
-        step = -torch.linalg.solve(hess, grad)
+        # solve_ex: no host-side check of the result (the Hessian is positive definite)
+        step = -torch.linalg.solve_ex(hess, grad)[0]
         # Largest step keeping w > 0, at most 1 (fraction to the boundary: 0.9 of the way).
         ratio = torch.where(step < 0, -0.9 * w / step, torch.full_like(w, float("inf")))
         t = torch.clamp(ratio.min(), max=1.0)
