@@ -23,6 +23,7 @@ log = logging.getLogger("fairhuman-hgdpo")
 
 MODES = ["wait", "background"]
 PRECISIONS = ["no", "fp16", "bf16"]
+DPO_METHODS = ["hg-dpo", "fair-dpo"]
 WAIT_POLL_S = 0.2
 
 
@@ -149,7 +150,8 @@ class _TrainNode:
     LABEL = ""
 
     def launch(self, *, ckpt_name: str, output_name: str, mode: str, overwrite: bool, model, strength: float,
-               spec: dict, settings: dict, device: str = ""):
+               spec: dict, settings: dict, device: str = "", method: str = ""):
+        method = method or self.METHOD
         name = sanitize_output_name(output_name)
         if mode not in MODES:
             raise InputRefused(f"mode {mode!r}: expected one of {MODES}")
@@ -162,14 +164,14 @@ class _TrainNode:
             raise InputRefused(f"mixed_precision {settings['mixed_precision']} needs a GPU and ComfyUI runs on the "
                                f"CPU: set mixed_precision to no")
         manager = comfy_manager()
-        settings = {"method": self.METHOD, "ckpt_name": ckpt_name, **settings}
+        settings = {"method": method, "ckpt_name": ckpt_name, **settings}
         spec["train"] = {**spec["train"], "device": device}
         manager.check(name=name, device=device, settings=settings, overwrite=overwrite)
         free_device_memory(device)
-        spec = {"version": 1, "method": self.METHOD, "base": checkpoint_path(ckpt_name),
+        spec = {"version": 1, "method": method, "base": checkpoint_path(ckpt_name),
                 "tokenizer": comfy_tokenizer(), "lora_file": f"{name}.safetensors", "lora_name": listed,
                 "lora_dest": str(dest), "overwrite": bool(overwrite), **spec}
-        job = manager.submit(spec, name=name, method=self.METHOD, device=device, settings=settings,
+        job = manager.submit(spec, name=name, method=method, device=device, settings=settings,
                              lora_name=listed, overwrite=overwrite)
         log.info("%s: job %s for %r started (%s mode), folder %s", self.LABEL, job.id, name, mode, job.dir)
         if mode == "background":
@@ -180,7 +182,7 @@ class _TrainNode:
         if model is not None:
             from .loaders import apply_lora
 
-            out_model, _, info = apply_lora(model, None, job.record["lora_path"], strength, 0.0, self.METHOD)
+            out_model, _, info = apply_lora(model, None, job.record["lora_path"], strength, 0.0, method)
             log.info("%s", info)
         return listed, image_tensor(job.record.get("plot"), "no loss plot"), str(job.dir), out_model
 
@@ -243,18 +245,22 @@ class FairHumanTrainLoRA(_TrainNode):
                 "normalization": (["reference", "area"], {"default": "reference", "tooltip": (
                     "Masked-loss normalization: reference (the FairHuman code's) or area (mean over the region).")}),
                 **_optional_common(0.4),
+                "fair_every": ("INT", {"default": 1, "min": 1, "max": 1000, "tooltip": (
+                    "Solve the fair weights every N steps; in between, one backward with the last weights "
+                    "(a plain step's cost). 1: every step, as in the paper.")}),
             },
         }
 
     def train(self, ckpt_name, dataset, output_name, steps, resolution, rank, learning_rate, weighting, mode,
               normalization="reference", batch_size=1, gradient_accumulation=1, mixed_precision="fp16",
               gradient_checkpointing=False, seed=0, checkpoint_every=100, device="", overwrite=False, model=None,
-              strength=0.4):
+              strength=0.4, fair_every=1):
         import folder_paths
 
         folder = resolve_dataset(dataset, folder_paths.get_input_directory())
         train = {"steps": steps, "resolution": resolution, "rank": rank, "lr": learning_rate,
-                 "weighting": weighting, "normalization": normalization, "batch_size": batch_size,
+                 "weighting": weighting, "normalization": normalization, "fair_every": fair_every,
+                 "batch_size": batch_size,
                  "grad_accum": gradient_accumulation, "mixed_precision": mixed_precision,
                  "gradient_checkpointing": gradient_checkpointing, "seed": seed, "checkpoint_every": checkpoint_every}
         return self.launch(ckpt_name=ckpt_name, output_name=output_name, mode=mode, overwrite=overwrite,
@@ -296,15 +302,20 @@ class HGDPOTrainLoRA(_TrainNode):
                 "sampling_steps": ("INT", {"default": 30, "min": 1, "max": 200,
                                            "tooltip": "Sampler steps of each generated image."}),
                 **_optional_common(0.5),
+                "method": (DPO_METHODS, {"default": "hg-dpo", "tooltip": (
+                    "hg-dpo: the paper's whole-image preference. fair-dpo: the preference split into global, face "
+                    "and hand terms (each image's own masks) combined by MPD, so hands and faces get their say.")}),
             },
         }
 
     def train(self, ckpt_name, prompts, images_per_prompt, scorer, output_name, steps, mode, pairs="",
               resolution=512, rank=8, learning_rate=1e-5, sampling_steps=30, batch_size=1,
               gradient_accumulation=1, mixed_precision="fp16", gradient_checkpointing=False, seed=0,
-              checkpoint_every=100, device="", overwrite=False, model=None, strength=0.5):
+              checkpoint_every=100, device="", overwrite=False, model=None, strength=0.5, method="hg-dpo"):
         import folder_paths
 
+        if method not in DPO_METHODS:
+            raise InputRefused(f"method {method!r}: expected one of {DPO_METHODS}")
         train = {"steps": steps, "resolution": resolution, "rank": rank, "lr": learning_rate,
                  "batch_size": batch_size, "grad_accum": gradient_accumulation, "mixed_precision": mixed_precision,
                  "gradient_checkpointing": gradient_checkpointing, "seed": seed, "checkpoint_every": checkpoint_every}
@@ -332,7 +343,8 @@ class HGDPOTrainLoRA(_TrainNode):
             source = {"prompts": lines, "images_per_prompt": images_per_prompt, "scorer": scorer,
                       "sampling_steps": sampling_steps}
         return self.launch(ckpt_name=ckpt_name, output_name=output_name, mode=mode, overwrite=overwrite,
-                           model=model, strength=strength, spec=spec, settings={**source, **train}, device=device)
+                           model=model, strength=strength, spec=spec, settings={**source, **train}, device=device,
+                           method=method)
 
 
 NODE_CLASS_MAPPINGS = {"FairHumanTrainLoRA": FairHumanTrainLoRA, "HGDPOTrainLoRA": HGDPOTrainLoRA}

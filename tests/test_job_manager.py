@@ -212,3 +212,26 @@ def test_cancelled_job_queued_again_ends_with_the_same_lora_bit_for_bit(jm, tmp_
     assert again.finished.wait(600) and again.state == "done", again.record
     a, b = lora_tensors(straight.record["lora_path"]), lora_tensors(again.record["lora_path"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_fair_dpo_job_builds_pairs_then_trains_regional_objectives(jm, tmp_path):
+    """What Train HG-DPO LoRA with method fair-dpo hands the manager: prompts → pairs (with each
+    kept image's masks) → the fair-dpo trainer, whose LoRA records the three DPO objectives."""
+    from core.lora_format import read_lora_metadata
+
+    manager = jm.JobManager(tmp_path / "runs")
+    name = "fair"
+    spec = {"method": "fair-dpo", "base": "tiny-sd15", "tokenizer": "", "prompts": ["a photo of a woman waving",
+                                                                                   "two friends smiling"],
+            "build_pairs": {"n": 2, "scorer": "anatomy", "size": 64, "steps": 2, "seed": 0, "scorer_models": {}},
+            "lora_file": f"{name}.safetensors", "lora_name": f"fairhuman/{name}.safetensors",
+            "lora_dest": str(tmp_path / "loras" / "fairhuman" / f"{name}.safetensors"), "overwrite": False,
+            "train": {"steps": 2, "resolution": 64, "rank": 4, "lr": 1e-3, "mixed_precision": "no",
+                      "checkpoint_every": 0, "seed": 0, "eval_pairs": 0}}
+    job = manager.submit(spec, name=name, method="fair-dpo", device="cpu", settings=dict(spec["train"]),
+                         lora_name=spec["lora_name"], overwrite=False)
+    assert job.finished.wait(600), job.dir.joinpath("job.log").read_text()[-3000:]
+    assert job.state == "done", (job.record, job.dir.joinpath("job.log").read_text()[-3000:])
+    meta = {k.removeprefix("fairhuman."): v for k, v in read_lora_metadata(job.record["lora_path"]).items()}
+    assert meta["method"] == "fair-dpo" and meta["objectives"] == ["global", "face", "hand"]
