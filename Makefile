@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-all test-fast venv clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m trainers demo
 
+# Everything but the heavy tests (full-size training in a real ComfyUI, a fresh-venv install):
+# what CI runs. test-all runs those too (about an hour more on 2 CPU cores).
 test: $(STAMP)
+	$(PY) -m pytest -m "not heavy"
+
+test-all: $(STAMP)
 	$(PY) -m pytest
 
 test-fast: $(STAMP)

@@ -82,6 +82,7 @@ def error_of(server, prompt) -> str:
 
 
 # ---- wait mode -------------------------------------------------------------------------------------
+@pytest.mark.heavy
 def test_wait_mode_trains_on_photos_and_the_lora_is_listed_and_applies(setup):
     server, ckpt, listener = setup
     graph = {
@@ -138,6 +139,7 @@ def test_wait_mode_trains_on_photos_and_the_lora_is_listed_and_applies(setup):
 
 
 # ---- interrupt and resume --------------------------------------------------------------------------
+@pytest.mark.heavy
 def test_interrupt_stops_the_trainer_and_requeueing_resumes_to_the_same_lora(setup):
     server, ckpt, listener = setup
     # checkpoint_every=1: a step of the full-size model takes a minute on these CPUs, longer than
@@ -172,6 +174,7 @@ def test_interrupt_stops_the_trainer_and_requeueing_resumes_to_the_same_lora(set
 
 
 # ---- background mode, cancel, a busy device --------------------------------------------------------
+@pytest.mark.heavy
 def test_background_job_runs_beside_the_queue_and_cancels_within_10_s(setup):
     server, ckpt, listener = setup
     entry = server.run({"2": train_node(ckpt, "background", mode="background", steps=200),
@@ -242,6 +245,7 @@ def test_bad_inputs_give_a_clear_error_and_write_nothing(setup, outside_folder, 
     assert after == before and not (runs(server) / "refused").exists()
 
 
+@pytest.mark.heavy
 def test_different_settings_for_a_cancelled_run_are_refused_naming_them(setup):
     server, ckpt, _ = setup
     background = runs(server) / "background"  # cancelled above: resumable, no LoRA yet

@@ -12,7 +12,7 @@ import pytest
 
 from comfyui_harness import workflow_to_api
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow, pytest.mark.heavy]
 
 # The workflows of the training issue and the three before it; the others' tests run their own.
 NAMES = ("train_fairhuman_lora.json", "train_hgdpo_lora.json", "fairhuman_lora.json", "hand_face_masks.json",

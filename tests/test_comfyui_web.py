@@ -164,6 +164,7 @@ def test_panel_without_job_routes_says_so(browser, comfy_server, tmp_path):
         context.close()
 
 
+@pytest.mark.heavy
 def test_panel_follows_cancels_and_refreshes_loras(browser, comfy_server, comfy_sd15_checkpoint, tmp_path):
     """Real background jobs of the Train FairHuman LoRA node: the panel shows the running job's
     step, losses and ETA from the pushed events, its Cancel button stops a job, and a finished job

@@ -140,6 +140,7 @@ CV2_OWNERS = ("import importlib.metadata as md; print(' '.join(sorted({d.metadat
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_fresh_install_keeps_numpy_adds_one_opencv_and_detects(tmp_path, sample_photos):
     probe = _run(sys.executable, "-m", "pip", "index", "versions", "mediapipe", timeout=120)
     if probe.returncode != 0:
