@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=2, help="batch size")
     parser.add_argument("--latent", type=int, default=32, help="latent side (image side / 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--fair-every", type=int, nargs="*", default=[4, 8, 16],
+                        help="also the mean step cost of --fair-every N for these N (none: skip)")
 
 
 def add_lora(unet, rank: int) -> list[torch.nn.Parameter]:
@@ -166,10 +168,34 @@ def steps_for(params, losses, device="cpu"):
             "reference": reference}
 
 
+def amortized_steps(params, losses, every=(4, 8, 16)) -> dict:
+    """``--fair-every N``: N consecutive steps, one solving (the mpd step) and N - 1 backward
+    passes of the weighted sum with the solved weights, as the loop takes them; time / N is the
+    mean step cost."""
+    combiner = FairCombiner(params, get_weighting("mpd"), 3, batched=True)
+
+    def zero():
+        for p in params:
+            p.grad = None
+
+    def run(n):
+        zero()
+        values, active = losses()
+        combiner.add(values, active)
+        weights = combiner.step().weights.detach()
+        for _ in range(n - 1):
+            zero()
+            values, _ = losses()
+            (values * weights).sum().backward()
+
+    return {f"fair-every {n}": (lambda n=n: run(n)) for n in every}
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     print(f"tiny SDXL-shaped UNet, batch {args.batch}, {args.latent}x{args.latent} latents, CPU "
           f"{args.threads} threads, median of {args.steps} interleaved rounds after 2 warm-up\n")
+    amortized = []
     header = "| rank | LoRA params | step | time (ms) | / plain | peak MiB | extra MiB vs plain | (K-1) x LoRA MiB |"
     print(header)
     print("|" + "---|" * 8)
@@ -195,4 +221,15 @@ def run(args: argparse.Namespace) -> int:
         if "mpd-loop" in times:
             print(f"|  |  | **mpd-loop / floor** | | {times['mpd-loop'] / times['floor']:.3f} | | | |")
         print(f"|  |  | **reference / mpd** | | {times['reference'] / times['mpd']:.2f} | | | |")
+        if args.fair_every:  # the amortized mean step, against plain and every-step mpd of the same run
+            fns = {"plain": fns["plain"], "mpd": fns["mpd"], **amortized_steps(params, losses, args.fair_every)}
+            times = interleaved_medians(fns, max(3, args.steps // 2))
+            amortized.append((rank, {name: times[name] / (int(name.split()[-1]) if name.startswith("fair") else 1)
+                                     for name in fns}))
+    for rank, mean in amortized:
+        if rank == amortized[0][0]:
+            print("\n| rank | fair-every N | mean step (ms) | / plain |\n|---|---|---|---|")
+        for name, seconds in mean.items():
+            label = "1 (mpd)" if name == "mpd" else ("plain" if name == "plain" else name.split()[-1])
+            print(f"| {rank} | {label} | {seconds * 1e3:.0f} | {seconds / mean['plain']:.2f} |")
     return 0
