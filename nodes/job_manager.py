@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 from ..core.fileio import (CANCELLED, DONE, ERROR, EVENTS_FILE, PROGRESS, STAGE, WARNING, EventTail, JsonlError,
-                           read_events, write_json_atomic)
+                           write_json_atomic)
 from .job_paths import InputRefused, inside
 
 log = logging.getLogger("fairhuman-hgdpo")
