@@ -231,8 +231,9 @@ def outside_folder(setup, tmp_path_factory):
     ({"output_name": "sub/evil"}, "may not contain path separators"),
     ({"ckpt_name": "missing.safetensors"}, "missing.safetensors"),
     ({"dataset": "no images"}, "has no images"),
-    ({"output_name": "wait test"}, "already exists"),
-    ({"rank": 8, "output_name": "resumed"}, "already exists"),
+    # these two need the LoRAs the heavy tests above train
+    pytest.param({"output_name": "wait test"}, "already exists", marks=pytest.mark.heavy),
+    pytest.param({"rank": 8, "output_name": "resumed"}, "already exists", marks=pytest.mark.heavy),
 ], ids=["dotdot", "absolute", "symlink-out", "absolute-outside", "name-dotdot", "name-slash", "missing-ckpt",
         "no-images", "existing-lora", "existing-lora-2"])
 def test_bad_inputs_give_a_clear_error_and_write_nothing(setup, outside_folder, case, expected):
