@@ -27,37 +27,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
 
+def plain_and_dpo_steps(model, n: int, side: int, device="cpu"):
+    """A fixed batch of n pairs (2n latents of side²) and its two steps: plain (the diffusion loss
+    on the 2n latents) and dpo (HG-DPO's step on the n pairs). Returns (batch, zero, plain, dpo);
+    batch holds noisy, t, noise, cond, params."""
+    from trainers.methods.hg_dpo import dpo_objectives
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2 * n, 4, side, side, generator=g).to(device)
+    noise = torch.randn(n, 4, side, side, generator=g).repeat(2, 1, 1, 1).to(device)
+    t = torch.randint(0, 1000, (n,), generator=g).repeat(2).to(device)
+    batch = dict(noisy=model.add_noise(latents, noise, t), t=t, noise=noise,
+                 cond=model.conditioning(["a photo of hands"] * (2 * n)), params=model.trainable.parameters())
+
+    def zero():
+        for p in batch["params"]:
+            p.grad = None
+
+    def plain():
+        zero()
+        ((model.predict(batch["noisy"], t, batch["cond"]) - noise) ** 2).mean().backward()
+
+    def dpo():
+        zero()
+        loss, stat, _ = dpo_objectives(model, batch["noisy"], t, noise, batch["cond"], None, n, 2500.0)
+        (loss + 10000.0 * stat).backward()
+
+    return batch, zero, plain, dpo
+
+
 def run(args: argparse.Namespace) -> int:
     from core.combine import FairCombiner
     from core.dpo import regional_dpo_losses
     from core.tiny_models import build_tiny_pipeline
     from core.weighting import get_weighting
-    from trainers.methods.hg_dpo import dpo_objectives, stat_objective, tuned_and_reference
+    from trainers.methods.hg_dpo import stat_objective, tuned_and_reference
     from trainers.model import TrainableModel
 
     torch.set_num_threads(args.threads)
     model = TrainableModel(build_tiny_pipeline("tiny-sd15"), rank=8)
     n, side = args.pairs, args.latent
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(2 * n, 4, side, side, generator=g)
-    noise = torch.randn(n, 4, side, side, generator=g).repeat(2, 1, 1, 1)
-    t = torch.randint(0, 1000, (n,), generator=g).repeat(2)
-    noisy = model.add_noise(latents, noise, t)
-    cond = model.conditioning(["a photo of hands"] * (2 * n))
-    params = model.trainable.parameters()
-
-    def zero():
-        for p in params:
-            p.grad = None
-
-    def plain():
-        zero()
-        ((model.predict(noisy, t, cond) - noise) ** 2).mean().backward()
-
-    def dpo():
-        zero()
-        loss, stat, _ = dpo_objectives(model, noisy, t, noise, cond, None, n, 2500.0)
-        (loss + 10000.0 * stat).backward()
+    batch, zero, plain, dpo = plain_and_dpo_steps(model, n, side)
+    noisy, t, noise, cond, params = (batch[k] for k in ("noisy", "t", "noise", "cond", "params"))
 
     # each image's face (a quarter) and hand (a small square, absent from the first loser)
     masks = torch.zeros(2 * n, 2, side, side)

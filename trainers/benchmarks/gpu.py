@@ -26,6 +26,7 @@ import torch
 
 from core.objectives import regional_losses
 
+from .dpo import plain_and_dpo_steps
 from .fairhuman import add_lora, step_inputs, steps_for
 from .measure import interleaved_medians, peak_bytes
 
@@ -115,7 +116,6 @@ def sdxl_rows(unet, params, precision, latent: int, rounds: int, checkpointing: 
 def lan_and_dpo(smoke: bool, device, dtype, rounds: int) -> dict:
     """SD1.5 at 512² (smoke: tiny at 64²): LAN/plain sampling time and DPO/plain step peak."""
     from core.tiny_models import build_tiny_pipeline
-    from trainers.methods.hg_dpo import dpo_objectives
     from trainers.model import TrainableModel
     from trainers.sample import lan_generate
 
@@ -135,28 +135,7 @@ def lan_and_dpo(smoke: bool, device, dtype, rounds: int) -> dict:
     model.unet.eval()
     times = interleaved_medians({"plain": plain_sampling, "lan": lan_sampling}, rounds, warmup=1, device=device)
     model.unet.train()
-    side, n = size // 8, 1
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(2 * n, 4, side, side, generator=g).to(device)
-    noise = torch.randn(n, 4, side, side, generator=g).repeat(2, 1, 1, 1).to(device)
-    t = torch.randint(0, 1000, (n,), generator=g).repeat(2).to(device)
-    noisy = model.add_noise(latents, noise, t)
-    cond = model.conditioning(["a photo of hands"] * (2 * n))
-    params = model.trainable.parameters()
-
-    def zero():
-        for p in params:
-            p.grad = None
-
-    def plain_step():
-        zero()
-        ((model.predict(noisy, t, cond) - noise) ** 2).mean().backward()
-
-    def dpo_step():
-        zero()
-        loss, stat, _ = dpo_objectives(model, noisy, t, noise, cond, None, n, 2500.0)
-        (loss + 10000.0 * stat).backward()
-
+    _, _, plain_step, dpo_step = plain_and_dpo_steps(model, 1, size // 8, device)
     peaks = {"plain": peak_bytes(plain_step, device), "dpo": peak_bytes(dpo_step, device)}
     return {"lan_time": times["lan"] / times["plain"], "dpo_peak": peaks["dpo"] / peaks["plain"],
             "size": size, "steps": steps}
