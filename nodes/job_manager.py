@@ -402,7 +402,7 @@ _manager_lock = threading.Lock()
 
 def comfy_manager() -> JobManager:
     """The manager of this ComfyUI: runs under ``<output>/fairhuman_runs``, events pushed to
-    the browser as ``fairhuman.job`` messages, the LoRA lists refreshed when a job ends."""
+    the browser as ``fairhuman.job`` messages, the LoRA and ControlNet lists refreshed when a job ends."""
     global _manager
     with _manager_lock:
         if _manager is None:
@@ -411,7 +411,7 @@ def comfy_manager() -> JobManager:
             from .job_paths import RUNS_FOLDER
 
             _manager = JobManager(Path(folder_paths.get_output_directory()) / RUNS_FOLDER,
-                                  notify=_push_to_browser, on_finished=_refresh_lora_lists)
+                                  notify=_push_to_browser, on_finished=_refresh_model_lists)
             atexit.register(_manager.stop_all)
         return _manager
 
@@ -422,9 +422,10 @@ def _push_to_browser(summary: dict, event: dict) -> None:
     PromptServer.instance.send_sync("fairhuman.job", {**summary, "event": event})
 
 
-def _refresh_lora_lists(job: Job) -> None:
-    """folder_paths re-scans on a folder mtime change; drop the cache too, so a LoRA copied
-    within the same mtime tick is listed (same cache in ComfyUI 0.3.64 and 0.8.0)."""
+def _refresh_model_lists(job: Job) -> None:
+    """folder_paths re-scans on a folder mtime change; drop the cache too, so a LoRA or ControlNet
+    copied within the same mtime tick is listed (same cache in ComfyUI 0.3.64 and 0.8.0)."""
     import folder_paths
 
-    folder_paths.filename_list_cache.pop("loras", None)
+    for kind in ("loras", "controlnet"):
+        folder_paths.filename_list_cache.pop(kind, None)

@@ -166,20 +166,24 @@ class FairHumanControlNetLoader:
     DESCRIPTION = "Loads a FairHuman ControlNet (diffusers layout) for Apply ControlNet."
 
     def load(self, control_net_name):
-        import comfy.controlnet
+        return load_controlnet(resolve("controlnet", control_net_name))
 
-        path = resolve("controlnet", control_net_name)
-        meta = {}
-        if path.endswith(".safetensors"):
-            meta = {k.removeprefix("fairhuman."): v for k, v in read_lora_metadata(path).items()
-                    if k.startswith("fairhuman.")}
-        try:
-            control = comfy.controlnet.load_controlnet(path)
-        except Exception as err:
-            raise ValueError(f"cannot load ControlNet {path}: {err}") from None
-        if control is None:
-            raise ValueError(f"{path} is not a ControlNet ComfyUI recognizes")
-        return control, json.dumps(meta) if meta else f"{os.path.basename(path)}: no training metadata"
+
+def load_controlnet(path: str):
+    """(ComfyUI's CONTROL_NET, its training metadata as text) of a ControlNet file."""
+    import comfy.controlnet
+
+    meta = {}
+    if path.endswith(".safetensors"):
+        meta = {k.removeprefix("fairhuman."): v for k, v in read_lora_metadata(path).items()
+                if k.startswith("fairhuman.")}
+    try:
+        control = comfy.controlnet.load_controlnet(path)
+    except Exception as err:
+        raise ValueError(f"cannot load ControlNet {path}: {err}") from None
+    if control is None:
+        raise ValueError(f"{path} is not a ControlNet ComfyUI recognizes")
+    return control, json.dumps(meta) if meta else f"{os.path.basename(path)}: no training metadata"
 
 
 NODE_CLASS_MAPPINGS = {

@@ -1,7 +1,8 @@
-"""Train FairHuman LoRA / Train HG-DPO LoRA: the bundled trainers as jobs, from a graph.
+"""Train FairHuman LoRA / Train FairHuman ControlNet / Train HG-DPO LoRA: the bundled trainers
+as jobs, from a graph.
 
 The node checks every input before anything is written (dataset inside the allowed folders,
-a plain output name, no LoRA of that name unless ``overwrite``, the same settings when a run of
+a plain output name, no file of that name unless ``overwrite``, the same settings when a run of
 that name exists, a free device), then hands a spec to the job manager, which runs
 ``python -m trainers job`` in its own process. ``wait`` blocks the queue, drives the progress
 bar and turns a UI interrupt into SIGTERM (the trainer checkpoints: resumable); ``background``
@@ -74,12 +75,13 @@ def free_device_memory(device: str) -> None:
         mm.soft_empty_cache()
 
 
-def lora_destination(name: str) -> tuple[str, Path]:
-    """(the name LoraLoader lists, the file) of a trained LoRA."""
+def destination(folder: str, name: str) -> tuple[str, Path]:
+    """(the name ComfyUI lists, the file) of a trained file in a models folder kind ("loras",
+    "controlnet"): ``<first folder of that kind>/fairhuman/<name>.safetensors``."""
     import folder_paths
 
     listed = os.path.join(LORA_SUBFOLDER, f"{name}.safetensors")
-    return listed, Path(folder_paths.get_folder_paths("loras")[0]) / listed
+    return listed, Path(folder_paths.get_folder_paths(folder)[0]) / listed
 
 
 def image_tensor(path: str | None, note: str):
@@ -96,14 +98,15 @@ def image_tensor(path: str | None, note: str):
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
 
 
-# ---- shared by both nodes ---------------------------------------------------------------------
-def _optional_common(strength: float) -> dict:
+# ---- shared by the nodes ----------------------------------------------------------------------
+def _optional_training() -> dict:
     return {
         "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per micro-batch (paper: 1)."}),
         "gradient_accumulation": ("INT", {"default": 1, "min": 1, "max": 256,
                                           "tooltip": "Micro-batches per optimizer step."}),
         "mixed_precision": (PRECISIONS, {"default": "fp16", "tooltip": (
-            "UNet forward in fp16/bf16 (LoRA weights stay fp32; paper: fp16). Needs a GPU: use 'no' on a CPU.")}),
+            "UNet forward in fp16/bf16 (trained weights stay fp32; paper: fp16). fp16 needs a GPU; bf16 also runs "
+            "on a CPU (slowly, in less memory than no).")}),
         "gradient_checkpointing": ("BOOLEAN", {"default": False,
                                                "tooltip": "Less activation memory for more compute."}),
         "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
@@ -113,8 +116,13 @@ def _optional_common(strength: float) -> dict:
         "device": ("STRING", {"default": "", "tooltip": (
             "Where the job trains: empty for ComfyUI's device, or cpu, cuda, cuda:N. One job runs per device.")}),
         "overwrite": ("BOOLEAN", {"default": False, "tooltip": (
-            "Replace an existing LoRA of this name and start its run over. Off: an existing LoRA is refused, "
+            "Replace an existing file of this name and start its run over. Off: an existing file is refused, "
             "and a cancelled run of this name is resumed.")}),
+    }
+
+
+def _optional_lora_output(strength: float) -> dict:
+    return {
         "model": ("MODEL", {"tooltip": "Optional: outputs this model with the new LoRA applied (wait mode), "
                                        "so one graph trains and samples."}),
         "strength": ("FLOAT", {"default": strength, "min": -4.0, "max": 4.0, "step": 0.01,
@@ -122,47 +130,72 @@ def _optional_common(strength: float) -> dict:
     }
 
 
-def _common_required(steps: int, kind: str) -> dict:
+def _common_required(steps: int, default_name: str, where: str) -> dict:
     return {
-        "output_name": ("STRING", {"default": f"my_{kind}_lora", "tooltip": (
-            f"Name of the LoRA: models/loras/{LORA_SUBFOLDER}/<name>.safetensors, and of its run. Queueing the "
+        "output_name": ("STRING", {"default": default_name, "tooltip": (
+            f"Name of the file: {where}/{LORA_SUBFOLDER}/<name>.safetensors, and of its run. Queueing the "
             f"same name with the same settings resumes a cancelled run.")}),
         "steps": ("INT", {"default": steps, "min": 1, "max": 1000000, "tooltip": "Optimizer steps."}),
     }
 
 
+def _photos_inputs() -> dict:
+    """The base and the photo folder of the FairHuman nodes (LoRA and ControlNet)."""
+    return {
+        "ckpt_name": (_checkpoints(), {"tooltip": "The base checkpoint to train on (SD1.5 or SDXL)."}),
+        "dataset": ("STRING", {"default": "fairhuman_photos", "tooltip": (
+            "A folder of photos inside ComfyUI's input directory (or an absolute path under a folder "
+            "listed in FAIRHUMAN_ALLOWED_ROOTS). Without metadata.jsonl it is annotated first.")}),
+    }
+
+
+RESOLUTION = ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 64, "tooltip": (
+    "Training side in pixels (aspect buckets keep about resolution² pixels). Paper (SDXL): 1024.")})
+LEARNING_RATE = ("FLOAT", {"default": 1e-5, "min": 1e-8, "max": 1e-1, "step": 1e-6, "round": False,
+                           "tooltip": "Learning rate. Paper: 1e-5."})
+WEIGHTING = (list(WEIGHTINGS), {"default": "mpd", "tooltip": (
+    "How the global, face and hand gradients are combined: mpd (the paper's fair weighting) or "
+    "a baseline (ls, dwa, uw, rlw, si, nash-mtl, mpd-closed-form).")})
+NORMALIZATION = (["reference", "area"], {"default": "reference", "tooltip": (
+    "Masked-loss normalization: reference (the FairHuman code's) or area (mean over the region).")})
+FAIR_EVERY = ("INT", {"default": 1, "min": 1, "max": 1000, "tooltip": (
+    "Solve the fair weights every N steps; in between, one backward with the last weights "
+    "(a plain step's cost). 1: every step, as in the paper.")})
+
+
 def _mode_input() -> tuple:
     return (MODES, {"default": "wait", "tooltip": (
-        "wait: the node blocks the queue with a progress bar until the LoRA is ready (Cancel stops it, "
+        "wait: the node blocks the queue with a progress bar until the file is ready (Cancel stops it, "
         "resumably). background: returns at once; follow the job in the jobs panel or GET /fairhuman/jobs.")})
 
 
 class _TrainNode:
-    RETURN_TYPES = ("STRING", "IMAGE", "STRING", "MODEL")
-    RETURN_NAMES = ("lora_name", "loss_plot", "run_dir", "model")
-    OUTPUT_TOOLTIPS = ("The LoRA's name in the loras list (LoraLoader, the pack's loaders).",
-                       "Each objective's loss over the steps (and the MPD weight shares / DPO margins).",
-                       "The job's folder: events.jsonl, job.log, train/ (checkpoints, config).",
-                       "The input model with the new LoRA (wait mode, when a model is linked).")
+    """What every Train node does: check, submit, wait; a subclass says what it trains (METHOD),
+    where the file goes (FOLDER) and what its last output is (``trained_output``)."""
+
     FUNCTION = "train"
-    OUTPUT_NODE = True  # it writes a LoRA: runs even when nothing consumes its outputs
+    OUTPUT_NODE = True  # it writes a file: runs even when nothing consumes its outputs
     METHOD = ""
     LABEL = ""
+    FOLDER = "loras"  # the ComfyUI models folder kind the trained file is copied into
+    WHAT = "LoRA"
 
-    def launch(self, *, ckpt_name: str, output_name: str, mode: str, overwrite: bool, model, strength: float,
-               spec: dict, settings: dict, device: str = "", method: str = ""):
+    def launch(self, *, ckpt_name: str, output_name: str, mode: str, overwrite: bool, spec: dict, settings: dict,
+               device: str = "", method: str = "", output=None):
+        """Submit the job; in wait mode wait for it. Returns the node's four outputs, the last one
+        ``trained_output(path, output)`` (wait mode) or ``untrained_output(output)`` (background)."""
         method = method or self.METHOD
         name = sanitize_output_name(output_name)
         if mode not in MODES:
             raise InputRefused(f"mode {mode!r}: expected one of {MODES}")
-        listed, dest = lora_destination(name)
+        listed, dest = destination(self.FOLDER, name)
         if dest.exists() and not overwrite:
-            raise InputRefused(f"a LoRA named {listed!r} already exists ({dest}): choose another output_name or "
-                               f"set overwrite to true to replace it")
+            raise InputRefused(f"a {self.WHAT} named {listed!r} already exists ({dest}): choose another output_name "
+                               f"or set overwrite to true to replace it")
         device = training_device(device)
-        if settings.get("mixed_precision", "no") != "no" and device == "cpu":
-            raise InputRefused(f"mixed_precision {settings['mixed_precision']} needs a GPU and ComfyUI runs on the "
-                               f"CPU: set mixed_precision to no")
+        if settings.get("mixed_precision") == "fp16" and device == "cpu":
+            raise InputRefused("mixed_precision fp16 needs a GPU and ComfyUI runs on the CPU: set mixed_precision "
+                               "to no, or bf16 (less memory, slower)")
         manager = comfy_manager()
         settings = {"method": method, "ckpt_name": ckpt_name, **settings}
         spec["train"] = {**spec["train"], "device": device}
@@ -176,15 +209,16 @@ class _TrainNode:
         log.info("%s: job %s for %r started (%s mode), folder %s", self.LABEL, job.id, name, mode, job.dir)
         if mode == "background":
             note = f"training in the background: job {job.id} (jobs panel)"
-            return listed, image_tensor(None, note), str(job.dir), model
+            return listed, image_tensor(None, note), str(job.dir), self.untrained_output(output)
         self.wait(manager, job, name)
-        out_model = model
-        if model is not None:
-            from .loaders import apply_lora
+        return (listed, image_tensor(job.record.get("plot"), "no loss plot"), str(job.dir),
+                self.trained_output(job.record["lora_path"], output))
 
-            out_model, _, info = apply_lora(model, None, job.record["lora_path"], strength, 0.0, method)
-            log.info("%s", info)
-        return listed, image_tensor(job.record.get("plot"), "no loss plot"), str(job.dir), out_model
+    def trained_output(self, path: str, output):
+        raise NotImplementedError
+
+    def untrained_output(self, output):
+        return None
 
     def wait(self, manager, job, name: str) -> None:
         import comfy.model_management as mm
@@ -214,7 +248,42 @@ class _TrainNode:
             bar.update_absolute(job.total, job.total)
 
 
-class FairHumanTrainLoRA(_TrainNode):
+
+class _TrainLoRANode(_TrainNode):
+    RETURN_TYPES = ("STRING", "IMAGE", "STRING", "MODEL")
+    RETURN_NAMES = ("lora_name", "loss_plot", "run_dir", "model")
+    OUTPUT_TOOLTIPS = ("The LoRA's name in the loras list (LoraLoader, the pack's loaders).",
+                       "Each objective's loss over the steps (and the MPD weight shares / DPO margins).",
+                       "The job's folder: events.jsonl, job.log, train/ (checkpoints, config).",
+                       "The input model with the new LoRA (wait mode, when a model is linked).")
+
+    def trained_output(self, path: str, output):
+        model, strength, method = output
+        if model is None:
+            return None
+        from .loaders import apply_lora
+
+        out_model, _, info = apply_lora(model, None, path, strength, 0.0, method)
+        log.info("%s", info)
+        return out_model
+
+    def untrained_output(self, output):
+        return output[0]  # background: the model as it came
+
+    def launch_lora(self, *, model, strength: float, method: str = "", **launch):
+        return self.launch(method=method, output=(model, strength, method or self.METHOD), **launch)
+
+
+def _fairhuman_settings(steps, resolution, learning_rate, weighting, normalization, fair_every, batch_size,
+                        gradient_accumulation, mixed_precision, gradient_checkpointing, seed, checkpoint_every) -> dict:
+    """The trainer options of the FairHuman nodes (LoRA and ControlNet), by the trainer's names."""
+    return {"steps": steps, "resolution": resolution, "lr": learning_rate, "weighting": weighting,
+            "normalization": normalization, "fair_every": fair_every, "batch_size": batch_size,
+            "grad_accum": gradient_accumulation, "mixed_precision": mixed_precision,
+            "gradient_checkpointing": gradient_checkpointing, "seed": seed, "checkpoint_every": checkpoint_every}
+
+
+class FairHumanTrainLoRA(_TrainLoRANode):
     METHOD = "fairhuman"
     LABEL = "Train FairHuman LoRA"
     CATEGORY = "FairHuman"
@@ -226,28 +295,19 @@ class FairHumanTrainLoRA(_TrainNode):
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "ckpt_name": (_checkpoints(), {"tooltip": "The base checkpoint to train on (SD1.5 or SDXL)."}),
-                "dataset": ("STRING", {"default": "fairhuman_photos", "tooltip": (
-                    "A folder of photos inside ComfyUI's input directory (or an absolute path under a folder "
-                    "listed in FAIRHUMAN_ALLOWED_ROOTS). Without metadata.jsonl it is annotated first.")}),
-                **_common_required(1000, "fairhuman"),
-                "resolution": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 64, "tooltip": (
-                    "Training side in pixels (aspect buckets keep about resolution² pixels). Paper (SDXL): 1024.")}),
+                **_photos_inputs(),
+                **_common_required(1000, "my_fairhuman_lora", "models/loras"),
+                "resolution": RESOLUTION,
                 "rank": ("INT", {"default": 256, "min": 1, "max": 1024, "tooltip": "LoRA rank. Paper: 256."}),
-                "learning_rate": ("FLOAT", {"default": 1e-5, "min": 1e-8, "max": 1e-1, "step": 1e-6, "round": False,
-                                            "tooltip": "Learning rate. Paper: 1e-5."}),
-                "weighting": (list(WEIGHTINGS), {"default": "mpd", "tooltip": (
-                    "How the global, face and hand gradients are combined: mpd (the paper's fair weighting) or "
-                    "a baseline (ls, dwa, uw, rlw, si, nash-mtl, mpd-closed-form).")}),
+                "learning_rate": LEARNING_RATE,
+                "weighting": WEIGHTING,
                 "mode": _mode_input(),
             },
             "optional": {
-                "normalization": (["reference", "area"], {"default": "reference", "tooltip": (
-                    "Masked-loss normalization: reference (the FairHuman code's) or area (mean over the region).")}),
-                **_optional_common(0.4),
-                "fair_every": ("INT", {"default": 1, "min": 1, "max": 1000, "tooltip": (
-                    "Solve the fair weights every N steps; in between, one backward with the last weights "
-                    "(a plain step's cost). 1: every step, as in the paper.")}),
+                "normalization": NORMALIZATION,
+                **_optional_training(),
+                **_optional_lora_output(0.4),
+                "fair_every": FAIR_EVERY,
             },
         }
 
@@ -258,17 +318,75 @@ class FairHumanTrainLoRA(_TrainNode):
         import folder_paths
 
         folder = resolve_dataset(dataset, folder_paths.get_input_directory())
-        train = {"steps": steps, "resolution": resolution, "rank": rank, "lr": learning_rate,
-                 "weighting": weighting, "normalization": normalization, "fair_every": fair_every,
-                 "batch_size": batch_size,
-                 "grad_accum": gradient_accumulation, "mixed_precision": mixed_precision,
-                 "gradient_checkpointing": gradient_checkpointing, "seed": seed, "checkpoint_every": checkpoint_every}
+        train = {"rank": rank, **_fairhuman_settings(
+            steps, resolution, learning_rate, weighting, normalization, fair_every, batch_size,
+            gradient_accumulation, mixed_precision, gradient_checkpointing, seed, checkpoint_every)}
+        return self.launch_lora(ckpt_name=ckpt_name, output_name=output_name, mode=mode, overwrite=overwrite,
+                                model=model, strength=strength, spec={"dataset": str(folder), "train": train},
+                                settings={"dataset": str(folder), **train}, device=device)
+
+
+class FairHumanTrainControlNet(_TrainNode):
+    METHOD = "fairhuman-controlnet"
+    LABEL = "Train FairHuman ControlNet"
+    CATEGORY = "FairHuman"
+    FOLDER = "controlnet"
+    WHAT = "ControlNet"
+    RETURN_TYPES = ("STRING", "IMAGE", "STRING", "CONTROL_NET")
+    RETURN_NAMES = ("control_net_name", "loss_plot", "run_dir", "control_net")
+    OUTPUT_TOOLTIPS = ("The ControlNet's name in the controlnet list (Load ControlNet, Load FairHuman ControlNet).",
+                       "Each objective's loss over the steps (and the MPD weight shares).",
+                       "The job's folder: events.jsonl, job.log, dataset/ (poses), train/ (checkpoints, config).",
+                       "The trained ControlNet, loaded (wait mode): link it to Apply ControlNet.")
+    DESCRIPTION = ("Trains a FairHuman pose ControlNet on a folder of photos: each photo's whole-body pose is "
+                   "rendered OpenPose-style (or your own masks/<stem>_condition.png is used), then the ControlNet, "
+                   "initialized from the checkpoint's UNet, learns the global, face and hand losses with MPD-fair "
+                   f"weighting. It lands in models/controlnet/{LORA_SUBFOLDER}/ and is listed at once.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                **_photos_inputs(),
+                **_common_required(1000, "my_fairhuman_controlnet", "models/controlnet"),
+                "resolution": RESOLUTION,
+                "learning_rate": LEARNING_RATE,
+                "weighting": WEIGHTING,
+                "mode": _mode_input(),
+            },
+            "optional": {
+                "condition_dropout": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
+                    "Probability that a photo's pose is hidden (black) in a step, so the ControlNet also learns "
+                    "without it. Paper: 0.3.")}),
+                "normalization": NORMALIZATION,
+                **_optional_training(),
+                "fair_every": FAIR_EVERY,
+            },
+        }
+
+    def train(self, ckpt_name, dataset, output_name, steps, resolution, learning_rate, weighting, mode,
+              condition_dropout=0.3, normalization="reference", batch_size=1, gradient_accumulation=1,
+              mixed_precision="fp16", gradient_checkpointing=False, seed=0, checkpoint_every=100, device="",
+              overwrite=False, fair_every=1):
+        import folder_paths
+
+        folder = resolve_dataset(dataset, folder_paths.get_input_directory())
+        train = {"condition_dropout": condition_dropout, **_fairhuman_settings(
+            steps, resolution, learning_rate, weighting, normalization, fair_every, batch_size,
+            gradient_accumulation, mixed_precision, gradient_checkpointing, seed, checkpoint_every)}
         return self.launch(ckpt_name=ckpt_name, output_name=output_name, mode=mode, overwrite=overwrite,
-                           model=model, strength=strength, spec={"dataset": str(folder), "train": train},
-                           settings={"dataset": str(folder), **train}, device=device)
+                           spec={"dataset": str(folder), "train": train}, settings={"dataset": str(folder), **train},
+                           device=device)
+
+    def trained_output(self, path: str, output):
+        from .loaders import load_controlnet
+
+        control, info = load_controlnet(path)
+        log.info("%s: %s", self.LABEL, info)
+        return control
 
 
-class HGDPOTrainLoRA(_TrainNode):
+class HGDPOTrainLoRA(_TrainLoRANode):
     METHOD = "hg-dpo"
     LABEL = "Train HG-DPO LoRA"
     CATEGORY = "HG-DPO"
@@ -287,7 +405,7 @@ class HGDPOTrainLoRA(_TrainNode):
                 "scorer": (list(SCORERS), {"default": "anatomy", "tooltip": (
                     "anatomy (built in, offline). pickscore / hps / imagereward need their weights in "
                     "models/scorers/<name> (docs/scorers.md).")}),
-                **_common_required(1000, "hgdpo"),
+                **_common_required(1000, "my_hgdpo_lora", "models/loras"),
                 "mode": _mode_input(),
             },
             "optional": {
@@ -297,11 +415,11 @@ class HGDPOTrainLoRA(_TrainNode):
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64,
                                        "tooltip": "Side of the generated images and of training. SD1.5: 512."}),
                 "rank": ("INT", {"default": 8, "min": 1, "max": 1024, "tooltip": "LoRA rank. Paper: 8."}),
-                "learning_rate": ("FLOAT", {"default": 1e-5, "min": 1e-8, "max": 1e-1, "step": 1e-6, "round": False,
-                                            "tooltip": "Learning rate. Paper: 1e-5."}),
+                "learning_rate": LEARNING_RATE,
                 "sampling_steps": ("INT", {"default": 30, "min": 1, "max": 200,
                                            "tooltip": "Sampler steps of each generated image."}),
-                **_optional_common(0.5),
+                **_optional_training(),
+                **_optional_lora_output(0.5),
                 "method": (DPO_METHODS, {"default": "hg-dpo", "tooltip": (
                     "hg-dpo: the paper's whole-image preference. fair-dpo: the preference split into global, face "
                     "and hand terms (each image's own masks) combined by MPD, so hands and faces get their say.")}),
@@ -342,10 +460,13 @@ class HGDPOTrainLoRA(_TrainNode):
                                                     "steps": sampling_steps, "seed": seed, "scorer_models": models})
             source = {"prompts": lines, "images_per_prompt": images_per_prompt, "scorer": scorer,
                       "sampling_steps": sampling_steps}
-        return self.launch(ckpt_name=ckpt_name, output_name=output_name, mode=mode, overwrite=overwrite,
-                           model=model, strength=strength, spec=spec, settings={**source, **train}, device=device,
-                           method=method)
+        return self.launch_lora(ckpt_name=ckpt_name, output_name=output_name, mode=mode, overwrite=overwrite,
+                                model=model, strength=strength, spec=spec, settings={**source, **train},
+                                device=device, method=method)
 
 
-NODE_CLASS_MAPPINGS = {"FairHumanTrainLoRA": FairHumanTrainLoRA, "HGDPOTrainLoRA": HGDPOTrainLoRA}
-NODE_DISPLAY_NAME_MAPPINGS = {"FairHumanTrainLoRA": "Train FairHuman LoRA", "HGDPOTrainLoRA": "Train HG-DPO LoRA"}
+NODE_CLASS_MAPPINGS = {"FairHumanTrainLoRA": FairHumanTrainLoRA, "FairHumanTrainControlNet": FairHumanTrainControlNet,
+                       "HGDPOTrainLoRA": HGDPOTrainLoRA}
+NODE_DISPLAY_NAME_MAPPINGS = {"FairHumanTrainLoRA": "Train FairHuman LoRA",
+                              "FairHumanTrainControlNet": "Train FairHuman ControlNet",
+                              "HGDPOTrainLoRA": "Train HG-DPO LoRA"}

@@ -235,3 +235,56 @@ def test_a_fair_dpo_job_builds_pairs_then_trains_regional_objectives(jm, tmp_pat
     assert job.state == "done", (job.record, job.dir.joinpath("job.log").read_text()[-3000:])
     meta = {k.removeprefix("fairhuman."): v for k, v in read_lora_metadata(job.record["lora_path"]).items()}
     assert meta["method"] == "fair-dpo" and meta["objectives"] == ["global", "face", "hand"]
+
+
+@pytest.mark.slow
+def test_a_controlnet_job_renders_poses_then_trains_a_controlnet(jm, tmp_path, sample_photos):
+    """What Train FairHuman ControlNet hands the manager: a folder of real photos without
+    metadata.jsonl (one with the user's own condition in its masks/) → annotate --pose into the
+    job folder (the user's folder untouched) → the ControlNet trainer → a diffusers-layout
+    ControlNet copied to where ComfyUI lists ControlNets."""
+    import shutil
+
+    from PIL import Image
+    from safetensors import safe_open
+
+    from core.lora_format import read_lora_metadata
+
+    photos = tmp_path / "my photos"
+    (photos / "masks").mkdir(parents=True)
+    for path in sample_photos[:2]:
+        shutil.copy(path, photos / path.name)
+    own = photos / "masks" / f"{sample_photos[1].stem}_condition.png"
+    Image.new("RGB", (48, 32), (90, 40, 200)).save(own)  # a depth map of the user's: used as it is
+    before = sorted((p.relative_to(photos), p.stat().st_mtime_ns) for p in photos.rglob("*"))
+
+    name = "posed"
+    dest = tmp_path / "controlnet" / "fairhuman" / f"{name}.safetensors"
+    spec = {"method": "fairhuman-controlnet", "base": "tiny-sd15", "tokenizer": "", "dataset": str(photos),
+            "lora_file": f"{name}.safetensors", "lora_name": f"fairhuman/{name}.safetensors",
+            "lora_dest": str(dest), "overwrite": False,
+            "train": {"steps": 2, "resolution": 64, "lr": 1e-3, "mixed_precision": "no", "checkpoint_every": 0,
+                      "seed": 0, "condition_dropout": 0.0}}
+    manager = jm.JobManager(tmp_path / "runs")
+    job = manager.submit(spec, name=name, method="fairhuman-controlnet", device="cpu", settings=dict(spec["train"]),
+                         lora_name=spec["lora_name"], overwrite=False)
+    assert job.finished.wait(900), job.dir.joinpath("job.log").read_text()[-3000:]
+    assert job.state == "done", (job.record, job.dir.joinpath("job.log").read_text()[-3000:])
+
+    events = [json.loads(line) for line in (job.dir / "events.jsonl").read_text().splitlines()]
+    stages = [(e["name"], e.get("pose")) for e in events if e["event"] == "stage"]
+    assert stages == [("annotate", True), ("train", None)]
+    rows = {Path(r["image"]).name: r for r in map(json.loads, (job.dir / "dataset" / "metadata.jsonl").open())}
+    assert len(rows) == 2  # the user's condition in masks/ is not taken for a photo
+    drawn, kept = rows[sample_photos[0].name], rows[sample_photos[1].name]
+    assert drawn["pose"]["people"] >= 2 and (job.dir / "dataset" / drawn["condition"]).is_file()
+    assert (job.dir / "dataset" / kept["condition"]).resolve() == own.resolve() and "pose" not in kept
+    assert sorted((p.relative_to(photos), p.stat().st_mtime_ns) for p in photos.rglob("*")) == before
+
+    assert Path(job.record["lora_path"]) == dest and dest.is_file()
+    with safe_open(str(dest), "pt") as handle:
+        keys = list(handle.keys())
+    assert any(k.startswith("controlnet_cond_embedding.") for k in keys)
+    assert any(k.startswith("controlnet_down_blocks.") for k in keys)
+    meta = {k.removeprefix("fairhuman."): v for k, v in read_lora_metadata(dest).items()}
+    assert meta["method"] == "fairhuman-controlnet" and meta["objectives"] == ["global", "face", "hand"]

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +116,19 @@ def test_tflite_metadata_is_added_replaced_and_read_back():
     with pytest.raises(ValueError, match="not a tflite model"):
         with_image_metadata(b"PK\x03\x04 a zip, not a model", name="x", mean=0.0, std=1.0)
     assert mf.sha256(model) == mf.WHEEL_SHA256[mf.WHEEL_FACE]  # the test really used the wheel's file
+
+
+def test_annotating_elsewhere_uses_the_folders_own_condition_and_never_its_masks_as_photos(tmp_path, sample_photos):
+    # `--out` elsewhere (what the training nodes do): the folder's masks/ holds the user's
+    # condition (used, not copied) and is never read as photos
+    photos = tmp_path / "photos"
+    (photos / "masks").mkdir(parents=True)
+    shutil.copy(sample_photos[0], photos / "a.jpg")
+    Image.fromarray(np.full((40, 60, 3), 77, np.uint8)).save(photos / "masks" / "a_condition.png")
+    out = tmp_path / "out"
+    result = annotate(photos, "--out", out, "--pose")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [Path(r["image"]).name for r in rows] == ["a.jpg"]
+    assert (out / rows[0]["condition"]).resolve() == (photos / "masks" / "a_condition.png").resolve()
+    assert "pose" not in rows[0] and (out / rows[0]["mask_face"]).is_file()

@@ -202,12 +202,13 @@ def add_condition(record: dict, job: Job, settings: Settings, rgb, notes: list) 
 # ---- the folder ---------------------------------------------------------------------------------
 def list_files(root: Path, out: Path) -> tuple[list[Path], list[Path]]:
     """(images, ignored): image files by suffix, recursively, sorted; hidden files, captions,
-    our metadata and the output's masks folder are left out; other files are 'ignored'."""
+    our metadata and the masks folders (the output's and the folder's own) are left out; other
+    files are 'ignored'."""
     images, ignored = [], []
-    skip_dir = (out / MASKS).resolve()
+    skip_dirs = {(out / MASKS).resolve(), (root / MASKS).resolve()}  # masks, conditions: not photos
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() != skip_dir)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() not in skip_dirs)
         for name in sorted(files):
             path = here / name
             suffix = path.suffix.lower()
@@ -226,14 +227,24 @@ def make_jobs(root: Path, out: Path, images: list[Path]) -> list[Job]:
         base = rel.with_suffix("") if stems[(path.parent, path.stem)] == 1 else rel.with_name(
             f"{path.stem}_{path.suffix.lstrip('.').lower()}")
         caption = path.with_suffix(".txt")
+        side = {kind: _users_or_ours(root / MASKS / f"{base}_{kind}.png", out / MASKS / f"{base}_{kind}.png")
+                for kind in ("face", "hand", "condition")}
         jobs.append(Job(
             image=path.resolve(), key=_relative(path.resolve(), out.resolve()),
             caption=caption if caption.is_file() else None,
-            mask_face=(out / MASKS / f"{base}_face.png").resolve(),
-            mask_hand=(out / MASKS / f"{base}_hand.png").resolve(), out=out.resolve(),
-            condition=(out / MASKS / f"{base}_condition.png").resolve(),
+            mask_face=side["face"], mask_hand=side["hand"], out=out.resolve(), condition=side["condition"],
         ))
     return jobs
+
+
+def _users_or_ours(own: Path, target: Path) -> Path:
+    """Where an image's mask or condition is: ``target`` in the output's masks/, unless the output
+    goes elsewhere (``--out``) and holds none while the folder's own masks/ holds the user's file
+    (the training nodes annotate into their job folder: a user's condition there still counts)."""
+    own, target = own.resolve(), target.resolve()
+    if own != target and not target.exists() and own.is_file() and not is_our_mask(own):
+        return own
+    return target
 
 
 def read_metadata(path: Path) -> dict[str, dict]:

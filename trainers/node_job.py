@@ -1,6 +1,9 @@
 """``python -m trainers job SPEC.json``: one job of the ComfyUI training nodes, all its stages in
-one process: annotate (a FairHuman dataset without ``metadata.jsonl``), build-pairs (HG-DPO from
-prompts), train, then the LoRA is checked, plotted and copied where ComfyUI lists it.
+one process: annotate (a FairHuman dataset without ``metadata.jsonl``; with ``--pose`` for the
+ControlNet when its records lack condition images), build-pairs (HG-DPO from prompts), train,
+then the trained file is checked, plotted and copied where ComfyUI lists it. The spec's
+``lora_file`` / ``lora_dest`` / ``lora_name`` name that file whatever it is: a LoRA, or for
+``fairhuman-controlnet`` a ControlNet (into ``models/controlnet``).
 
 The spec is written by the node side (``nodes/job_manager.py``). Everything the job says goes
 into ``<job dir>/events.jsonl`` through ``core.fileio``: a ``stage`` event before each stage,
@@ -34,6 +37,8 @@ TRAIN_DIR = "train"
 ANNOTATIONS_DIR = "dataset"
 PAIRS_DIR = "pairs"
 PLOT_FILE = "loss_plot.png"
+CONTROLNET_METHOD = "fairhuman-controlnet"
+PHOTO_METHODS = ("fairhuman", CONTROLNET_METHOD)  # trained on a folder of photos (annotated first)
 
 
 class Cancelled(BaseException):
@@ -119,23 +124,40 @@ def _count_progress(events: EventLog, stage: str, journal: Path, total: int, key
 
 
 # ---- stages ----------------------------------------------------------------------------------
-def annotate_stage(spec: dict, job_dir: Path, events: EventLog) -> Path:
-    """The folder to train on: the dataset itself when it has metadata.jsonl, else its annotation
-    in the job folder (the user's folder is never written to)."""
+def _annotated(dataset: Path, pose: bool) -> bool:
+    """Whether the dataset can be trained on as it is: it has metadata.jsonl and, for a ControlNet,
+    every record names a condition image that exists."""
+    from .annotate import METADATA
+    from .data import read_records
+
+    if not (dataset / METADATA).is_file():
+        return False
+    if not pose:
+        return True
+    try:
+        return all(r.condition is not None and r.condition.is_file() for r in read_records(dataset))
+    except Exception:  # unreadable records: annotate into the job folder instead
+        return False
+
+
+def annotate_stage(spec: dict, job_dir: Path, events: EventLog, pose: bool = False) -> Path:
+    """The folder to train on: the dataset itself when it is annotated (``_annotated``), else its
+    annotation in the job folder (the user's folder is never written to; the user's own masks and
+    condition images in its masks/ are used)."""
     from .annotate import IMAGE_SUFFIXES, METADATA, list_files
 
     dataset = Path(spec["dataset"])
-    if (dataset / METADATA).is_file():
+    if _annotated(dataset, pose):
         return dataset
     out = job_dir / ANNOTATIONS_DIR
     images, _ = list_files(dataset, out)
     if not images:
         raise StageFailed(f"dataset folder {dataset} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})", 2)
-    events.emit(STAGE, name="annotate", images=len(images))
+    events.emit(STAGE, name="annotate", images=len(images), pose=pose)
     watcher = _Watcher(_count_progress(events, "annotate", out / METADATA, len(images), "image"))
     watcher.start()
     try:
-        code, message = run_command(["annotate", dataset, "--out", out,
+        code, message = run_command(["annotate", dataset, "--out", out, *(["--pose"] if pose else []),
                                      "--workers", max(1, min(4, os.cpu_count() or 1))])
     finally:
         watcher.finish()
@@ -244,9 +266,9 @@ def train_stage(spec: dict, job_dir: Path, events: EventLog, data: Path) -> dict
     return {"lora": run_dir / spec["lora_file"], "steps": forwarder.last_step, "run_dir": run_dir}
 
 
-def finish_lora(spec: dict, job_dir: Path, trained: dict) -> Path:
-    """Check the trained file reads as safetensors with tensors, then copy it atomically to
-    where ComfyUI lists LoRAs (never over an existing file unless the spec allows it)."""
+def finish_weights(spec: dict, job_dir: Path, trained: dict) -> Path:
+    """Check the trained file (LoRA or ControlNet) reads as safetensors with tensors, then copy it
+    atomically to where ComfyUI lists it (never over an existing file unless the spec allows it)."""
     from safetensors import safe_open
 
     source = Path(trained["lora"])
@@ -255,7 +277,7 @@ def finish_lora(spec: dict, job_dir: Path, trained: dict) -> Path:
             if not list(handle.keys()):
                 raise ValueError("it holds no tensors")
     except Exception as err:
-        raise StageFailed(f"the trained LoRA {source} does not read: {err}") from None
+        raise StageFailed(f"the trained file {source} does not read: {err}") from None
     dest = Path(spec["lora_dest"])
     if dest.exists() and not spec.get("overwrite"):
         raise StageFailed(f"{dest} already exists: choose another output_name or set overwrite to true", 2)
@@ -296,12 +318,12 @@ def run_job(spec: dict, job_dir: Path) -> int:
     events.emit(START, job=spec.get("job_id"), method=spec["method"], base=spec["base"],
                 steps=spec.get("train", {}).get("steps"), run_dir=str(job_dir))
     try:
-        if spec["method"] == "fairhuman":
-            data = annotate_stage(spec, job_dir, events)
+        if spec["method"] in PHOTO_METHODS:
+            data = annotate_stage(spec, job_dir, events, pose=spec["method"] == CONTROLNET_METHOD)
         else:
             data = pairs_stage(spec, job_dir, events)
         trained = train_stage(spec, job_dir, events, data)
-        dest = finish_lora(spec, job_dir, trained)
+        dest = finish_weights(spec, job_dir, trained)
         try:
             plot = plot_job(job_dir)
         except Exception as err:  # a plot is a convenience: the LoRA is what the job owes
