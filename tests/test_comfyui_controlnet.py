@@ -12,7 +12,7 @@ from PIL import Image
 from comfyui_harness import sampler_inputs, save_latent, txt2img_nodes, workflow_to_api
 from controlnet_helpers import make_conditioned_dataset, stick_figure
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.slow, pytest.mark.heavy]
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "fairhuman_controlnet.json"
 
 

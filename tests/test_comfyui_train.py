@@ -265,3 +265,91 @@ def test_routes_treat_ids_as_hostile(setup):
             with pytest.raises(urllib.error.HTTPError) as caught:
                 urllib.request.urlopen(request, timeout=30)
             assert caught.value.code in (400, 404, 405), (bad, method, caught.value.code)
+
+
+# ---- Train FairHuman ControlNet -----------------------------------------------------------------
+CONTROLNET_TRAIN = {"steps": 2, "resolution": 64, "learning_rate": 1e-3, "weighting": "mpd", "seed": 0,
+                    "checkpoint_every": 0, "condition_dropout": 0.0,
+                    # the frozen UNet in bf16: a full-size fp32 ControlNet run peaks above 13 GB on the CPU
+                    "mixed_precision": "bf16"}
+
+
+def controlnet_node(ckpt, output_name, mode="wait", **overrides):
+    return {"class_type": "FairHumanTrainControlNet",
+            "inputs": {"ckpt_name": ckpt, "dataset": DATASET, "output_name": output_name, "mode": mode,
+                       **CONTROLNET_TRAIN, **overrides}}
+
+
+def controlnets(server) -> Path:
+    return server.base_dir / "models" / "controlnet" / "fairhuman"
+
+
+def test_the_controlnet_node_offers_the_papers_settings(setup):
+    server = setup[0]
+    info = server.get("/object_info/FairHumanTrainControlNet")["FairHumanTrainControlNet"]
+    assert info["output"] == ["STRING", "IMAGE", "STRING", "CONTROL_NET"]
+    assert info["output_name"][0] == "control_net_name"
+    required, optional = info["input"]["required"], info["input"]["optional"]
+    assert list(required) == ["ckpt_name", "dataset", "output_name", "steps", "resolution", "learning_rate",
+                              "weighting", "mode"]
+    assert optional["condition_dropout"][1]["default"] == 0.3 and required["learning_rate"][1]["default"] == 1e-5
+    assert "rank" not in required and "model" not in optional  # a ControlNet has no rank, applies to no model
+
+
+@pytest.mark.parametrize("case, expected", [
+    ({"dataset": "link out"}, "outside the allowed folders"),
+    ({"mixed_precision": "fp16"}, "fp16 needs a GPU"),
+    ({"output_name": "taken"}, "a ControlNet named"),
+], ids=["symlink-out", "fp16-on-cpu", "existing-controlnet"])
+def test_the_controlnet_node_refuses_bad_inputs_and_writes_nothing(setup, outside_folder, case, expected):
+    server, ckpt, _ = setup
+    controlnets(server).mkdir(parents=True, exist_ok=True)
+    (controlnets(server) / "taken.safetensors").write_bytes(b"someone's ControlNet")
+    before = {p: p.stat().st_mtime_ns for p in list(runs(server).rglob("*")) + list(controlnets(server).rglob("*"))}
+    message = error_of(server, {"2": controlnet_node(ckpt, **{"output_name": "refused cn", **case})})
+    assert expected in message, message
+    after = {p: p.stat().st_mtime_ns for p in list(runs(server).rglob("*")) + list(controlnets(server).rglob("*"))}
+    assert after == before and not (runs(server) / "refused cn").exists()
+
+
+# not heavy: 2 bf16 steps at 64 px take about 20 s here, so CI runs the ControlNet chain end to end
+def test_the_controlnet_node_trains_on_photos_and_its_control_net_steers_the_sample(setup):
+    server, ckpt, listener = setup
+    pose = server.base_dir / "input" / "pose for cn.png"
+    from controlnet_helpers import stick_figure
+
+    Image.fromarray(stick_figure(64, 5)).save(pose)
+
+    def apply(control):
+        return {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["3", 0], "negative": ["4", 0], "control_net": control, "image": ["10", 0],
+            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
+
+    graph = {
+        **txt2img_nodes(ckpt, prompt="a person waving"),
+        "2": controlnet_node(ckpt, "cn wait"),
+        "10": {"class_type": "LoadImage", "inputs": {"image": pose.name}},
+        "11": apply(["2", 3]),
+        "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], **sampler_inputs(seed=3)}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["1", 0], **sampler_inputs(seed=3),
+                                                  "positive": ["11", 0], "negative": ["11", 1]}},
+        "20": save_latent("6", "cn_node_base"),
+        "21": save_latent("7", "cn_node_steered"),
+        "9": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
+    }
+    entry = server.run(graph, timeout=2400, client_id=listener.client_id)
+    name = os.path.join("fairhuman", "cn wait.safetensors")
+    assert entry["outputs"]["9"]["text"][0] == name and (controlnets(server) / "cn wait.safetensors").is_file()
+    base, steered = server.latest_latent("cn_node_base"), server.latest_latent("cn_node_steered")
+    assert torch.isfinite(steered).all() and (steered - base).abs().max() > 1e-4  # the trained ControlNet acts
+
+    job = job_of(server, "cn wait")
+    assert job["state"] == "done" and job["step"] == 2 and set(job["losses"]) == {"global", "face", "hand"}
+    stages = [m["event"] for m in listener.of_type("fairhuman.job")
+              if m["id"] == job["id"] and m["event"]["event"] == "stage"]
+    assert [s["name"] for s in stages] == ["annotate", "train"] and stages[0]["pose"] is True
+    rows = [json.loads(line) for line in (runs(server) / "cn wait" / "dataset" / "metadata.jsonl").open()]
+    assert rows and all(r["pose"]["people"] >= 1 for r in rows)  # the photos' poses were rendered
+    # listed by ComfyUI's own loader without a restart
+    listed = server.get("/object_info/ControlNetLoader")["ControlNetLoader"]["input"]["required"]["control_net_name"][0]
+    assert name in listed

@@ -1,7 +1,8 @@
 """Every shipped workflow, in its API form (as the browser would queue it), executes in a real
 ComfyUI: the model files swapped for the test's (the full-size random SD1.5 checkpoint, a LoRA
 the training workflow made), images at 64 px, one sampler step, training with 1 step. The
-training workflows run first: the others sample with the LoRA the FairHuman one trained."""
+training workflows run first: the others sample with the LoRA the FairHuman one trained. (The
+ControlNet sampling workflow has its own test, tests/test_comfyui_controlnet.py.)"""
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ from comfyui_harness import workflow_to_api
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow, pytest.mark.heavy]
 
 # The workflows of the training issue and the three before it; the others' tests run their own.
-NAMES = ("train_fairhuman_lora.json", "train_hgdpo_lora.json", "fairhuman_lora.json", "hand_face_masks.json",
-         "hgdpo_lan_sampler.json")
+NAMES = ("train_fairhuman_lora.json", "train_hgdpo_lora.json", "train_fairhuman_controlnet.json",
+         "fairhuman_lora.json", "hand_face_masks.json", "hgdpo_lan_sampler.json")
 WORKFLOWS = [Path(__file__).resolve().parents[1] / "workflows" / name for name in NAMES]
 TRAINED = "fairhuman/workflow train_fairhuman_lora.safetensors"
 SMALL = {
@@ -25,6 +26,9 @@ SMALL = {
     "FairHumanLANSampler": {"steps": 1, "cfg": 1.0},
     "FairHumanTrainLoRA": {"dataset": "workflow photos", "steps": 1, "resolution": 64, "rank": 4,
                            "learning_rate": 1e-3, "mixed_precision": "no", "checkpoint_every": 0},
+    # the frozen UNet in bf16: a full-size fp32 ControlNet run peaks above 13 GB on the CPU
+    "FairHumanTrainControlNet": {"dataset": "workflow photos", "steps": 1, "resolution": 64, "learning_rate": 1e-3,
+                                 "mixed_precision": "bf16", "checkpoint_every": 0},
     "HGDPOTrainLoRA": {"prompts": "a photo of a person waving\ntwo people shaking hands", "images_per_prompt": 3,
                        "steps": 1, "resolution": 64, "rank": 4, "learning_rate": 1e-3, "sampling_steps": 2,
                        "mixed_precision": "no", "checkpoint_every": 0},
@@ -71,7 +75,8 @@ def test_workflow_api_form_executes(server, path):
     outputs = entry["outputs"]
     saved = [item for out in outputs.values() for item in out.get("images", [])]
     assert saved, f"{path.name}: no image came out"
-    trainers = [k for k, n in api.items() if n["class_type"] in ("FairHumanTrainLoRA", "HGDPOTrainLoRA")]
-    for node_id in trainers:
-        lora = server.base_dir / "models" / "loras" / "fairhuman" / f"workflow {path.stem}.safetensors"
-        assert lora.is_file(), f"{path.name}: the trained LoRA is missing"
+    folders = {"FairHumanTrainLoRA": "loras", "HGDPOTrainLoRA": "loras", "FairHumanTrainControlNet": "controlnet"}
+    for node in api.values():
+        if node["class_type"] in folders:
+            trained = server.base_dir / "models" / folders[node["class_type"]] / "fairhuman" / f"workflow {path.stem}.safetensors"
+            assert trained.is_file(), f"{path.name}: the trained file is missing"
