@@ -248,7 +248,6 @@ class _TrainNode:
             bar.update_absolute(job.total, job.total)
 
 
-
 class _TrainLoRANode(_TrainNode):
     RETURN_TYPES = ("STRING", "IMAGE", "STRING", "MODEL")
     RETURN_NAMES = ("lora_name", "loss_plot", "run_dir", "model")

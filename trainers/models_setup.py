@@ -190,5 +190,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     files = mf.resolve_model_files(dest)
-    print(f"face detector: {files.face}\nhand landmarker: {files.hand}\npose landmarker: {pose.resolve_pose_file(dest)}")
+    print(f"face detector: {files.face}\nhand landmarker: {files.hand}\n"
+          f"pose landmarker: {pose.resolve_pose_file(dest)}")
     return 0
