@@ -377,6 +377,16 @@ class FairHumanTrainControlNet(_TrainNode):
                            spec={"dataset": str(folder), "train": train}, settings={"dataset": str(folder), **train},
                            device=device)
 
+    def untrained_output(self, output):
+        # a None CONTROL_NET would crash Apply ControlNet with a message about None: block the
+        # nodes that use it, with this error, instead (ComfyUI's ExecutionBlocker)
+        from comfy_execution.graph_utils import ExecutionBlocker
+
+        return ExecutionBlocker(
+            f"{self.LABEL}: in background mode the ControlNet does not exist yet when the node returns; use "
+            f"mode wait to sample with it in the same graph, or load it with Load FairHuman ControlNet once the "
+            f"job is done (jobs panel)")
+
     def trained_output(self, path: str, output):
         from .loaders import load_controlnet
 

@@ -353,3 +353,34 @@ def test_the_controlnet_node_trains_on_photos_and_its_control_net_steers_the_sam
     # listed by ComfyUI's own loader without a restart
     listed = server.get("/object_info/ControlNetLoader")["ControlNetLoader"]["input"]["required"]["control_net_name"][0]
     assert name in listed
+
+
+def test_a_background_controlnet_blocks_its_users_with_the_reason(setup):
+    # in background mode the CONTROL_NET output cannot exist yet: Apply ControlNet is blocked with
+    # a message saying so (ComfyUI's "Execution Blocked" error, not a crash on None), and the job
+    # itself trains on
+    server, ckpt, listener = setup
+    graph = {
+        **txt2img_nodes(ckpt),
+        "2": controlnet_node(ckpt, "cn background", mode="background", steps=200),
+        "10": {"class_type": "LoadImage", "inputs": {"image": "pose for bg.png"}},
+        "11": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["3", 0], "negative": ["4", 0], "control_net": ["2", 3], "image": ["10", 0],
+            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], **sampler_inputs(),
+                                                  "positive": ["11", 0], "negative": ["11", 1]}},
+        "7": save_latent("6", "cn_blocked"),
+    }
+    Image.new("RGB", (64, 64)).save(server.base_dir / "input" / "pose for bg.png")
+    try:
+        server.run(graph, timeout=300, client_id=listener.client_id)
+        blocked = listener.wait_for("execution_error", lambda m: m.get("node_id") == "11", timeout=30)
+        message = blocked["exception_message"]
+        assert "background mode the ControlNet does not exist yet" in message and "Load FairHuman ControlNet" in message
+        assert not list((server.base_dir / "output").glob("latents/cn_blocked*"))  # nothing sampled
+        assert job_of(server, "cn background")["state"] in ("queued", "running")  # the job goes on
+    finally:
+        job = job_of(server, "cn background")
+        if job["state"] in ("queued", "running"):
+            server.post(f"/fairhuman/jobs/{job['id']}/cancel", {})
+    assert job_of(server, "cn background")["state"] in ("cancelled", "interrupted", "error")
