@@ -110,7 +110,8 @@ def _optional_training() -> dict:
         "gradient_checkpointing": ("BOOLEAN", {"default": False,
                                                "tooltip": "Less activation memory for more compute."}),
         "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
-                         "tooltip": "Seed of data order, noise and timesteps (a resumed run is bit for bit the same)."}),
+                         "tooltip": ("Seed of data order, noise and timesteps. On one CPU thread a resumed run is bit "
+                                     "for bit the same as an uninterrupted one; more threads sum in varying order.")}),
         "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000, "tooltip": (
             "Save a resumable checkpoint every N steps (0: only when cancelled). An interrupt always saves one.")}),
         "device": ("STRING", {"default": "", "tooltip": (

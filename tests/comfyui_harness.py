@@ -75,7 +75,11 @@ class ComfyServer:
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # One CPU thread, inherited by the training jobs it starts: with two, CPU torch's backward
+        # (SDPA's flash-attention kernel above all) sums in a varying order, so two identical runs
+        # differ, and AdamW turns that into up to an lr-sized step; single-threaded they are
+        # equal bit for bit, which the resume tests assert.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(
             [str(self.python), str(self.tree / "main.py"), "--cpu", "--listen", "127.0.0.1",
              "--port", str(self.port), "--disable-auto-launch", "--base-directory", str(self.base_dir)],
