@@ -1,6 +1,6 @@
 // Training jobs panel: lists the pack's training jobs (GET /fairhuman/jobs), follows them through the
 // pushed "fairhuman.job" events, cancels them (POST /fairhuman/jobs/{id}/cancel) and refreshes
-// ComfyUI's model lists when a job finishes, so a new LoRA shows up in the loaders' dropdowns.
+// ComfyUI's model lists when a job finishes, so a new LoRA or ControlNet shows up in the loaders' dropdowns.
 // Plain JavaScript, no build step. A sidebar tab where the frontend offers one, else a floating panel.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -178,12 +178,12 @@ async function refreshModelLists() {
     } else if (typeof app.extensionManager?.command?.execute === "function") {
       await app.extensionManager.command.execute("Comfy.RefreshNodeDefinitions");
     } else {
-      console.warn("[fairhuman] this frontend cannot refresh node definitions; press R to see new LoRAs");
+      console.warn("[fairhuman] this frontend cannot refresh node definitions; press R to see new models");
       return;
     }
     store.modelRefreshes += 1;
   } catch (err) {
-    console.warn("[fairhuman] refreshing the model lists failed; press R to see new LoRAs:", err);
+    console.warn("[fairhuman] refreshing the model lists failed; press R to see new models:", err);
   }
 }
 
@@ -223,7 +223,9 @@ function renderJob(job) {
   row.append(el("div", "fh-job-name", job.output_name || job.lora_name || job.id));
   if (job.lora_name && job.lora_name !== job.output_name) {
     const file = el("div", "fh-job-lora", job.lora_name);
-    file.title = "The LoRA's name in LoraLoader and the pack's loaders";
+    file.title = job.method === "fairhuman-controlnet"
+      ? "The ControlNet's name in Load ControlNet and Load FairHuman ControlNet"
+      : "The LoRA's name in LoraLoader and the pack's loaders";
     row.append(file);
   }
 
@@ -289,7 +291,7 @@ function renderInto(container) {
     list.append(el("div", "fh-jobs-empty", "Loading…"));
   } else if (!ordered.length && store.status === "ready") {
     list.append(el("div", "fh-jobs-empty",
-      "No training jobs yet. Queue a \"Train FairHuman LoRA\" or \"Train HG-DPO LoRA\" node to start one."));
+      "No training jobs yet. Queue a \"Train FairHuman LoRA\", \"Train FairHuman ControlNet\" or \"Train HG-DPO LoRA\" node to start one."));
   }
   for (const job of ordered) list.append(renderJob(job));
   const body = container.querySelector(".fh-jobs-body") || container;
