@@ -16,8 +16,8 @@ from core.objectives import regional_losses
 from core.tiny_models import build_tiny_pipeline
 
 from ..trainables import ControlNetTrainable
-from .fairhuman import steps_for
-from .measure import interleaved_medians, mib, peak_bytes
+from .fairhuman import measure_steps
+from .measure import mib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,15 +64,7 @@ def _setup(batch: int, latent: int):
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     params, losses = _setup(args.batch, args.latent)
-    fns = steps_for(params, losses)
-    try:
-        fns["batched"]()
-    except RuntimeError as err:  # vmap over backward is not supported by every kernel
-        print(f"(batched VJP unavailable: {str(err).splitlines()[0][:80]})")
-        fns.pop("batched")
-        fns.pop("mpd-loop")
-    times = interleaved_medians(fns, args.steps)
-    peaks = {name: peak_bytes(fn) for name, fn in fns.items()}
+    fns, times, peaks = measure_steps(params, losses, args.steps)
     count = sum(p.numel() for p in params)
     print(f"tiny SDXL-shaped UNet + ControlNet ({count:,} trained parameters), batch {args.batch}, "
           f"{args.latent}x{args.latent} latents, CPU {args.threads} threads, median of {args.steps} interleaved "

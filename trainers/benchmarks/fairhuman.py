@@ -168,6 +168,20 @@ def steps_for(params, losses, device="cpu"):
             "reference": reference}
 
 
+def measure_steps(params, losses, rounds: int) -> tuple[dict, dict, dict]:
+    """(steps, median seconds, peak bytes) of ``steps_for``'s steps, interleaved; the batched ones
+    are left out where this torch cannot vmap a kernel's backward."""
+    fns = steps_for(params, losses)
+    try:
+        fns["batched"]()
+    except RuntimeError as err:  # vmap over backward is not supported by every kernel
+        print(f"(batched VJP unavailable: {str(err).splitlines()[0][:80]})")
+        fns.pop("batched")
+        fns.pop("mpd-loop")
+    times = interleaved_medians(fns, rounds)
+    return fns, times, {name: peak_bytes(fn) for name, fn in fns.items()}
+
+
 def amortized_steps(params, losses, every=(4, 8, 16)) -> dict:
     """``--fair-every N``: N consecutive steps, one solving (the mpd step) and N - 1 backward
     passes of the weighted sum with the solved weights, as the loop takes them; time / N is the
@@ -201,15 +215,7 @@ def run(args: argparse.Namespace) -> int:
     print("|" + "---|" * 8)
     for rank in args.ranks:
         unet, params, losses = _setup(rank, args.batch, args.latent)
-        fns = steps_for(params, losses)
-        try:
-            fns["batched"]()
-        except RuntimeError as err:  # vmap over backward is not supported by every kernel
-            print(f"(batched VJP unavailable: {str(err).splitlines()[0][:80]})")
-            fns.pop("batched")
-            fns.pop("mpd-loop")
-        times = interleaved_medians(fns, args.steps)
-        peaks = {name: peak_bytes(fn) for name, fn in fns.items()}
+        fns, times, peaks = measure_steps(params, losses, args.steps)
         lora_bytes = sum(p.numel() * 4 for p in params)
         lora_params = sum(p.numel() for p in params)
         for name in fns:
