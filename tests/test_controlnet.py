@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from train_helpers import ROOT, lora_tensors, offline_env, train_cli
+from train_helpers import ROOT, assert_all_losses_fall, lora_tensors, offline_env, train_cli
 from core.fileio import read_events
 
 pytestmark = pytest.mark.slow
@@ -138,13 +138,7 @@ def test_condition_dropout_happens_at_the_configured_rate_on_the_batch_stream(co
 def test_thirty_steps_lower_all_three_losses_and_export_a_diffusers_controlnet(posed, tmp_path):
     result = train_cli(*COMMON, "--data", posed, "--output", tmp_path, "--steps", 30, "--checkpoint-every", 0)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    events = read_events(tmp_path / "events.jsonl")
-    progress = [e for e in events if e["event"] == "progress"]
-    assert len(progress) == 30 and events[-1]["event"] == "done"
-    for name in ("global", "face", "hand"):
-        values = [e["losses"][name] for e in progress]
-        first, last = sum(values[:10]) / 10, sum(values[-10:]) / 10
-        assert last < first, f"{name}: first-10 mean {first:.4f}, last-10 mean {last:.4f}"
+    assert_all_losses_fall(tmp_path, 30)
     path = tmp_path / "fairhumancontrolnet_sd15.safetensors"
     tensors = lora_tensors(path)
     assert "controlnet_cond_embedding.conv_in.weight" in tensors and "controlnet_mid_block.weight" in tensors

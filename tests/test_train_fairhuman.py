@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from train_helpers import ROOT, lora_tensors, make_region_dataset, offline_env, train_cli
+from train_helpers import ROOT, assert_all_losses_fall, lora_tensors, make_region_dataset, offline_env, train_cli
 from core.fileio import read_events
 
 pytestmark = pytest.mark.slow
@@ -27,13 +27,7 @@ def test_mpd_training_lowers_all_three_losses(dataset, tmp_path, base):
     result = train_cli(*COMMON, "--base", base, "--data", dataset, "--output", tmp_path, "--steps", 30,
                        "--weighting", "mpd", "--checkpoint-every", 0)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    events = read_events(tmp_path / "events.jsonl")
-    progress = [e for e in events if e["event"] == "progress"]
-    assert len(progress) == 30 and events[-1]["event"] == "done"
-    for name in ("global", "face", "hand"):
-        values = [e["losses"][name] for e in progress]
-        first, last = sum(values[:10]) / 10, sum(values[-10:]) / 10
-        assert last < first, f"{base} {name}: first-10 mean {first:.4f}, last-10 mean {last:.4f}"
+    progress = assert_all_losses_fall(tmp_path, 30, f"{base} ")
     weights = progress[-1]["weights"]
     assert len(weights) == 3 and all(w > 0 for w in weights)
     lora = tmp_path / f"fairhuman_{'sdxl' if base == 'tiny-sdxl' else 'sd15'}.safetensors"

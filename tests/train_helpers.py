@@ -77,3 +77,18 @@ def lora_tensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def assert_all_losses_fall(run_dir: Path, steps: int, label: str = "") -> list[dict]:
+    """The run finished ``steps`` steps and each objective's mean loss over the last 10 is below
+    that over the first 10; returns its progress events."""
+    from core.fileio import read_events
+
+    events = read_events(Path(run_dir) / "events.jsonl")
+    progress = [e for e in events if e["event"] == "progress"]
+    assert len(progress) == steps and events[-1]["event"] == "done"
+    for name in ("global", "face", "hand"):
+        values = [e["losses"][name] for e in progress]
+        first, last = sum(values[:10]) / 10, sum(values[-10:]) / 10
+        assert last < first, f"{label}{name}: first-10 mean {first:.4f}, last-10 mean {last:.4f}"
+    return progress
