@@ -165,12 +165,16 @@ class FairCombiner:
         weights = torch.zeros(self.k, dtype=torch.float32, device=device)
         sub = gram.index_select(0, idx).index_select(1, idx)
         weights[idx] = self.weighting(sub, losses[idx], generator=generator, active=rows).float().to(device)
+        by_dtype = {}  # the weights in each gradient dtype, converted once (this loop runs per tensor)
         for g, p in zip(self.grads, self.params):
             # d in place in row 0: no new parameter-sized tensor (.grad is a view of this step's
             # stacked gradients, released with it at the next zero_grad)
+            if g.dtype not in by_dtype:
+                cast = weights.to(g.dtype)
+                by_dtype[g.dtype] = (cast[0], cast[1:])
+            first, rest = by_dtype[g.dtype]
             flat = g.reshape(self.k, -1)
-            d = flat[0].mul_(weights[0].to(flat.dtype))
-            d.addmv_(flat[1:].T, weights[1:].to(flat.dtype))
+            d = flat[0].mul_(first).addmv_(flat[1:].T, rest)
             p.grad = d.view_as(p) if d.dtype == p.dtype else d.view_as(p).to(p.dtype)
         self.reset()
         return FairStep(weights, gram, active)

@@ -16,7 +16,7 @@ from core.objectives import regional_losses
 from core.tiny_models import build_tiny_pipeline
 
 from ..trainables import ControlNetTrainable
-from .fairhuman import measure_steps
+from .fairhuman import measure_steps, step_inputs
 from .measure import mib
 
 
@@ -36,27 +36,13 @@ def _setup(batch: int, latent: int):
     with torch.no_grad():
         for i, p in enumerate(params):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 1e-3)
-    g = torch.Generator().manual_seed(0)
-    side = latent * 8
-    lat = torch.randn(batch, 4, latent, latent, generator=g)
-    noise = torch.randn(batch, 4, latent, latent, generator=g)
-    condition = torch.rand(batch, 3, side, side, generator=g)
-    face = torch.zeros(batch, 1, latent, latent)
-    face[:, :, latent // 8: latent // 3, latent // 4: latent // 2] = 1
-    hand = torch.zeros(batch, 1, latent, latent)
-    hand[:, :, -latent // 4: -latent // 8, -latent // 5: -latent // 10] = 1
-    cross = unet.config.cross_attention_dim
-    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-    hidden = torch.randn(batch, 77, cross, generator=g)
-    added = {"text_embeds": torch.randn(batch, pooled, generator=g),
-             "time_ids": torch.tensor([[side * 1.0, side, 0, 0, side, side]] * batch)}
-    t = torch.tensor([500] * batch)
+    inputs, noise, face, hand = step_inputs(unet, batch, latent)  # the fairhuman bench's batch
+    condition = torch.rand(batch, 3, latent * 8, latent * 8, generator=torch.Generator().manual_seed(1))
 
     def losses():
-        noisy = lat + noise
-        extra = trainable.unet_kwargs(noisy, t, hidden, added, condition)
-        pred = unet(noisy, t, encoder_hidden_states=hidden, added_cond_kwargs=added, **extra).sample
-        return regional_losses(pred, noise, face, hand)
+        extra = trainable.unet_kwargs(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                                      inputs["added_cond_kwargs"], condition)
+        return regional_losses(unet(**inputs, **extra).sample, noise, face, hand)
 
     return params, losses
 
