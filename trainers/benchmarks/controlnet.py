@@ -16,7 +16,7 @@ from core.objectives import regional_losses
 from core.tiny_models import build_tiny_pipeline
 
 from ..trainables import ControlNetTrainable
-from .fairhuman import measure_steps, step_inputs
+from .fairhuman import measure_steps, print_ratios, step_inputs
 from .measure import mib
 
 
@@ -60,9 +60,5 @@ def run(args: argparse.Namespace) -> int:
     for name in fns:
         print(f"| {name} | {times[name] * 1e3:.0f} | {times[name] / times['plain']:.2f} | {mib(peaks[name])} | "
               f"{peaks[name] / peaks['plain']:.2f} |")
-    floor = times["floor"] / times["plain"]
-    print(f"| **mpd / floor** | | {times['mpd'] / times['floor']:.3f} (floor / plain {floor:.2f}) | | |")
-    if "mpd-loop" in times:
-        print(f"| **mpd-loop / floor** | | {times['mpd-loop'] / times['floor']:.3f} | | |")
-    print(f"| **reference / mpd** | | {times['reference'] / times['mpd']:.2f} | | |")
+    print_ratios(times)
     return 0

@@ -168,6 +168,16 @@ def steps_for(params, losses, device="cpu"):
             "reference": reference}
 
 
+def print_ratios(times: dict, lead: str = "", tail: str = "") -> None:
+    """The table's summary rows: MPD against the floor (the target), the loop and the reference;
+    ``lead``/``tail``: the empty cells of the table's other columns."""
+    floor = times["floor"] / times["plain"]
+    print(f"{lead}| **mpd / floor** | | {times['mpd'] / times['floor']:.3f} (floor / plain {floor:.2f}) | |{tail} |")
+    if "mpd-loop" in times:
+        print(f"{lead}| **mpd-loop / floor** | | {times['mpd-loop'] / times['floor']:.3f} | |{tail} |")
+    print(f"{lead}| **reference / mpd** | | {times['reference'] / times['mpd']:.2f} | |{tail} |")
+
+
 def measure_steps(params, losses, rounds: int) -> tuple[dict, dict, dict]:
     """(steps, median seconds, peak bytes) of ``steps_for``'s steps, interleaved; the batched ones
     are left out where this torch cannot vmap a kernel's backward."""
@@ -222,11 +232,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"| {rank} | {lora_params:,} | {name} | {times[name] * 1e3:.0f} | "
                   f"{times[name] / times['plain']:.2f} | {mib(peaks[name])} | "
                   f"{mib(peaks[name] - peaks['plain'])} | {mib(2 * lora_bytes)} |")
-        floor = times["floor"] / times["plain"]
-        print(f"|  |  | **mpd / floor** | | {times['mpd'] / times['floor']:.3f} (floor ratio {floor:.2f}) | | | |")
-        if "mpd-loop" in times:
-            print(f"|  |  | **mpd-loop / floor** | | {times['mpd-loop'] / times['floor']:.3f} | | | |")
-        print(f"|  |  | **reference / mpd** | | {times['reference'] / times['mpd']:.2f} | | | |")
+        print_ratios(times, lead="|  |  ", tail=" |")
         if args.fair_every:  # the amortized mean step, against plain and every-step mpd of the same run
             fns = {"plain": fns["plain"], "mpd": fns["mpd"], **amortized_steps(params, losses, args.fair_every)}
             times = interleaved_medians(fns, max(3, args.steps // 2))
