@@ -1,5 +1,5 @@
 """``--preset paper``: one source (trainers/presets.py) that the configuration resolves from and
-the README's table is rendered from; a test per preset value; precedence; recorded in the run."""
+docs/paper-fidelity.md's table is rendered from; a test per preset value; precedence; recorded in the run."""
 import json
 import re
 import subprocess
@@ -11,19 +11,19 @@ from train_helpers import ROOT, offline_env, train_cli
 
 from trainers.presets import PAPER, PRESETS, format_value, markdown_table
 
-README = ROOT / "README.md"
+README = ROOT / "docs" / "paper-fidelity.md"
 CASES = [(command, setting) for command, settings in PRESETS[PAPER].items() for setting in settings]
 
 
 def _readme_table() -> str:
     text = README.read_text(encoding="utf-8")
     found = re.search(r"<!-- presets:begin -->\n(.*?)\n<!-- presets:end -->", text, re.DOTALL)
-    assert found, "README.md lost its presets table markers"
+    assert found, "docs/paper-fidelity.md lost its presets table markers"
     return found.group(1)
 
 
 def _readme_rows() -> dict:
-    """{(command, option): (default, preset)} from the README's table."""
+    """{(command, option): (default, preset)} from docs/paper-fidelity.md's table."""
     rows = {}
     for line in _readme_table().splitlines()[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
