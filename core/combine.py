@@ -28,6 +28,29 @@ What the reference code gets wrong, and what this does instead:
   before the Gramian, so every rank solves the same weights and writes the same d;
 - clipping: d is what lands in ``.grad``, so ``clip_grad_norm_`` afterwards clips the combined
   gradient.
+
+Matched norm (``match_norm``, off by default): d is rescaled to the norm of the plain summed
+loss's update Σ g_i over the step's active objectives, its direction unchanged. The scale is
+applied to the weights (w ← w · ‖Σ g_i‖ / ‖Σ w_i g_i‖, both norms read off the Gramian), so it
+costs nothing per parameter and the weights an event reports are the ones applied. It separates
+a weighting's direction from its step size (MPD's weights are not normalized: its d is not on
+the plain loss's scale).
+
+Vanishing objectives (the guarantee): the weighting never sees an active objective's gradient
+smaller than ``VANISHING_FLOOR``^½ = 1e-3 times the step's largest — the Gramian it is handed has
+its diagonal floored at 1e-6 · max_i K_ii (off-diagonal entries kept, so it stays positive
+semi-definite); ``si``, which reads losses instead, floors them at 1e-6 · max_i L_i the same way
+(``core.weighting.base.floor_vanishing``). So as one objective's gradient g_j → 0 (a hand loss
+of 5e-6 under exact MPD gets a weight of 2e7, and its part ‖w_j g_j‖ = ‖g_j‖^(-1/3) grows
+without bound for orthogonal gradients):
+- its weight stays at most what a gradient of norm 1e-3 · max‖g_i‖ gets, and its part w_j g_j
+  of the update goes to 0 with g_j, continuously (its share of d vanishes instead of taking
+  all of it);
+- under MPD with orthogonal gradients no objective's part exceeds (1e-6)^(-1/6) = 10 × the
+  part of the largest-gradient objective, so ‖d‖ ≤ 10 K × that part;
+- while every active objective's gradient norm is at least 1e-3 × the largest, the weighting
+  sees the true Gramian and MPD is exact. The Gramian reported (``FairStep.gram``, the shares,
+  the gradient norms) is always the true one.
 """
 from __future__ import annotations
 
@@ -35,6 +58,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+from .weighting.base import floor_vanishing
 
 
 @dataclass
@@ -55,6 +80,30 @@ class FairStep:
         w = self.weights.to(self.gram)
         kw = self.gram @ w
         return w * kw / (w @ kw).clamp_min(torch.finfo(kw.dtype).tiny)
+
+
+def floored_gram(gram: torch.Tensor) -> torch.Tensor:
+    """``gram`` with its diagonal floored at ``VANISHING_FLOOR`` × its largest diagonal entry:
+    what the weighting sees (the vanishing-objective guarantee, module docstring)."""
+    diag = torch.diagonal(gram)
+    return gram + torch.diag(floor_vanishing(diag) - diag)
+
+
+def matched_norm(weights: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``weights`` rescaled so ‖Σ w_i g_i‖ = ‖Σ g_i‖ (norms from the Gramian ``gram`` of the same
+    g_i); unchanged when the combination is zero. No host read."""
+    w = weights.to(gram)
+    combined = w @ gram @ w
+    factor = (gram.sum().clamp_min(0) / combined).sqrt()
+    return torch.where(combined > 0, w * factor, w).to(weights)
+
+
+def fair_weights(weighting, gram: torch.Tensor, losses: torch.Tensor, generator: torch.Generator | None = None,
+                 active=None, match_norm: bool = False) -> torch.Tensor:
+    """The weights of the active objectives' Gramian ``gram`` (true, unscaled): the weighting
+    applied to the floored Gramian, then, with ``match_norm``, rescaled to the plain sum's norm."""
+    weights = weighting(floored_gram(gram), losses, generator=generator, active=active)
+    return matched_norm(weights, gram) if match_norm else weights
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -85,9 +134,10 @@ class FairCombiner:
 
     def __init__(self, params: Sequence[torch.Tensor], weighting, objectives: int,
                  reduce: Callable[[list[torch.Tensor]], None] | None = None, batched: bool = True,
-                 on_fallback: Callable[[str], None] | None = None):
+                 on_fallback: Callable[[str], None] | None = None, match_norm: bool = False):
         self.params = [p for p in params if p.requires_grad]
         self.weighting, self.k, self.reduce, self.batched = weighting, objectives, reduce, batched
+        self.match_norm = match_norm
         self.on_fallback = on_fallback
         self.fallback_reason: str | None = None
         self.reset()
@@ -164,7 +214,8 @@ class FairCombiner:
         idx = rows.to(device)
         weights = torch.zeros(self.k, dtype=torch.float32, device=device)
         sub = gram.index_select(0, idx).index_select(1, idx)
-        weights[idx] = self.weighting(sub, losses[idx], generator=generator, active=rows).float().to(device)
+        weights[idx] = fair_weights(self.weighting, sub, losses[idx], generator=generator, active=rows,
+                                    match_norm=self.match_norm).float().to(device)
         by_dtype = {}  # the weights in each gradient dtype, converted once (this loop runs per tensor)
         for g, p in zip(self.grads, self.params):
             # d in place in row 0: no new parameter-sized tensor (.grad is a view of this step's

@@ -45,6 +45,7 @@ class TrainConfig:
     local_scale: float = 5.0  # reference normalization: 1 = the paper's Eq. 2, 5 = the release code
     batched_vjp: bool = True
     fair_every: int = 1
+    match_norm: bool = False
     tokenizer: str = ""
     random_crop: bool = True
     flip_p: float = 0.5
@@ -108,6 +109,8 @@ HELP = {
     "local_scale": "reference normalization's scale inside the square: 1 = the FairHuman paper's Eq. 2, "
                    "5 = the release code (25 × Eq. 2)",
     "fair_every": "solve the fair weights every N steps; in between, one backward of the weighted sum with the last weights (cost of a plain step; 1: every step)",
+    "match_norm": "rescale the fair combined update to the norm of the plain summed loss's update (direction unchanged): "
+                  "compares weightings at the same step size",
     "batched_vjp": "objective gradients by one batched vector-Jacobian product (faster) or K backward passes (less transient memory)",
     "tokenizer": "folder with CLIP's vocab.json and merges.txt, for single-file checkpoints outside a ComfyUI tree",
     "random_crop": "random crops (else centred)",

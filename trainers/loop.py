@@ -157,7 +157,7 @@ class StepGradients:
             self.weighting = get_weighting(cfg.weighting, len(method.objective_names), **(cfg.weighting_options or {}))
             self.fair = FairCombiner(params, self.weighting, len(method.objective_names),
                                      reduce=dist.average if dist.active else None, batched=cfg.batched_vjp,
-                                     on_fallback=on_fallback)
+                                     on_fallback=on_fallback, match_norm=getattr(cfg, "match_norm", False))
 
     def extra_parameters(self) -> list[torch.Tensor]:
         return self.weighting.parameters() if self.weighting is not None else []

@@ -29,6 +29,16 @@ from __future__ import annotations
 
 import torch
 
+# Vanishing objectives: a weighting never sees a squared gradient norm (a Gramian diagonal entry)
+# or a loss below this fraction of the step's largest (``core.combine`` states the guarantee).
+VANISHING_FLOOR = 1e-6
+
+
+def floor_vanishing(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (non-negative, squared-norm-like) floored at ``VANISHING_FLOOR`` × their
+    maximum: unchanged where every entry is above it; scale-free (floor(c v) = c floor(v))."""
+    return torch.maximum(values, VANISHING_FLOOR * values.max().clamp_min(0))
+
 
 class Weighting:
     symmetric = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Weighting
+from .base import Weighting, floor_vanishing
 
 
 class LinearScalarization(Weighting):
@@ -101,9 +101,11 @@ class RLW(Weighting):
 
 
 class SI(Weighting):
-    """Scale-invariant baseline: minimize Σ log L_i, i.e. w_i = 1 / L_i."""
+    """Scale-invariant baseline: minimize Σ log L_i, i.e. w_i = 1 / L_i. A loss below 1e-6 of
+    the step's largest counts as that floor (``floor_vanishing``): w_j g_j → 0 as L_j → 0 where
+    1 / L_j would grow as L_j^(-1/2) for a squared error."""
 
     loss_power = -1.0
 
     def __call__(self, gram, losses, generator=None, active=None):
-        return (1.0 / losses.detach().float().clamp_min(1e-12)).to(gram)
+        return (1.0 / floor_vanishing(losses.detach().float()).clamp_min(1e-12)).to(gram)
