@@ -125,7 +125,10 @@ class ShardedRecords:
         self._lock = None
 
     def part(self, index: int, count: int | None = None) -> Path:
-        return self.path.with_name(f"{self.path.stem}.part-{index}-of-{count or self.share.count}.jsonl")
+        """The journal of share ``index`` of ``count``; a lone process journals into the output
+        file itself (as the commands always did: a watcher counting its lines sees every item)."""
+        count = count or self.share.count
+        return self.path if count == 1 else self.path.with_name(f"{self.path.stem}.part-{index}-of-{count}.jsonl")
 
     def parts(self) -> list[Path]:
         """Every part file of this output, of any layout, oldest first."""
@@ -136,24 +139,30 @@ class ShardedRecords:
         data = path.read_bytes() if path.is_file() else b""
         records, used = parse_jsonl(data, str(path), whole_file=False)
         self.offsets[path] = used  # where this run's new records start (a torn tail is cut there)
+        for number, record in enumerate(records, 1):
+            try:
+                self.key(record)
+            except (KeyError, TypeError):
+                raise ShardError(f"{path}: record {number} has no key; fix or delete that line") from None
         return records
 
     def load(self) -> dict[str, dict]:
-        """The latest record of every item: the output file's, overridden by the part files'."""
-        records = {self.key(r): r for r in self._read(self.path)}
+        """The latest record of every item in the output file and the part files (oldest first);
+        a finished record is never replaced by an unfinished one (a failure retried elsewhere)."""
+        records: dict[str, dict] = {}
         owner: dict[str, Path] = {}  # the part file whose finished record an item has
-        for part in self.parts():
-            for record in self._read(part):
+        for source in [self.path, *self.parts()]:
+            for record in self._read(source):
                 key = self.key(record)
-                if key in owner and owner[key] != part and self.finished(record):
-                    raise ShardError(f"{key!r} was recorded by two shards, {owner[key].name} and {part.name}: a "
-                                     "shard ran twice or two layouts of shards overlap; remove the part file of "
+                if not self.finished(record):
+                    if key not in owner and not self.finished(records.get(key, record)):
+                        records[key] = record
+                    continue
+                if key in owner and owner[key] not in (source, self.path):
+                    raise ShardError(f"{key!r} was recorded by two shards, {owner[key].name} and {source.name}: "
+                                     "a shard ran twice or two layouts of shards overlap; remove the part file of "
                                      "the run you do not want and merge again")
-                if key in owner and not self.finished(record):
-                    continue  # a finished record is not undone by an older or retried failure
-                records[key] = record
-                if self.finished(record):
-                    owner[key] = part
+                records[key], owner[key] = record, source
         for index in self.share.group_indices():  # this run's part files may not exist yet
             self.offsets.setdefault(self.part(index), 0)
         return records
