@@ -266,3 +266,95 @@ def test_evaluate_in_two_processes_and_in_two_shards_equals_one_process(prompts,
         assert (tmp_path / name / "detections.jsonl").read_bytes() == reference, name
         assert images(tmp_path / name, "images/**/*.png") == images(tmp_path / "one", "images/**/*.png"), name
         assert report(name) == report("one"), name
+
+
+# ---- training in two processes ---------------------------------------------------------------------
+TRAIN_STEPS, TRAIN_LR = 3, 1e-3
+
+
+def training_data(method: str, folder: Path) -> Path:
+    if method == "fairhuman":
+        return make_region_dataset(folder, count=4, size=64)
+    if method == "fairhuman-controlnet":
+        from controlnet_helpers import make_conditioned_dataset
+
+        return make_conditioned_dataset(folder, count=4, size=64)
+    from test_fair_dpo import make_pairs_folder  # pairs with the winner's and loser's region masks
+
+    return make_pairs_folder(folder, pairs=4)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Each method trained twice at one global batch of 2: one process accumulating 2 micro-batches
+    per step, and two processes (gloo) of 1 micro-batch each. {method: (one run, two-process run)}."""
+    import json
+
+    root = tmp_path_factory.mktemp("train")
+    runs = {}
+    specs = {1: [], 2: []}
+    for method in ("fairhuman", "fairhuman-controlnet", "hg-dpo", "fair-dpo"):
+        data = training_data(method, root / method / "data")
+        common = ["--method", method, "--base", "tiny-sd15", "--data", str(data), "--resolution", "64", "--rank", "4",
+                  "--steps", str(TRAIN_STEPS), "--lr", str(TRAIN_LR), "--batch-size", "1", "--checkpoint-every",
+                  "0", "--mixed-precision", "no", "--seed", "3"]
+        if method in ("hg-dpo", "fair-dpo"):
+            common += ["--eval-pairs", "0"]
+        runs[method] = (root / method / "one", root / method / "two")
+        specs[1].append([*common, "--grad-accum", "2", "--output", str(runs[method][0])])
+        specs[2].append([*common, "--grad-accum", "1", "--output", str(runs[method][1])])
+    for processes, argvs in specs.items():
+        spec = root / f"spec{processes}.json"
+        spec.write_text(json.dumps(argvs))
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
+                "127.0.0.1", "--master_port", str(_free_port()), str(ROOT / "tests" / "dist_worker.py"), "train",
+                str(spec)]
+        result = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
+        assert result.returncode == 0, result.stderr[-4000:]
+    return runs
+
+
+def _weights(run: Path, rank: int) -> list:
+    import json
+
+    record = json.loads((run / f"weights{rank}.json").read_text())
+    assert record["exit"] == 0
+    return record["weights"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fairhuman", "fairhuman-controlnet", "hg-dpo", "fair-dpo"])
+def test_two_processes_train_what_one_trains_at_the_same_global_batch(trained, method):
+    """The per-objective gradients are averaged across processes before the Gramian, so the two
+    processes solve one set of weights per step, bit for bit, and train what one process
+    accumulating both micro-batches trains. Not bit for bit: the two sum the micro-batch gradients
+    in another order (all-reduce vs. accumulation), about 1e-7 relative in fp32 — but AdamW's first
+    steps move each element by about lr·sign(g), so an element whose gradient is ~0 may move by
+    up to 2·lr a step the other way. Hence: every element within 2·lr·steps, and the whole update
+    within 1e-3 of its size (a different micro-batch or noise, or weights solved per rank, would
+    differ by the order of the update itself)."""
+    from safetensors.torch import load_file
+
+    one, two = trained[method]
+    per_rank = [_weights(two, 0), _weights(two, 1)]
+    assert per_rank[0] == per_rank[1], "the ranks solved different objective weights"
+    fair = method != "hg-dpo"  # hg-dpo sums its losses: nothing to solve
+    assert len(per_rank[0]) == (TRAIN_STEPS if fair else 0)
+    reference = _weights(one, 0)
+    assert len(reference) == len(per_rank[0])
+    for a, b in zip(reference, per_rank[0]):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-6)
+
+    [file_one] = one.glob("*.safetensors")
+    [file_two] = two.glob("*.safetensors")
+    assert file_one.name == file_two.name
+    a, b = load_file(str(file_one)), load_file(str(file_two))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 2 * TRAIN_LR * TRAIN_STEPS, key
+    # the tensors that start at zero (LoRA up, ControlNet zero convolutions) hold the update itself
+    grown = [key for key in a if "lora_up" in key or key.startswith(("controlnet_down_blocks", "controlnet_mid_block"))]
+    assert grown
+    update = sum(float(a[key].double().pow(2).sum()) for key in grown) ** 0.5
+    diff = sum(float((a[key] - b[key]).double().pow(2).sum()) for key in grown) ** 0.5
+    assert update > 0 and diff <= 1e-3 * update, (diff, update)
