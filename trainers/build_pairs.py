@@ -226,7 +226,7 @@ class PairMaker:
 
         if not positions:
             return
-        pipe = load_pipeline(self.args.base, tokenizer=self.args.tokenizer)
+        pipe = load_pipeline(self.args.base, tokenizer=self.args.tokenizer).to(shards.Share.device())
         use_sampler(pipe, self.args.sampler)
         for k in positions:
             yield self.record(pipe, k)

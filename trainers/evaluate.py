@@ -137,7 +137,7 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
     from core.lora_format import lora_architecture
     from core.tiny_models import architecture_of
 
-    pipe = load_pipeline(args.base, tokenizer=args.tokenizer)
+    pipe = load_pipeline(args.base, tokenizer=args.tokenizer).to(shards.Share.device())
     arch = architecture_of(pipe)
     for model in models:
         trained_for = lora_architecture(model.lora)

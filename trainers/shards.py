@@ -97,6 +97,15 @@ class Share:
         if owned:
             dist.destroy_process_group()
 
+    @staticmethod
+    def device():
+        """This process's device: its launcher's GPU (``cuda:LOCAL_RANK``) where CUDA is, else the CPU."""
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cpu")
+
     def describe(self) -> str:
         parts = []
         if self.shard:
