@@ -263,7 +263,8 @@ def work_share(store: ShardedRecords, todo: list[tuple[int, str]], produce: Call
     part file. The reporting process then waits for the rest of its group."""
     store.share.barrier()  # every process has read what is done before any writes
     writer = store.writer()
-    progress = GroupProgress(store, [key for _, key in todo], desc, unit)
+    ours = set(store.share.group_indices())  # the items of this process group (of this shard)
+    progress = GroupProgress(store, [key for k, key in todo if k % store.share.count in ours], desc, unit)
     try:
         for record in produce([k for k, _ in todo if store.share.owns(k)]):
             writer.append(record)
