@@ -109,6 +109,27 @@ def test_merge_names_a_missing_an_incomplete_and_a_duplicated_shard(tmp_path):
         merger.load()
 
 
+def test_a_shard_does_its_own_items_and_waits_for_no_other_shard(tmp_path):
+    import threading
+
+    keys = ["a", "b", "c", "d", "e"]
+    store = _store(tmp_path, shards.Share.of((1, 2), environ={}))
+    store.load()
+    done = []
+
+    def produce(positions):
+        for k in positions:
+            done.append(k)
+            yield {"item": keys[k], "status": "ok"}
+
+    worker = threading.Thread(target=shards.work_share, args=(store, list(enumerate(keys)), produce, "t", "item"),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the shard waited for items that are not its own"
+    assert done == [1, 3] and [r["item"] for r in read_jsonl(tmp_path / "out.part-1-of-2.jsonl")] == ["b", "d"]
+
+
 def test_the_same_shard_twice_at_once_is_refused(tmp_path):
     running = _store(tmp_path, shards.Share.of((1, 2), environ={}))
     held = running.writer()  # locked while ``running`` lives
