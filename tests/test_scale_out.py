@@ -151,12 +151,15 @@ def test_every_option_survives_the_launchers_abbreviation_parsing():
     from accelerate.commands.launch import launch_command_parser
     from torch.distributed.run import get_args_parser
 
-    for name, module in (("build-pairs", build_pairs), ("annotate", annotate), ("evaluate", evaluate)):
+    from trainers import train
+
+    for name, module in (("build-pairs", build_pairs), ("annotate", annotate), ("evaluate", evaluate),
+                         ("train", train)):
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
         options = [o for action in parser._actions for o in action.option_strings
                    if o.startswith("--") and o not in ("--help", "--n")]  # --n: the documented short alias
-        assert "--shard" in options and "--merge" in options
+        assert name == "train" or {"--shard", "--merge"} <= set(options)
         for option in options:
             line = ["-m", "trainers", name, option, "1"]
             torchrun = get_args_parser().parse_args(["--nproc-per-node", "2", *line])
