@@ -15,6 +15,9 @@ chunk: a mask file without the tag was made by the user and is kept and used, ne
 The run is resumable (images already in metadata.jsonl are skipped; each record is appended as
 soon as its image is done), survives bad files (each gets a record with the reason) and uses
 every core (a process pool; each process creates its detectors once).
+Under torchrun / accelerate launch and with ``--shard I/N`` (then ``--merge``) the items are split
+over processes and shards (``trainers/shards.py``, docs/scale-out.md); the merged output is the
+one-process output.
 """
 from __future__ import annotations
 
@@ -353,13 +356,9 @@ def run(args: argparse.Namespace) -> int:
                 return _results([jobs[k] for k in positions], settings, workers)
 
             shards.work_share(store, todo, annotated, "annotate", "img", on_record=note)
-            if not share.reporter:
+            records = store.gathered()
+            if records is None:
                 return 0
-            if share.shard:
-                print(f"shard {share.shard[0]}/{share.shard[1]} done; join the shards with the same command and "
-                      "--merge")
-                return 0
-            records = store.load()
         gone = sorted(set(records) - set(keys))
         for key in gone:  # the image was deleted or moved: its record would point at nothing
             del records[key]

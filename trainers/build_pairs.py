@@ -8,6 +8,9 @@ all score the same is recorded as ``tied`` (there is no preference in it) and no
 The winner's and the loser's face and hand masks are stored beside the images (``masks/``, as
 ``annotate`` makes them) and named in the record's ``masks`` (fair-dpo trains on them; both DPO
 methods measure per-region margins with them); ``annotate_pairs`` adds them to an older folder.
+Under torchrun / accelerate launch and with ``--shard I/N`` (then ``--merge``) the items are split
+over processes and shards (``trainers/shards.py``, docs/scale-out.md); the merged output is the
+one-process output.
 """
 from __future__ import annotations
 
@@ -187,13 +190,9 @@ def run(args: argparse.Namespace) -> int:
                       + (f" ({share.describe()} of the rest)" if share.count > 1 else ""), flush=True)
             generate = PairMaker(args, out, prompts, scorer)
             shards.work_share(store, todo, generate.records, "prompts", "prompt")
-            if not share.reporter:
+            records = store.gathered()
+            if records is None:
                 return 0
-            if share.shard:
-                print(f"shard {share.shard[0]}/{share.shard[1]} done; join the shards with the same command and "
-                      "--merge")
-                return 0
-            records = store.load()
         store.check_complete(records, prompts)
         store.merge([records[p] for p in prompts])
     except shards.ShardError as err:

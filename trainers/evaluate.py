@@ -12,6 +12,9 @@ Output in ``--output``: ``report.html`` (self-contained but for the images besid
 ``images/``: per-prompt grids, the metric tables, a plot, the exact command) and ``report.json``.
 Resumable: an image already rendered (by model, prompt, seed, strength) and its detections
 (``detections.jsonl``) are reused, so an interrupted evaluation continues where it stopped.
+Under torchrun / accelerate launch and with ``--shard I/N`` (then ``--merge``) the items are split
+over processes and shards (``trainers/shards.py``, docs/scale-out.md); the merged output is the
+one-process output.
 """
 from __future__ import annotations
 
@@ -260,13 +263,9 @@ def run(args: argparse.Namespace) -> int:
                 return detections(out, mine, args.tiles)
 
             shards.work_share(store, todo, detected, "detect", "img")
-            if not share.reporter:
+            found = store.gathered()
+            if found is None:
                 return 0
-            if share.shard:
-                print(f"shard {share.shard[0]}/{share.shard[1]} done; join the shards with the same command and "
-                      "--merge")
-                return 0
-            found = store.load()
         keys = [i.path for i in items]
         store.check_complete({k: r for k, r in found.items() if store.finished(r)}, keys)
         store.merge([found[k] for k in keys])

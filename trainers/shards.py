@@ -213,6 +213,17 @@ class ShardedRecords:
                          f"e.g. {keys_missing[0]!r}")
         raise ShardError("; ".join(lines) + f" — run those shards (again: a shard resumes) before --merge")
 
+    def gathered(self) -> dict[str, dict] | None:
+        """After ``work_share``: every record, for the process that merges (rank 0 of a run without
+        ``--shard``); None for any other, which has nothing left to do."""
+        if not self.share.reporter:
+            return None
+        if self.share.shard:
+            print(f"shard {self.share.shard[0]}/{self.share.shard[1]} done; join the shards with the same command "
+                  "and --merge")
+            return None
+        return self.load()
+
     def merge(self, ordered: list[dict]) -> None:
         """Write the output file in the command's order, atomically, then drop the part files."""
         write_jsonl_atomic(self.path, ordered)
