@@ -1,5 +1,14 @@
-"""One rank of the 2-process CPU test (launched by torch.distributed.run with gloo): trains a
-few FairHuman steps with the real loop and saves what this rank ended with."""
+"""One rank of the multi-process CPU tests (launched by torch.distributed.run with gloo).
+
+``dist_worker.py DATA OUT``: trains a few FairHuman steps with the real loop and saves what this
+rank ended with (``rankN.pt``).
+
+``dist_worker.py train SPEC``: runs each ``python -m trainers train`` command line of the JSON list
+SPEC in this process (one process group for all of them), recording the objective weights that
+every optimizer step of this rank solved, in ``<its --output>/weights<RANK>.json``.
+"""
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,5 +54,31 @@ def main(data: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+def train_commands(spec: str) -> None:
+    from core import combine
+    from trainers.cli import main as cli
+
+    solved: list = []
+    step = combine.FairCombiner.step
+
+    def recording_step(self, *args, **kwargs):  # the weights this rank solved, step by step
+        result = step(self, *args, **kwargs)
+        solved.append(result.weights.tolist())
+        return result
+
+    combine.FairCombiner.step = recording_step
+    rank = os.environ.get("RANK", "0")
+    for argv in json.loads(Path(spec).read_text()):
+        solved.clear()
+        code = cli(["train", *argv])
+        out = Path(argv[argv.index("--output") + 1])
+        (out / f"weights{rank}.json").write_text(json.dumps({"exit": code, "weights": solved}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "train":
+        train_commands(sys.argv[2])
+    else:
+        main(sys.argv[1], sys.argv[2])

@@ -15,6 +15,9 @@ chunk: a mask file without the tag was made by the user and is kept and used, ne
 The run is resumable (images already in metadata.jsonl are skipped; each record is appended as
 soon as its image is done), survives bad files (each gets a record with the reason) and uses
 every core (a process pool; each process creates its detectors once).
+Under torchrun / accelerate launch and with ``--shard I/N`` (then ``--merge``) the items are split
+over processes and shards (``trainers/shards.py``, docs/scale-out.md); the merged output is the
+one-process output.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.fileio import JsonlError, JsonlWriter, atomic_path, read_jsonl, write_jsonl_atomic
+from core.fileio import JsonlError, atomic_path, read_jsonl, write_jsonl_atomic
+
+from . import shards
 
 METADATA = "metadata.jsonl"
 MASKS = "masks"
@@ -54,14 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="folder with the model files (default: where `python -m trainers models` "
                              "puts them; see docs/masks.md)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="processes (default: one per CPU core; 1 runs in this process)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes (default: one per CPU core, shared among the launcher's processes on this "
+                             "machine; 1 runs in this process)")
     parser.add_argument("--retry-errors", action="store_true",
                         help="annotate again the images whose record has status 'error'")
     parser.add_argument("--pose", action="store_true",
                         help="also render an OpenPose-style whole-body pose (body, hands, face points) per image "
                              "as masks/<stem>_condition.png, the FairHuman ControlNet's condition; a "
                              "<stem>_condition.png of your own (depth, another tool's pose) is kept and used")
+    shards.add_arguments(parser)
 
 
 @dataclass(frozen=True)
@@ -247,17 +254,6 @@ def _users_or_ours(own: Path, target: Path) -> Path:
     return target
 
 
-def read_metadata(path: Path) -> dict[str, dict]:
-    """Records by image key (the last one wins: the journal appends a retried image again). A
-    torn last line (a killed run) is ignored; any other bad line is an error naming it."""
-    records: dict[str, dict] = {}
-    for number, row in enumerate(read_jsonl(path), 1):
-        if "image" not in row:
-            raise JsonlError(f"{path}: record {number} has no 'image'")
-        records[row["image"]] = row
-    return records
-
-
 def is_done(record: dict | None, out: Path, retry_errors: bool, pose: bool = False) -> bool:
     if record is None:
         return False
@@ -267,11 +263,6 @@ def is_done(record: dict | None, out: Path, retry_errors: bool, pose: bool = Fal
         return False  # annotated before --pose
     masks = [record.get(k) for k in ("mask_face", "mask_hand", "condition")]
     return all((out / m).is_file() for m in masks if m)  # a deleted mask is made again
-
-
-def write_metadata(path: Path, records: dict[str, dict]) -> None:
-    """Rewrite the jsonl sorted by image, one record per image, atomically."""
-    write_jsonl_atomic(path, [records[key] for key in sorted(records)])
 
 
 def _results(jobs: list[Job], settings: Settings, workers: int):
@@ -307,9 +298,12 @@ def _results(jobs: list[Job], settings: Settings, workers: int):
             raise
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+def default_workers() -> int:
+    """One pool process per core, the cores shared among the launcher's processes on this machine."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
+
+def run(args: argparse.Namespace) -> int:
     from core.masks import MediapipeMissing, ModelFilesMissing, require_mediapipe, resolve_model_files
 
     root = args.dir
@@ -337,39 +331,46 @@ def run(args: argparse.Namespace) -> int:
 
     images, ignored = list_files(root, out)
     meta_path = out / METADATA
+    share = shards.Share.of(args.shard)
+    store = shards.ShardedRecords(meta_path, share, key=lambda r: r["image"],
+                                  finished=lambda r: r.get("status", "ok") in DONE_STATUS)
+    jobs = make_jobs(root, out, images)
+    keys = [job.key for job in jobs]
     try:
-        records = read_metadata(meta_path)
-    except JsonlError as err:
+        records = store.load()
+    except (JsonlError, shards.ShardError) as err:
         print(f"error: {err}; fix or delete that line (or the file, to annotate everything again)", file=sys.stderr)
         return 2
-    jobs = make_jobs(root, out, images)
-    gone = sorted(set(records) - {job.key for job in jobs})
-    for key in gone:  # the image was deleted or moved: its record would point at nothing
-        del records[key]
-    if gone:
-        print(f"  dropped {len(gone)} record(s) of images no longer there (e.g. {gone[0]})")
-    todo = [job for job in jobs if not is_done(records.get(job.key), out.resolve(), args.retry_errors, args.pose)]
-    print(f"annotate {root}: {len(jobs)} images, {len(jobs) - len(todo)} already done, {len(todo)} to do "
-          f"(models: {files.origin})", flush=True)
-
-    counts: Counter = Counter()
+    todo = [(k, job.key) for k, job in enumerate(jobs)
+            if not is_done(records.get(job.key), out.resolve(), args.retry_errors, args.pose)]
     start = time.perf_counter()
-    if todo:
-        workers = max(1, min(args.workers, len(todo)))
-        journal = JsonlWriter(meta_path)  # a killed run keeps every finished image
-        with tqdm(total=len(todo), unit="img", desc="annotate") as bar:
-            for record in _results(todo, settings, workers):
-                journal.append(record)
-                records[record["image"]] = record
-                counts[record["status"]] += 1
-                if record["status"] == "error":
-                    tqdm.write(f"  error {record['image']}: {record['reason']}")
-                elif record["reason"]:
-                    tqdm.write(f"  note  {record['image']}: {record['reason']}")
-                bar.update(1)
-    write_metadata(meta_path, records)
-    elapsed = time.perf_counter() - start
+    try:
+        if not args.merge:
+            if share.reporter:
+                print(f"annotate {root}: {len(jobs)} images, {len(jobs) - len(todo)} already done, {len(todo)} to do"
+                      + (f" ({share.describe()} of them)" if share.count > 1 else "")
+                      + f" (models: {files.origin})", flush=True)
 
+            def annotated(positions):
+                workers = max(1, min(args.workers or default_workers(), len(positions) or 1))
+                return _results([jobs[k] for k in positions], settings, workers)
+
+            shards.work_share(store, todo, annotated, "annotate", "img", on_record=note)
+            records = store.gathered()
+            if records is None:
+                return 0
+        gone = sorted(set(records) - set(keys))
+        for key in gone:  # the image was deleted or moved: its record would point at nothing
+            del records[key]
+        if gone:
+            print(f"  dropped {len(gone)} record(s) of images no longer there (e.g. {gone[0]})")
+        store.check_complete(records, keys)
+        store.merge([records[key] for key in sorted(records)])
+    except shards.ShardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    counts = Counter(records[key]["status"] for _, key in todo)
     print(f"done in {elapsed:.1f} s: ok {counts['ok']}, no_people {counts['no_people']}, error {counts['error']}, "
           f"skipped as done {len(jobs) - len(todo)}, not images {len(ignored)}")
     if ignored:
@@ -377,3 +378,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"  not images (ignored by suffix): {shown}{' ...' if len(ignored) > 5 else ''}")
     print(f"  {meta_path}")
     return 0
+
+
+def note(record: dict) -> None:
+    """Say what went wrong with an image, or what was kept of the user's, as it finishes."""
+    from tqdm.auto import tqdm
+
+    if record["status"] == "error":
+        tqdm.write(f"  error {record['image']}: {record['reason']}")
+    elif record["reason"]:
+        tqdm.write(f"  note  {record['image']}: {record['reason']}")

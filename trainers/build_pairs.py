@@ -8,6 +8,9 @@ all score the same is recorded as ``tied`` (there is no preference in it) and no
 The winner's and the loser's face and hand masks are stored beside the images (``masks/``, as
 ``annotate`` makes them) and named in the record's ``masks`` (fair-dpo trains on them; both DPO
 methods measure per-region margins with them); ``annotate_pairs`` adds them to an older folder.
+Under torchrun / accelerate launch and with ``--shard I/N`` (then ``--merge``) the items are split
+over processes and shards (``trainers/shards.py``, docs/scale-out.md); the merged output is the
+one-process output.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from core.fileio import JsonlWriter, atomic_path, write_jsonl_atomic
+from core.fileio import atomic_path, write_jsonl_atomic
 
+from . import shards
 from .methods.hg_dpo import PAIRS, read_pair_records
 from .presets import preset_names, preset_problem, preset_values
 
@@ -30,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="", choices=["", *preset_names()],
                         help="paper: HG-DPO's settings (PickScore, N 20, DPM-Solver++ 50 steps, CFG 5; README, "
                              "Paper fidelity); flags still override it")
-    parser.add_argument("--n", type=int, default=None, help=f"images per prompt (default {DEFAULTS['n']}; paper: 20)")
+    parser.add_argument("--images-per-prompt", "--n", dest="n", type=int, default=None,
+                        help=f"images per prompt (default {DEFAULTS['n']}; paper: 20); --n is short for it outside "
+                             "torchrun and accelerate launch, which take it for an abbreviation of their own options")
     parser.add_argument("--scorer", default=None, help="anatomy (the default), pickscore (--preset paper), hps, "
                                                        "imagereward, or a weighted composite such as anatomy:1,hps:5")
     parser.add_argument("--scorer-model", action="append", default=[], metavar="[NAME=]FOLDER",
@@ -50,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-confidence", type=float, default=0.5,
                         help="minimum face/hand detection confidence of the winner's and loser's masks (default "
                              "0.5, as annotate; a young model whose samples hold no confident face needs less)")
+    shards.add_arguments(parser)
 
 
 DEFAULTS = {"scorer": "anatomy", "n": 20, "sampler": "default", "steps": 30, "cfg": 7.5}
@@ -150,57 +157,96 @@ FINISHED = ("ok", "tied")  # a prompt with status "error" is tried again on the 
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from core.checkpoints import load_pipeline
     from core.scorers import get_scorer
 
     args = resolve_options(args)
-    prompts = [p.strip() for p in args.prompts.read_text(encoding="utf-8").splitlines() if p.strip()]
+    # each prompt once, at its first line: its position k fixes its seeds and image names
+    prompts = list(dict.fromkeys(p.strip() for p in args.prompts.read_text(encoding="utf-8").splitlines() if p.strip()))
     if not prompts:
         raise SystemExit(f"{args.prompts} has no prompts")
     if args.n < 2:
-        raise SystemExit("--n must be at least 2: a pair needs a best and a worst image")
+        raise SystemExit("--images-per-prompt must be at least 2: a pair needs a best and a worst image")
     if not 0 < args.mask_confidence <= 1:
         raise SystemExit(f"--mask-confidence must be in (0, 1], got {args.mask_confidence}")
-    try:  # before any generation: a scorer without its weights folder is named with the flag
-        scorer = get_scorer(args.scorer, models=scorer_folders(args.scorer, args.scorer_model))
-    except FileNotFoundError as err:
-        raise SystemExit(f"error: {err}") from None
+    scorer = None
+    if not args.merge:
+        try:  # before any generation: a scorer without its weights folder is named with the flag
+            scorer = get_scorer(args.scorer, models=scorer_folders(args.scorer, args.scorer_model))
+        except FileNotFoundError as err:
+            raise SystemExit(f"error: {err}") from None
     out = args.output
     (out / "images").mkdir(parents=True, exist_ok=True)
-    jsonl = out / PAIRS
-    records = read_pair_records(jsonl)
-    todo = [(k, p) for k, p in enumerate(prompts) if records.get(p, {}).get("status") not in FINISHED]
-    retried = sum(1 for _, p in todo if p in records)
-    print(f"{len(prompts)} prompts, {len(prompts) - len(todo)} already done"
-          + (f", {retried} failed before and tried again" if retried else ""))
-    journal = JsonlWriter(jsonl)
-    pipe = load_pipeline(args.base, tokenizer=args.tokenizer) if todo else None
-    if pipe is not None:
-        use_sampler(pipe, args.sampler)
-    common = dict(num_inference_steps=args.steps, guidance_scale=args.cfg)
-    if args.size:
-        common.update(width=args.size[0], height=args.size[1])
-    generation = {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "scorer": args.scorer,
-                  "preset": args.preset}
-    counts = {"ok": 0, "tied": 0, "error": 0}
-    for k, prompt in tqdm(todo, desc="prompts", unit="prompt"):
+    share = shards.Share.of(args.shard)
+    store = shards.ShardedRecords(out / PAIRS, share, key=lambda r: r["prompt"],
+                                  finished=lambda r: r.get("status") in FINISHED)
+    try:
+        records = store.load()
+        if not args.merge:
+            todo = [(k, p) for k, p in enumerate(prompts) if records.get(p, {}).get("status") not in FINISHED]
+            if share.reporter:
+                retried = sum(1 for _, p in todo if p in records)
+                print(f"{len(prompts)} prompts, {len(prompts) - len(todo)} already done"
+                      + (f", {retried} failed before and tried again" if retried else "")
+                      + (f" ({share.describe()} of the rest)" if share.count > 1 else ""), flush=True)
+            generate = PairMaker(args, out, prompts, scorer)
+            shards.work_share(store, todo, generate.records, "prompts", "prompt")
+            records = store.gathered()
+            if records is None:
+                return 0
+        store.check_complete(records, prompts)
+        store.merge([records[p] for p in prompts])
+    except shards.ShardError as err:
+        raise SystemExit(f"error: {err}") from None
+    counts = {status: sum(1 for p in prompts if records[p]["status"] == status) for status in ("ok", "tied", "error")}
+    failed = [p for p in prompts if records[p]["status"] == "error"]
+    print(f"done: {counts['ok']} pairs, {counts['tied']} prompts whose images all scored the same, "
+          f"{counts['error']} prompts failed")
+    if failed:
+        print(f"error: {len(failed)} of {len(prompts)} prompts failed (e.g. {failed[0]!r}: "
+              f"{records[failed[0]]['reason']}); run the same command again to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+class PairMaker:
+    """The records of the prompts at given positions: N images each, scored, best and worst kept.
+    The pipeline loads on the first prompt (a process with nothing to do loads nothing)."""
+
+    def __init__(self, args, out: Path, prompts: list[str], scorer):
+        self.args, self.out, self.prompts, self.scorer = args, out, prompts, scorer
+        self.generation = {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "scorer": args.scorer,
+                           "preset": args.preset}
+        self.common = dict(num_inference_steps=args.steps, guidance_scale=args.cfg)
+        if args.size:
+            self.common.update(width=args.size[0], height=args.size[1])
+
+    def records(self, positions: list[int]):
+        from core.checkpoints import load_pipeline
+
+        if not positions:
+            return
+        pipe = load_pipeline(self.args.base, tokenizer=self.args.tokenizer).to(shards.Share.device())
+        use_sampler(pipe, self.args.sampler)
+        for k in positions:
+            yield self.record(pipe, k)
+
+    def record(self, pipe, k: int) -> dict:
+        args, out, prompt = self.args, self.out, self.prompts[k]
         seeds = [args.seed + k * args.n + i for i in range(args.n)]
         record = {"prompt": prompt, "seeds": seeds, "images": [], "scores": [], "errors": {},
-                  "generation": generation}
+                  "generation": self.generation}
         try:
             for start in range(0, args.n, args.batch):
                 chunk = seeds[start: start + args.batch]
                 images = pipe([prompt] * len(chunk), generator=[torch.Generator().manual_seed(s) for s in chunk],
-                              **common).images
+                              **self.common).images
                 for seed, image in zip(chunk, images):
                     name = f"images/{k:05d}_{seed}.png"
                     with atomic_path(out / name) as tmp:
                         image.save(tmp, format="PNG")
                     record["images"].append(name)
                     try:
-                        record["scores"].append(float(scorer.score([image], [prompt])[0]))
+                        record["scores"].append(float(self.scorer.score([image], [prompt])[0]))
                     except Exception as err:  # an unscorable image is recorded, not fatal
                         record["scores"].append(None)
                         record["errors"][name] = f"{type(err).__name__}: {err}"
@@ -216,16 +262,4 @@ def run(args: argparse.Namespace) -> int:
                               loser_score=worst[0], masks=kept_masks(out, [best[1], worst[1]], args.mask_confidence))
         except Exception as err:
             record.update(status="error", reason=f"{type(err).__name__}: {err}", trace=traceback.format_exc()[-1500:])
-        counts[record["status"]] += 1
-        journal.append(record)  # a killed run keeps every finished prompt
-        records[prompt] = record
-    # one record per prompt, in prompt order (the journal may hold a retried prompt twice)
-    write_jsonl_atomic(jsonl, [records[p] for p in dict.fromkeys(prompts) if p in records])
-    failed = [p for p in dict.fromkeys(prompts) if records[p]["status"] == "error"]
-    print(f"done: {counts['ok']} pairs, {counts['tied']} prompts whose images all scored the same, "
-          f"{counts['error']} prompts failed, {len(prompts) - len(todo)} skipped as done")
-    if failed:
-        print(f"error: {len(failed)} of {len(prompts)} prompts failed (e.g. {failed[0]!r}: "
-              f"{records[failed[0]]['reason']}); run the same command again to retry them", file=sys.stderr)
-        return 1
-    return 0
+        return record

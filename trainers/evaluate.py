@@ -12,6 +12,9 @@ Output in ``--output``: ``report.html`` (self-contained but for the images besid
 ``images/``: per-prompt grids, the metric tables, a plot, the exact command) and ``report.json``.
 Resumable: an image already rendered (by model, prompt, seed, strength) and its detections
 (``detections.jsonl``) are reused, so an interrupted evaluation continues where it stopped.
+Under torchrun / accelerate launch and with ``--shard I/N`` (then ``--merge``) the items are split
+over processes and shards (``trainers/shards.py``, docs/scale-out.md); the merged output is the
+one-process output.
 """
 from __future__ import annotations
 
@@ -23,9 +26,12 @@ from pathlib import Path
 
 import torch
 
-from core.fileio import JsonlWriter, atomic_path, read_jsonl, write_json_atomic
+from core.fileio import atomic_path, write_json_atomic
+
+from . import shards
 
 BASE = "base"
+DETECTIONS = "detections.jsonl"  # face and hand scores of every image, one record per image path
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiles", action="store_true", help="tiled detection (also counts small faces and hands)")
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
     parser.add_argument("--output", type=Path, required=True, help="report folder")
+    shards.add_arguments(parser)
 
 
 def parse_models(specs: list[str]) -> list[Model]:
@@ -125,7 +132,7 @@ def renders(models: list[Model], prompts: list[str], seeds: list[int], strengths
     return out
 
 
-def render_missing(args, models: list[Model], prompts: list[str], todo: list[Render]) -> None:
+def render_missing(args, models: list[Model], prompts: list[str], todo: list[Render], show: bool = True) -> None:
     """Generate the images not rendered yet, one model (and strength) at a time."""
     from tqdm import tqdm
 
@@ -133,7 +140,7 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
     from core.lora_format import lora_architecture
     from core.tiny_models import architecture_of
 
-    pipe = load_pipeline(args.base, tokenizer=args.tokenizer)
+    pipe = load_pipeline(args.base, tokenizer=args.tokenizer).to(shards.Share.device())
     arch = architecture_of(pipe)
     for model in models:
         trained_for = lora_architecture(model.lora)
@@ -143,7 +150,7 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
     common = dict(num_inference_steps=args.steps, guidance_scale=args.cfg)
     if args.size:
         common.update(height=args.size, width=args.size)
-    for item in tqdm(todo, desc="render", unit="img"):
+    for item in tqdm(todo, desc="render", unit="img", disable=not show):
         if item.model == BASE:
             pipe.disable_lora()
         else:
@@ -155,20 +162,13 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
             image.save(tmp, format="PNG")
 
 
-def detections(out: Path, items: list[Render], tiles: bool) -> dict[str, dict]:
-    """Face and hand scores of every image, cached in ``detections.jsonl`` by image path."""
-    from tqdm import tqdm
-
+def detections(out: Path, items: list[Render], tiles: bool):
+    """The record of each image's face and hand scores (``detections.jsonl``, by image path)."""
     from core.metrics import image_scores
 
-    journal = out / "detections.jsonl"
-    cached = {row["image"]: row for row in read_jsonl(journal) if row.get("tiles") == tiles}
-    writer = JsonlWriter(journal)
-    for item in tqdm([i for i in items if i.path not in cached], desc="detect", unit="img"):
+    for item in items:
         scores = image_scores(out / item.path, item.path, tiles=tiles)
-        cached[item.path] = writer.append({"image": item.path, "tiles": tiles, "faces": list(scores.face_scores),
-                                           "hands": list(scores.hand_scores)})
-    return cached
+        yield {"image": item.path, "tiles": tiles, "faces": list(scores.face_scores), "hands": list(scores.hand_scores)}
 
 
 def model_scores(out: Path, items: list[Render], prompts: list[str], names: list[str], folders: dict) -> dict:
@@ -242,12 +242,35 @@ def run(args: argparse.Namespace) -> int:
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     items = renders(models, prompts, args.seeds, args.strengths)
-    todo = [i for i in items if not (out / i.path).is_file()]
-    print(f"evaluate: {len(models) + 1} models, {len(prompts)} prompts x {len(args.seeds)} seeds, strengths "
-          f"{args.strengths}: {len(items)} images, {len(items) - len(todo)} already rendered")
-    if todo:
-        render_missing(args, models, prompts, todo)
-    found = detections(out, items, args.tiles)
+    share = shards.Share.of(args.shard)
+    store = shards.ShardedRecords(out / DETECTIONS, share, key=lambda r: r["image"],
+                                  finished=lambda r: r.get("tiles") == args.tiles)
+    try:
+        found = store.load()
+        if not args.merge:
+            todo = [(k, i.path) for k, i in enumerate(items)
+                    if not ((out / i.path).is_file() and store.finished(found.get(i.path, {})))]
+            if share.reporter:
+                print(f"evaluate: {len(models) + 1} models, {len(prompts)} prompts x {len(args.seeds)} seeds, "
+                      f"strengths {args.strengths}: {len(items)} images, {len(items) - len(todo)} already done"
+                      + (f" ({share.describe()} of the rest)" if share.count > 1 else ""), flush=True)
+
+            def detected(positions):
+                mine = [items[k] for k in positions]
+                missing = [i for i in mine if not (out / i.path).is_file()]
+                if missing:
+                    render_missing(args, models, prompts, missing, show=share.reporter)
+                return detections(out, mine, args.tiles)
+
+            shards.work_share(store, todo, detected, "detect", "img")
+            found = store.gathered()
+            if found is None:
+                return 0
+        keys = [i.path for i in items]
+        store.check_complete({k: r for k, r in found.items() if store.finished(r)}, keys)
+        store.merge([found[k] for k in keys])
+    except shards.ShardError as err:
+        raise SystemExit(f"error: {err}") from None
     scores = model_scores(out, items, prompts, args.scorer, folders)
     summary = summarize(out, items, prompts, found, scores)
     command = "python -m trainers evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
