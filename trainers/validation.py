@@ -74,7 +74,8 @@ def config_problems(cfg) -> list[str]:
 
         if cfg.validation_scorer not in NAMES:
             problems.append(f"--validation-scorer {cfg.validation_scorer!r} must be one of {', '.join(NAMES)}")
-        elif cfg.validation_scorer in MODEL_SCORERS and not Path(cfg.validation_scorer_model or "").is_dir():
+        elif cfg.validation_scorer in MODEL_SCORERS and not (
+                cfg.validation_scorer_model and Path(cfg.validation_scorer_model).is_dir()):
             problems.append(f"--validation-scorer {cfg.validation_scorer} needs its weights folder: "
                             "--validation-scorer-model FOLDER (see docs/scorers.md)")
     return problems
@@ -131,7 +132,8 @@ class Validator:
         if cfg.validation_scorer:  # loaded now: a bad weights folder fails before training
             from core.scorers import get_scorer
 
-            self.scorer = get_scorer(cfg.validation_scorer, model=cfg.validation_scorer_model or None)
+            folder = cfg.validation_scorer_model
+            self.scorer = get_scorer(cfg.validation_scorer, models={cfg.validation_scorer: folder} if folder else None)
         from core.masks.model_files import resolve_model_files
 
         resolve_model_files()  # the detector's files: missing ones are named before training
