@@ -53,9 +53,10 @@ def renders_of(cfg) -> list[tuple[str, int]]:
 
 
 def best_name(lora_name: str) -> str:
-    """``fairhuman_sdxl.safetensors`` -> ``fairhuman_sdxl_best.safetensors``."""
+    """``fairhuman_sdxl.safetensors`` -> ``fairhuman_sdxl_best.safetensors`` (a folder in the name,
+    as in ComfyUI's LoRA names, is kept)."""
     path = Path(lora_name)
-    return f"{path.stem}_best{path.suffix}"
+    return str(path.with_name(f"{path.stem}_best{path.suffix}"))
 
 
 def config_problems(cfg) -> list[str]:
