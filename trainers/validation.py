@@ -33,7 +33,6 @@ from typing import Callable
 from core.fileio import VALIDATION, EventLog, atomic_path, read_events
 
 METRICS = ("face-hand", "face", "hand", "scorer")
-META_PREFIX = "fairhuman."  # core.lora_format's prefix of the pack's metadata keys
 # Prompts of people whose faces and hands show, used when --validation-prompts is not given.
 DEFAULT_PROMPTS = (
     "a photo of a person waving at the camera, face and hands visible",
@@ -105,7 +104,7 @@ def score_images(images: list, prompts: list[str], scorer=None, names: list[str]
 
 def read_best(path: Path) -> tuple[int, float] | None:
     """(step, score) of a kept best file, from its metadata; None when there is none."""
-    from core.lora_format import read_lora_metadata
+    from core.lora_format import META_PREFIX, read_lora_metadata
 
     if not Path(path).is_file():
         return None
