@@ -196,6 +196,7 @@ RESUME = "resume"  # step, checkpoint
 CHECKPOINT = "checkpoint"  # step, path
 SAMPLE = "sample"  # step, paths[]
 EVAL = "eval"  # step, method-specific numbers
+VALIDATION = "validation"  # step, metric, score, scores{}, best_step, best_score, best_path, face/hand_confidence
 NAN = "nan"  # step, streak, total
 WARNING = "warning"  # message
 DONE = "done"  # lora (or output), steps

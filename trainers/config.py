@@ -68,6 +68,13 @@ class TrainConfig:
     sample_prompts: list = field(default_factory=list)
     sample_steps: int = 20
     max_nan_steps: int = 10
+    # best LoRA by face and hand quality (trainers/validation.py)
+    validate_every: int = 0
+    validation_prompts: list = field(default_factory=list)  # empty: validation.DEFAULT_PROMPTS
+    validation_seeds: int = 2
+    validation_metric: str = "face-hand"  # face-hand | face | hand | scorer
+    validation_scorer: str = ""
+    validation_scorer_model: str = ""
     lora_name: str = ""  # file name of the exported LoRA; default <method>_<base arch>.safetensors
 
     def to_dict(self) -> dict:
@@ -128,11 +135,21 @@ HELP = {
     "checkpoint_every": "save a resumable checkpoint every N steps",
     "keep_checkpoints": "how many checkpoints to keep",
     "log_every": "emit a progress event every N steps",
-    "sample_every": "render validation images every N steps (0: never)",
-    "sample_prompts": "validation prompts (repeat the flag or use the config file)",
-    "sample_steps": "sampler steps of validation images",
+    "sample_every": "render sample images of --sample-prompts every N steps (0: never)",
+    "sample_prompts": "sample prompts (repeat the flag or use the config file)",
+    "sample_steps": "sampler steps of sample and validation images",
     "max_nan_steps": "stop after this many consecutive non-finite losses",
     "lora_name": "file name of the exported LoRA",
+    "validate_every": "every N steps and at the end, render the validation prompts with the current LoRA, score them "
+                      "(Face/Hand Confi.) and keep the best LoRA as <lora name>_best.safetensors (0: never)",
+    "validation_prompts": "validation prompts (repeat the flag or use the config file; default: four prompts of "
+                          "people with faces and hands)",
+    "validation_seeds": "images per validation prompt (seeds seed, seed+1, ...)",
+    "validation_metric": "what the best LoRA maximizes: face-hand (mean of Face and Hand Confi., a missed face or hand "
+                         "counting 0), face, hand, or scorer (the mean of --validation-scorer)",
+    "validation_scorer": "also score validation images with this scorer: anatomy, or pickscore, hps, imagereward, "
+                         "clipscore with --validation-scorer-model",
+    "validation_scorer_model": "local weights folder of a model-based --validation-scorer",
 }
 
 
@@ -199,6 +216,7 @@ def _parser_for(annotation: str):
 PARSERS = {name: _parser_for(str(spec.type)) for name, spec in FIELDS.items()}
 # prompts hold commas: a config file's string is one prompt, a list is several
 PARSERS["sample_prompts"] = lambda v: [str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)]
+PARSERS["validation_prompts"] = PARSERS["sample_prompts"]
 
 
 def parse_value(name: str, value, source: str = "option"):
@@ -235,7 +253,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                       type=_argparse_type(name))
         if "bool" in str(spec.type):
             kwargs["metavar"] = "BOOL"
-        if name == "sample_prompts":
+        if name in ("sample_prompts", "validation_prompts"):
             kwargs.update(action="append", type=str)
         parser.add_argument(flag, **kwargs)
 
@@ -318,6 +336,12 @@ def _methods():
     return METHODS
 
 
+def _validation_metrics():
+    from .validation import METRICS
+
+    return METRICS
+
+
 def _schedulers():
     from diffusers.optimization import SchedulerType
 
@@ -368,6 +392,9 @@ RULES = {
     "sample_steps": at_least(1),
     "max_nan_steps": at_least(1),
     "lora_name": _file_name,
+    "validate_every": at_least(0),
+    "validation_seeds": at_least(1),
+    "validation_metric": one_of(_validation_metrics),
 }
 
 
@@ -383,6 +410,9 @@ def validate(cfg: TrainConfig) -> None:
             problems.append(f"--{name.replace('_', '-')} {value!r} {problem}")
     from .presets import preset_problem
 
+    from .validation import config_problems
+
+    problems += config_problems(cfg)
     if preset_problem(cfg.preset, cfg.method):
         problems.append(preset_problem(cfg.preset, cfg.method))
     from core.tiny_models import TINY_BASES

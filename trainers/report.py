@@ -1,12 +1,13 @@
 """Plots of a run, drawn from its event log: per-objective losses, the fair weights over steps
-(when they change) and, for DPO runs, the implicit reward margin and accuracy.
+(when they change), for DPO runs the implicit reward margin and accuracy, and with
+``--validate-every`` the validation curve (score against step, the kept best marked).
 
 ``python -m trainers report RUN_DIR`` draws them for any run, finished or not."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from core.fileio import atomic_path, read_events
+from core.fileio import VALIDATION, atomic_path, read_events
 
 
 def save_figure(fig, path: Path) -> None:
@@ -42,8 +43,8 @@ def run(args) -> int:
 
 
 def plot_run(events_path: str | Path, out_dir: str | Path, names: list[str] | None = None) -> list[Path]:
-    """Write ``losses.png``, ``weights.png`` (fair weighting) and ``dpo.png`` (DPO runs) for a
-    run; returns the files written."""
+    """Write ``losses.png``, ``weights.png`` (fair weighting), ``dpo.png`` (DPO runs) and
+    ``validation.png`` (``--validate-every``) for a run; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +107,35 @@ def plot_run(events_path: str | Path, out_dir: str | Path, names: list[str] | No
     if "reward_margin" in progress[0]:
         written.append(_plot_dpo(plt, progress, [e for e in events if e["event"] == "eval"], window,
                                  out_dir / "dpo.png"))
+    validations = [e for e in events if e["event"] == VALIDATION]
+    if validations:
+        written.append(_plot_validation(plt, validations, out_dir / "validation.png"))
     return written
+
+
+def _plot_validation(plt, validations: list[dict], path: Path) -> Path:
+    """The metric the best LoRA is kept by, and Face/Hand Confi. with a missed region counted 0,
+    against the step; the kept best marked. A step validated twice (a run resumed from before
+    it) shows its last measurement."""
+    by_step = {e["step"]: e for e in validations}
+    steps = sorted(by_step)
+    last = validations[-1]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(steps, [by_step[s]["score"] for s in steps], "o-", color="C0", lw=2, label=last["metric"])
+    for i, name in enumerate(("face", "hand")):
+        if name != last["metric"]:
+            ax.plot(steps, [by_step[s]["scores"][name] for s in steps], ".--", color=f"C{i + 1}", lw=1,
+                    label=name)
+    ax.plot([last["best_step"]], [last["best_score"]], "*", color="C3", markersize=16,
+            label=f"best: step {last['best_step']} ({last['best_score']:.3f})")
+    ax.set_title("validation (higher is better)")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
 
 
 def _plot_dpo(plt, progress: list[dict], evals: list[dict], window: int, path: Path) -> Path:

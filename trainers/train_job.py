@@ -2,6 +2,8 @@
 train, export its file."""
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -12,7 +14,9 @@ from .loop import train
 from .methods import method_module
 from .model import TrainableModel
 from .precision import DTYPES
+from .run_dir import latest_checkpoint, load_checkpoint
 from .trainables import ControlNetTrainable, LoraTrainable, Trainable
+from .validation import Validator
 
 
 
@@ -58,8 +62,26 @@ def build_model(cfg) -> TrainableModel:
     )
 
 
-def make_sampler(cfg, model: TrainableModel, run_dir: Path, events: EventLog):
-    """Validation images: the same prompts and seeds at every sampling step, LoRA on."""
+def make_renderer(cfg, model: TrainableModel):
+    """``render(pairs)``: PIL images of (prompt, seed) pairs with the current weights, LoRA on —
+    the one rendering of ``--sample-every`` and ``--validate-every``."""
+
+    def render(pairs: list[tuple[str, int]]) -> list:
+        model.unet.eval()
+        try:
+            with torch.no_grad():
+                return [model.precision.generate(
+                    model.pipe, prompt, num_inference_steps=cfg.sample_steps, height=cfg.resolution,
+                    width=cfg.resolution, generator=torch.Generator().manual_seed(seed),
+                )[0] for prompt, seed in pairs]
+        finally:
+            model.unet.train()
+
+    return render
+
+
+def make_sampler(cfg, model: TrainableModel, run_dir: Path, events: EventLog, render):
+    """Sample images: the same prompts and seeds at every sampling step."""
     if not (cfg.sample_every and cfg.sample_prompts):
         return None
     if not isinstance(model.trainable, LoraTrainable):
@@ -67,22 +89,53 @@ def make_sampler(cfg, model: TrainableModel, run_dir: Path, events: EventLog):
                          f"{model.trainable.kind}: set --sample-every 0")
 
     def sample(step: int) -> None:
-        model.unet.eval()
+        images = render([(prompt, cfg.seed + k) for k, prompt in enumerate(cfg.sample_prompts)])
         paths = []
-        with torch.no_grad():
-            for k, prompt in enumerate(cfg.sample_prompts):
-                image = model.precision.generate(
-                    model.pipe, prompt, num_inference_steps=cfg.sample_steps, height=cfg.resolution,
-                    width=cfg.resolution, generator=torch.Generator().manual_seed(cfg.seed + k),
-                )[0]
-                path = run_dir / "samples" / f"step_{step:07d}_{k}.png"
-                with atomic_path(path) as tmp:
-                    image.save(tmp, format="PNG")
-                paths.append(str(path))
-        model.unet.train()
+        for k, image in enumerate(images):
+            path = run_dir / "samples" / f"step_{step:07d}_{k}.png"
+            with atomic_path(path) as tmp:
+                image.save(tmp, format="PNG")
+            paths.append(str(path))
         events.emit("sample", step=step, paths=paths)
 
     return sample
+
+
+def make_validator(cfg, model: TrainableModel, method, run_dir: Path, events: EventLog, render) -> Validator | None:
+    if not cfg.validate_every:
+        return None
+
+    def export(path: Path, validation: dict) -> None:
+        model.trainable.export(path, {**export_metadata(cfg, model, method, {"steps": validation["validation_step"]}),
+                                      **validation})
+
+    return Validator(cfg, run_dir, events, lora_file_name(cfg, model), render, export)
+
+
+def step_callback(cfg, sample, validate):
+    """The loop's one per-step callback (``sampler``) and the period it is called at: the greatest
+    common divisor of the sampling and validation periods; each runs on its own steps."""
+    periods = {"sample_every": sample, "validate_every": validate}
+    active = {name: fn for name, fn in periods.items() if fn is not None}
+    if not active:
+        return None, 0
+
+    def at_step(step: int) -> None:
+        for name, fn in active.items():
+            if step % getattr(cfg, name) == 0:
+                fn(step)
+
+    return at_step, math.gcd(*(getattr(cfg, name) for name in active))
+
+
+def lora_file_name(cfg, model: TrainableModel) -> str:
+    return cfg.lora_name or f"{cfg.method.replace('-', '')}_{model.arch}.safetensors"
+
+
+def is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def export_metadata(cfg, model: TrainableModel, method, result: dict) -> dict:
@@ -107,13 +160,27 @@ def run_job(cfg, run_dir: Path, events: EventLog, *, resume: bool, stop_requeste
     """Train and export; ``keep_model`` returns the trained model too (tests, notebooks)."""
     model = build_model(cfg)
     method = method_module(cfg.method).METHOD(cfg, model)
-    result = train(cfg, method, run_dir, events, resume=resume,
-                   sampler=make_sampler(cfg, model, run_dir, events), stop_requested=stop_requested)
+    render = make_renderer(cfg, model)
+    validator = make_validator(cfg, model, method, run_dir, events, render)
+    callback, period = step_callback(cfg, make_sampler(cfg, model, run_dir, events, render), validator)
+    main = is_main_process()
+    if resume and validator is not None and main:
+        def load(path):
+            state = load_checkpoint(path)
+            model.trainable.load_state_dict(state["trainable"] if "trainable" in state else state["lora"])
+
+        validator.catch_up(latest_checkpoint(run_dir), load)
+    # the loop calls its sampler every cfg.sample_every steps: here, the common period of both
+    result = train(dataclasses.replace(cfg, sample_every=period), method, run_dir, events, resume=resume,
+                   sampler=callback, stop_requested=stop_requested)
     if result["status"] == "done":
-        name = cfg.lora_name or f"{cfg.method.replace('-', '')}_{model.arch}.safetensors"
-        path = run_dir / name
+        if validator is not None and main and cfg.steps % cfg.validate_every:
+            validator(cfg.steps)  # the final LoRA is always a candidate
+        path = run_dir / lora_file_name(cfg, model)
         model.trainable.export(path, export_metadata(cfg, model, method, result))
         result["lora"] = str(path)
+        if validator is not None and validator.path.is_file():
+            result["best_lora"] = str(validator.path)
     if keep_model:
         result["model"] = model
     return result

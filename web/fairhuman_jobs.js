@@ -47,9 +47,19 @@ function noteFinished(job, initial) {
   if (!initial) refreshModelLists();
 }
 
+// The latest validation (--validate-every) of a job: the summary's `validation` where the server
+// keeps one, else taken from a pushed "validation" event (then it lasts until the page reloads).
+function validationOf(event) {
+  if (!event || event.event !== "validation") return null;
+  const { step, metric, score, best_step, best_score } = event;
+  return { step, metric, score, best_step, best_score };
+}
+
 function applyJob(job) {
   if (!job || typeof job.id !== "string") return;
   const merged = { ...store.jobs.get(job.id), ...job };
+  const validation = validationOf(job.event);
+  if (validation && !job.validation) merged.validation = validation;
   delete merged.event; // the raw trainer event that came with a pushed summary
   store.jobs.set(job.id, merged);
   if (!isActive(merged)) store.cancelling.delete(job.id);
@@ -258,6 +268,15 @@ function renderJob(job) {
       list.append(item);
     }
     row.append(list);
+  }
+
+  const validation = job.validation && typeof job.validation === "object" ? job.validation : null;
+  if (validation && validation.score !== undefined && validation.score !== null) {
+    const line = el("div", "fh-job-validation",
+      `validation ${validation.metric || "score"} ${formatLoss(validation.score)} at step ${validation.step}`
+      + (validation.best_step !== undefined ? ` · best ${formatLoss(validation.best_score)} at step ${validation.best_step}` : ""));
+    line.title = "Scored on fixed prompts and seeds (--validate-every); the best LoRA is kept as <name>_best.safetensors";
+    row.append(line);
   }
 
   if (job.error) row.append(el("div", "fh-job-error", job.error));
