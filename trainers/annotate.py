@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.fileio import JsonlError, JsonlWriter, atomic_path, read_jsonl, write_jsonl_atomic
+from core.masks.images import IMAGE_SUFFIXES
 
 METADATA = "metadata.jsonl"
 MASKS = "masks"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 SIDE_FILES = {".txt"}  # captions: read with their image, not images themselves
 OWNER_KEY, OWNER_VALUE = "fairhuman-hgdpo", "annotate"  # PNG text chunk marking our masks
 DONE_STATUS = ("ok", "no_people")
