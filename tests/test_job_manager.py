@@ -2,7 +2,6 @@
 manager running real ``python -m trainers job`` processes on the tiny SD1.5-shaped model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,33 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import make_region_dataset
+from train_helpers import import_pack, make_region_dataset
 
 from core.job_spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _pack():
-    """The pack imported as a package, as ComfyUI does (its nodes use relative imports)."""
-    name = "fairhuman_pack_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
 def paths():
-    return importlib.import_module(_pack().__name__ + ".nodes.job_paths")
+    return import_pack("nodes.job_paths")
 
 
 @pytest.fixture(scope="module")
 def jm():
-    return importlib.import_module(_pack().__name__ + ".nodes.job_manager")
+    return import_pack("nodes.job_manager")
 
 
 # ---- input safety ------------------------------------------------------------------------------
