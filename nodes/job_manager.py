@@ -46,6 +46,7 @@ JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 # ends within 10 s, and the run resumes from its last periodic checkpoint.
 CANCEL_GRACE_S = 8.0
 RECENT_EVENTS = 50
+STATE_EVENT = "state"  # the manager's own event (to the browser): a job's state changed
 
 
 class JobRefused(InputRefused):
@@ -275,7 +276,7 @@ class JobManager:
                     stdin=subprocess.DEVNULL, start_new_session=True)
             record.update(state="running", pid=job.proc.pid)
             job.save()
-            self._emit(job, {"event": "state", "state": "running"})
+            self._emit(job, {"event": STATE_EVENT, "state": "running"})
             self._ensure_thread()
             return job
 
@@ -336,7 +337,7 @@ class JobManager:
         record.update(exit_code=code, finished=time.time())
         job.save()
         job.finished.set()
-        self._emit(job, {"event": "state", "state": record["state"]})
+        self._emit(job, {"event": STATE_EVENT, "state": record["state"]})
         try:
             self.on_finished(job)
         except Exception:

@@ -12,7 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
-from comfyui_harness import FRONTEND_ONLY_NODES, workflow_to_api
+from comfyui_harness import workflow_to_api
 from train_helpers import ROOT, import_pack, offline_env
 
 from core.job_spec import SPEC_VERSION, JobSpec, SpecError
@@ -127,7 +127,7 @@ def _non_default(declaration):
 
 @pytest.mark.parametrize("node_id", ["FairHumanTrainLoRA", "FairHumanTrainControlNet", "HGDPOTrainLoRA"])
 def test_every_trainer_option_of_a_node_reaches_the_trainer_config(node_modules, comfy, tmp_path, node_id):
-    train_lora, train_inputs = node_modules
+    train_lora, _ = node_modules
     inputs = train_lora.NODE_CLASS_MAPPINGS[node_id].INPUTS
     declared = {**inputs["required"], **inputs["optional"]}
     options = {name: i for name, i in declared.items() if i.field}
@@ -221,7 +221,8 @@ def test_node_choices_are_the_registries(node_modules):
             assert all(w in declared["weighting"].options["tooltip"] for w in WEIGHTINGS), node_id
     hg = {**train_inputs.HGDPO_LORA["required"], **train_inputs.HGDPO_LORA["optional"]}
     assert hg["scorer"].kind == list(SCORERS)
-    assert set(hg["method"].kind) <= set(METHODS) and {n.METHOD for n in train_lora.NODE_CLASS_MAPPINGS.values()} <= set(METHODS)
+    assert set(hg["method"].kind) <= set(METHODS)
+    assert {node.METHOD for node in train_lora.NODE_CLASS_MAPPINGS.values()} <= set(METHODS)
 
 
 # ---- saved workflows ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ CASES = [(command, setting) for command, settings in PRESETS[PAPER].items() for 
 def _readme_table() -> str:
     tables = [found.group(1) for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
               for found in MARKERS.finditer(path.read_text(encoding="utf-8"))]
-    assert len(tables) == 1, f"expected one presets table (<!-- presets:begin -->) in README.md or docs/, found {len(tables)}"
+    assert len(tables) == 1, f"expected one presets table (<!-- presets:begin -->) in README or docs/: {len(tables)}"
     return tables[0]
 
 
