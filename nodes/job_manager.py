@@ -1,7 +1,7 @@
 """Training jobs launched from the nodes: spawn, tail, state, records, one job per device.
 
 A job is a folder under the runs folder, named after its sanitized output name (so queueing the
-same name again resumes it): ``spec.json`` (what to do), ``job.json`` (the record: id, state,
+same name again resumes it): ``spec.json`` (what to do: a ``core.job_spec.JobSpec``), ``job.json`` (the record: id, state,
 settings, pid), ``job.log`` (the process's stdout/stderr), ``events.jsonl`` (written by the job,
 read here through ``core.fileio.EventTail``) and the trainer's run directory ``train/``.
 
@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..core.fileio import (CANCELLED, DONE, ERROR, EVENTS_FILE, PROGRESS, STAGE, WARNING, EventTail, JsonlError,
                            write_json_atomic)
+from ..core.job_spec import JobSpec, settings_differences
 from .job_paths import InputRefused, inside
 
 log = logging.getLogger("fairhuman-hgdpo")
@@ -45,8 +46,7 @@ JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 # ends within 10 s, and the run resumes from its last periodic checkpoint.
 CANCEL_GRACE_S = 8.0
 RECENT_EVENTS = 50
-# settings that may change when a run is queued again (as the trainer's --resume allows)
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device")
+STATE_EVENT = "state"  # the manager's own event (to the browser): a job's state changed
 
 
 class JobRefused(InputRefused):
@@ -144,16 +144,6 @@ class Job:
 
     def save(self) -> None:
         write_json_atomic(self.dir / RECORD, self.record)
-
-
-def settings_differences(old: dict, new: dict) -> list[str]:
-    """``name: old -> new`` for every setting that differs (steps may grow)."""
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        if key in RESUMABLE_CHANGES or old.get(key) == new.get(key):
-            continue
-        changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-    return changed
 
 
 class JobManager:
@@ -258,9 +248,9 @@ class JobManager:
                         f"queue it with the same settings to resume it, pick another output_name, or set "
                         f"overwrite to true to start over")
 
-    def submit(self, spec: dict, *, name: str, method: str, device: str, settings: dict, lora_name: str,
-               overwrite: bool) -> Job:
-        """Start a job (after ``check``, again under the lock); returns it running."""
+    def submit(self, spec: JobSpec, *, name: str, device: str, settings: dict, overwrite: bool) -> Job:
+        """Start the job ``spec`` describes (after ``check``, again under the lock); returns it running.
+        ``settings`` (the node's inputs) are recorded, to compare with when the name is queued again."""
         with self.lock:
             self.check(name=name, device=device, settings=settings, overwrite=overwrite)
             folder = self.job_dir(name)
@@ -268,10 +258,10 @@ class JobManager:
                 shutil.rmtree(folder)  # inside the runs folder: checked by job_dir
             folder.mkdir(parents=True, exist_ok=True)
             job_id = uuid.uuid4().hex[:12]
-            spec = {**spec, "job_id": job_id, "job_dir": str(folder)}
-            write_json_atomic(folder / SPEC, spec)
-            record = {"id": job_id, "method": method, "output_name": name, "device": device, "state": "queued",
-                      "settings": settings, "lora_name": lora_name, "lora_path": None, "error": None,
+            spec.with_job(job_id, folder).write(folder / SPEC)
+            # lora_name / lora_path: the jobs API's names of the trained file (a ControlNet's too)
+            record = {"id": job_id, "method": spec.method, "output_name": name, "device": device, "state": "queued",
+                      "settings": settings, "lora_name": spec.output_listed, "lora_path": None, "error": None,
                       "created": time.time(), "finished": None, "pid": None, "exit_code": None}
             job = Job(record, folder)
             job.tail.read()  # a resumed run's earlier events are history, not this job's
@@ -286,7 +276,7 @@ class JobManager:
                     stdin=subprocess.DEVNULL, start_new_session=True)
             record.update(state="running", pid=job.proc.pid)
             job.save()
-            self._emit(job, {"event": "state", "state": "running"})
+            self._emit(job, {"event": STATE_EVENT, "state": "running"})
             self._ensure_thread()
             return job
 
@@ -347,7 +337,7 @@ class JobManager:
         record.update(exit_code=code, finished=time.time())
         job.save()
         job.finished.set()
-        self._emit(job, {"event": "state", "state": record["state"]})
+        self._emit(job, {"event": STATE_EVENT, "state": record["state"]})
         try:
             self.on_finished(job)
         except Exception:

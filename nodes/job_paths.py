@@ -11,10 +11,11 @@ import os
 import re
 from pathlib import Path
 
+from ..core.masks.images import IMAGE_SUFFIXES
+
 ALLOWED_ROOTS_ENV = "FAIRHUMAN_ALLOWED_ROOTS"
 RUNS_FOLDER = "fairhuman_runs"  # under ComfyUI's output directory
-LORA_SUBFOLDER = "fairhuman"  # under models/loras
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+OUTPUT_SUBFOLDER = "fairhuman"  # where trained files land: models/loras/fairhuman, models/controlnet/fairhuman
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.+-]{0,99}$")
 
 

@@ -2,7 +2,6 @@
 manager running real ``python -m trainers job`` processes on the tiny SD1.5-shaped model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,31 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import make_region_dataset
+from train_helpers import import_pack, make_region_dataset
+
+from core.job_spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _pack():
-    """The pack imported as a package, as ComfyUI does (its nodes use relative imports)."""
-    name = "fairhuman_pack_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
 def paths():
-    return importlib.import_module(_pack().__name__ + ".nodes.job_paths")
+    return import_pack("nodes.job_paths")
 
 
 @pytest.fixture(scope="module")
 def jm():
-    return importlib.import_module(_pack().__name__ + ".nodes.job_manager")
+    return import_pack("nodes.job_manager")
 
 
 # ---- input safety ------------------------------------------------------------------------------
@@ -90,22 +79,26 @@ def test_folder_without_images_is_refused(paths, input_dir):
 
 
 # ---- the manager ---------------------------------------------------------------------------------
-def _spec(tmp_path: Path, name: str, steps: int, **train) -> dict:
+def _job_spec(tmp_path: Path, name: str, method: str, folder: str = "loras", **fields) -> JobSpec:
+    """A spec as the Train nodes write it, on the tiny SD1.5 model, the file going to
+    ``tmp_path/<folder>/fairhuman/<name>.safetensors``."""
+    return JobSpec(method=method, base="tiny-sd15", output_file=f"{name}.safetensors",
+                   output_listed=f"fairhuman/{name}.safetensors",
+                   output_dest=str(tmp_path / folder / "fairhuman" / f"{name}.safetensors"), **fields)
+
+
+def _spec(tmp_path: Path, name: str, steps: int, **train) -> JobSpec:
     data = tmp_path / "data"
     if not data.exists():
         make_region_dataset(data, count=2, size=64)
-    return {"method": "fairhuman", "base": "tiny-sd15", "tokenizer": "", "dataset": str(data),
-            "lora_file": f"{name}.safetensors", "lora_name": f"fairhuman/{name}.safetensors",
-            "lora_dest": str(tmp_path / "loras" / "fairhuman" / f"{name}.safetensors"), "overwrite": False,
-            "train": {"steps": steps, "resolution": 64, "rank": 4, "lr": 1e-3, "mixed_precision": "no",
-                      "checkpoint_every": 1, "seed": 0, **train}}
+    return _job_spec(tmp_path, name, "fairhuman", dataset=str(data), train={
+        "steps": steps, "resolution": 64, "rank": 4, "lr": 1e-3, "mixed_precision": "no", "checkpoint_every": 1,
+        "seed": 0, **train})
 
 
 def _submit(manager, tmp_path, name, steps, **train):
     spec = _spec(tmp_path, name, steps, **train)
-    settings = {k: v for k, v in spec["train"].items()}
-    return manager.submit(spec, name=name, method="fairhuman", device="cpu", settings=settings,
-                          lora_name=spec["lora_name"], overwrite=False)
+    return manager.submit(spec, name=name, device="cpu", settings=dict(spec.train), overwrite=False)
 
 
 @pytest.mark.slow
@@ -181,9 +174,7 @@ def test_job_environment_is_explicit(jm):
 def test_a_refused_trainer_option_is_the_jobs_error(tmp_path):
     """The trainer refuses a bad option (exit 2, one 'error:' line): the job's final event carries
     that line, so the node and the panel show it."""
-    spec = _spec(tmp_path, "bad", 2, rank=0)
-    spec["job_dir"] = str(tmp_path / "job")
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    _spec(tmp_path, "bad", 2, rank=0).with_job("0123456789ab", tmp_path / "job").write(tmp_path / "spec.json")
     done = subprocess.run([sys.executable, "-m", "trainers", "job", str(tmp_path / "spec.json")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
@@ -222,15 +213,11 @@ def test_a_fair_dpo_job_builds_pairs_then_trains_regional_objectives(jm, tmp_pat
 
     manager = jm.JobManager(tmp_path / "runs")
     name = "fair"
-    spec = {"method": "fair-dpo", "base": "tiny-sd15", "tokenizer": "", "prompts": ["a photo of a woman waving",
-                                                                                   "two friends smiling"],
-            "build_pairs": {"n": 2, "scorer": "anatomy", "size": 64, "steps": 2, "seed": 0, "scorer_models": {}},
-            "lora_file": f"{name}.safetensors", "lora_name": f"fairhuman/{name}.safetensors",
-            "lora_dest": str(tmp_path / "loras" / "fairhuman" / f"{name}.safetensors"), "overwrite": False,
-            "train": {"steps": 2, "resolution": 64, "rank": 4, "lr": 1e-3, "mixed_precision": "no",
-                      "checkpoint_every": 0, "seed": 0, "eval_pairs": 0}}
-    job = manager.submit(spec, name=name, method="fair-dpo", device="cpu", settings=dict(spec["train"]),
-                         lora_name=spec["lora_name"], overwrite=False)
+    spec = _job_spec(tmp_path, name, "fair-dpo", prompts=["a photo of a woman waving", "two friends smiling"],
+                     build_pairs={"n": 2, "scorer": "anatomy", "size": 64, "steps": 2, "seed": 0},
+                     train={"steps": 2, "resolution": 64, "rank": 4, "lr": 1e-3, "mixed_precision": "no",
+                            "checkpoint_every": 0, "seed": 0, "eval_pairs": 0})
+    job = manager.submit(spec, name=name, device="cpu", settings=dict(spec.train), overwrite=False)
     assert job.finished.wait(600), job.dir.joinpath("job.log").read_text()[-3000:]
     assert job.state == "done", (job.record, job.dir.joinpath("job.log").read_text()[-3000:])
     meta = {k.removeprefix("fairhuman."): v for k, v in read_lora_metadata(job.record["lora_path"]).items()}
@@ -260,14 +247,11 @@ def test_a_controlnet_job_renders_poses_then_trains_a_controlnet(jm, tmp_path, s
 
     name = "posed"
     dest = tmp_path / "controlnet" / "fairhuman" / f"{name}.safetensors"
-    spec = {"method": "fairhuman-controlnet", "base": "tiny-sd15", "tokenizer": "", "dataset": str(photos),
-            "lora_file": f"{name}.safetensors", "lora_name": f"fairhuman/{name}.safetensors",
-            "lora_dest": str(dest), "overwrite": False,
-            "train": {"steps": 2, "resolution": 64, "lr": 1e-3, "mixed_precision": "no", "checkpoint_every": 0,
-                      "seed": 0, "condition_dropout": 0.0}}
+    spec = _job_spec(tmp_path, name, "fairhuman-controlnet", folder="controlnet", dataset=str(photos), train={
+        "steps": 2, "resolution": 64, "lr": 1e-3, "mixed_precision": "no", "checkpoint_every": 0, "seed": 0,
+        "condition_dropout": 0.0})
     manager = jm.JobManager(tmp_path / "runs")
-    job = manager.submit(spec, name=name, method="fairhuman-controlnet", device="cpu", settings=dict(spec["train"]),
-                         lora_name=spec["lora_name"], overwrite=False)
+    job = manager.submit(spec, name=name, device="cpu", settings=dict(spec.train), overwrite=False)
     assert job.finished.wait(900), job.dir.joinpath("job.log").read_text()[-3000:]
     assert job.state == "done", (job.record, job.dir.joinpath("job.log").read_text()[-3000:])
 

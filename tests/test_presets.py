@@ -1,5 +1,6 @@
 """``--preset paper``: one source (trainers/presets.py) that the configuration resolves from and
-docs/paper-fidelity.md's table is rendered from; a test per preset value; precedence; recorded in the run."""
+the documentation's table is rendered from (trainers/preset_table.py); a test per preset value;
+precedence; recorded in the run."""
 import json
 import re
 import subprocess
@@ -9,21 +10,23 @@ import pytest
 from test_paper_fidelity import pairs_folder
 from train_helpers import ROOT, offline_env, train_cli
 
-from trainers.presets import PAPER, PRESETS, format_value, markdown_table
+from trainers.preset_table import format_value, markdown_table
+from trainers.presets import PAPER, PRESETS
 
-README = ROOT / "docs" / "paper-fidelity.md"
+# the table lives between these markers in the README or in one of docs/*.md
+MARKERS = re.compile(r"<!-- presets:begin -->\n(.*?)\n<!-- presets:end -->", re.DOTALL)
 CASES = [(command, setting) for command, settings in PRESETS[PAPER].items() for setting in settings]
 
 
 def _readme_table() -> str:
-    text = README.read_text(encoding="utf-8")
-    found = re.search(r"<!-- presets:begin -->\n(.*?)\n<!-- presets:end -->", text, re.DOTALL)
-    assert found, "docs/paper-fidelity.md lost its presets table markers"
-    return found.group(1)
+    tables = [found.group(1) for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+              for found in MARKERS.finditer(path.read_text(encoding="utf-8"))]
+    assert len(tables) == 1, f"expected one presets table (<!-- presets:begin -->) in README or docs/: {len(tables)}"
+    return tables[0]
 
 
 def _readme_rows() -> dict:
-    """{(command, option): (default, preset)} from docs/paper-fidelity.md's table."""
+    """{(command, option): (default, preset)} from the README's table."""
     rows = {}
     for line in _readme_table().splitlines()[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -1,6 +1,7 @@
 """Small fixed datasets and CLI runners for the trainer tests."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,19 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_pack(module: str = ""):
+    """The pack imported as a package, as ComfyUI does (its nodes use relative imports), or one
+    of its modules (``nodes.job_paths``)."""
+    name = "fairhuman_pack_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[name] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"{name}.{module}") if module else sys.modules[name]
 
 
 def make_region_dataset(folder: Path, count: int = 4, size: int = 128, seed: int = 0) -> Path:

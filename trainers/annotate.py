@@ -29,13 +29,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+<<<<<<< HEAD
 from core.fileio import JsonlError, atomic_path, read_jsonl, write_jsonl_atomic
 
 from . import shards
+=======
+from core.fileio import JsonlError, JsonlWriter, atomic_path, read_jsonl, write_jsonl_atomic
+from core.masks.images import IMAGE_SUFFIXES
+>>>>>>> spec
 
 METADATA = "metadata.jsonl"
 MASKS = "masks"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 SIDE_FILES = {".txt"}  # captions: read with their image, not images themselves
 OWNER_KEY, OWNER_VALUE = "fairhuman-hgdpo", "annotate"  # PNG text chunk marking our masks
 DONE_STATUS = ("ok", "no_people")

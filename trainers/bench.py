@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 BENCHMARKS = {
     "fairhuman": "plain LoRA step vs. MPD step vs. reference-style step (time and memory)",
@@ -28,14 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    module_name = f"{__package__}.benchmarks.{args.name}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        print(f"python -m trainers bench {args.name}: not implemented yet in this version", file=sys.stderr)
-        return 2
+    module = importlib.import_module(f"{__package__}.benchmarks.{args.name}")
     parser = argparse.ArgumentParser(prog=f"python -m trainers bench {args.name}", description=BENCHMARKS[args.name])
     module.add_arguments(parser)
     return int(module.run(parser.parse_args(args.rest)) or 0)

@@ -10,15 +10,18 @@ import argparse
 import importlib
 import sys
 
-# name -> (module under trainers/, one-line description)
+from .bench import BENCHMARKS
+from .methods import METHODS
+
+# name -> (module under trainers/, one-line description); the lists come from their registries
 COMMANDS: dict[str, tuple[str, str]] = {
     "annotate": ("annotate", "detect faces and hands in a folder of images; write masks and metadata.jsonl"),
-    "train": ("train", "train a LoRA: --method fairhuman (MPD-fair regional losses) or hg-dpo"),
+    "train": ("train", f"train a LoRA or a ControlNet: --method {' | '.join(METHODS)}"),
     "build-pairs": ("build_pairs", "generate N images per prompt, score them, keep best/worst pairs"),
     "sample": ("sample", "generate images with a base model, optional LoRA, optional LAN"),
     "evaluate": ("evaluate", "compare a base with LoRAs: Face/Hand Confi., color shift, scores, win rates; an HTML report"),
     "report": ("report", "plot a run's losses, weights and DPO margins from its events.jsonl"),
-    "bench": ("bench", "benchmarks: fairhuman, dpo, lan, annotate"),
+    "bench": ("bench", f"benchmarks: {', '.join(BENCHMARKS)}"),
     "demo": ("demo", "the end-to-end demo on the embedded tiny model; writes outputs/"),
     "models": ("models_setup", "set up the mediapipe face/hand model files (from the mediapipe 0.10.21 wheel)"),
     "job": ("node_job", "run a ComfyUI training node's job from its spec (annotate/build-pairs, train, export)"),
@@ -38,14 +41,8 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def load_command(name: str):
-    """The module implementing a command, or None when it is not built yet."""
-    module_name = f"{__package__}.{COMMANDS[name][0]}"
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            return None
-        raise
+    """The module implementing a command."""
+    return importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
 
 
 def build_parser(name: str, module) -> argparse.ArgumentParser:
@@ -63,8 +60,5 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         _top_parser().parse_args([name])  # prints the usage error, exits 2
     module = load_command(name)
-    if module is None:
-        print(f"python -m trainers {name}: not implemented yet in this version", file=sys.stderr)
-        return 2
     args = build_parser(name, module).parse_args(rest)
     return int(module.run(args) or 0)

@@ -13,6 +13,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.job_spec import flag
+
+# The UNet modules that get LoRA by default: the attention linears (HG-DPO's paper; FairHuman's code).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
 
 @dataclass
 class TrainConfig:
@@ -33,7 +38,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     rank: int = 256
     alpha: float | None = None  # None: alpha = rank
-    target_modules: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    target_modules: list = field(default_factory=lambda: list(LORA_TARGETS))
     mixed_precision: str = "no"  # no | fp16 | bf16
     device: str = ""  # "": cuda if available else cpu
     gradient_checkpointing: bool = False
@@ -224,8 +229,7 @@ def parse_value(name: str, value, source: str = "option"):
     try:
         return PARSERS[name](value)
     except (ValueError, TypeError) as err:
-        flag = "--" + name.replace("_", "-")
-        raise ConfigError(f"{flag} ({source}): {err}") from None
+        raise ConfigError(f"{flag(name)} ({source}): {err}") from None
 
 
 def _argparse_type(name: str):
@@ -247,7 +251,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace an earlier run in --output (its checkpoints, events and LoRA are deleted)")
     defaults = TrainConfig()
     for name, spec in FIELDS.items():
-        flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         kwargs = dict(default=None, help=f"{HELP.get(name, name)} (default: {default!r})", dest=name,
                       type=_argparse_type(name))
@@ -255,7 +258,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["metavar"] = "BOOL"
         if name in ("sample_prompts", "validation_prompts"):
             kwargs.update(action="append", type=str)
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(flag(name), **kwargs)
 
 
 def read_config_file(path: Path) -> dict:
@@ -407,7 +410,7 @@ def validate(cfg: TrainConfig) -> None:
             continue  # an optional value left to its default
         problem = check(value)
         if problem:
-            problems.append(f"--{name.replace('_', '-')} {value!r} {problem}")
+            problems.append(f"{flag(name)} {value!r} {problem}")
     from .presets import preset_problem
 
     from .validation import config_problems

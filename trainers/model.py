@@ -19,7 +19,8 @@ import torch
 from core.tiny_models import architecture_of
 
 from .precision import Precision
-from .trainables import DEFAULT_TARGETS, LoraTrainable, Trainable
+from .config import LORA_TARGETS
+from .trainables import LoraTrainable, Trainable
 
 
 @dataclass
@@ -45,7 +46,7 @@ class TrainableModel:
         *,
         rank: int = 8,
         alpha: float | None = None,
-        target_modules=DEFAULT_TARGETS,
+        target_modules=LORA_TARGETS,
         trainable: Trainable | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",

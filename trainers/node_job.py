@@ -2,10 +2,11 @@
 one process: annotate (a FairHuman dataset without ``metadata.jsonl``; with ``--pose`` for the
 ControlNet when its records lack condition images), build-pairs (HG-DPO from prompts), train,
 then the trained file is checked, plotted and copied where ComfyUI lists it. The spec's
-``lora_file`` / ``lora_dest`` / ``lora_name`` name that file whatever it is: a LoRA, or for
+``output_file`` / ``output_dest`` / ``output_listed`` name that file whatever it is: a LoRA, or for
 ``fairhuman-controlnet`` a ControlNet (into ``models/controlnet``).
 
-The spec is written by the node side (``nodes/job_manager.py``). Everything the job says goes
+The spec (``core.job_spec.JobSpec``) is written by the node side; a spec of another version is
+refused (exit 2) before anything runs. Everything the job says goes
 into ``<job dir>/events.jsonl`` through ``core.fileio``: a ``stage`` event before each stage,
 ``progress`` events (annotate and build-pairs count finished items; the trainer's own events
 are forwarded with ``stage: "train"``), and exactly one final ``done``, ``error`` or
@@ -30,6 +31,8 @@ from pathlib import Path
 
 from core.fileio import (CANCELLED, DONE, ERROR, EVENTS_FILE, FINAL_EVENTS, PROGRESS, STAGE, START, WARNING,
                          EventLog, EventTail, atomic_path, read_jsonl, write_text_atomic)
+from core.job_spec import JobSpec, SpecError
+from core.masks.images import IMAGE_SUFFIXES
 
 from .cli import main as cli_main
 
@@ -140,13 +143,13 @@ def _annotated(dataset: Path, pose: bool) -> bool:
         return False
 
 
-def annotate_stage(spec: dict, job_dir: Path, events: EventLog, pose: bool = False) -> Path:
+def annotate_stage(spec: JobSpec, job_dir: Path, events: EventLog, pose: bool = False) -> Path:
     """The folder to train on: the dataset itself when it is annotated (``_annotated``), else its
     annotation in the job folder (the user's folder is never written to; the user's own masks and
     condition images in its masks/ are used)."""
-    from .annotate import IMAGE_SUFFIXES, METADATA, list_files
+    from .annotate import METADATA, list_files
 
-    dataset = Path(spec["dataset"])
+    dataset = Path(spec.dataset)
     if _annotated(dataset, pose):
         return dataset
     out = job_dir / ANNOTATIONS_DIR
@@ -181,26 +184,17 @@ def annotate_stage(spec: dict, job_dir: Path, events: EventLog, pose: bool = Fal
     return out
 
 
-def pairs_stage(spec: dict, job_dir: Path, events: EventLog) -> Path:
+def pairs_stage(spec: JobSpec, job_dir: Path, events: EventLog) -> Path:
     """The pairs folder to train on: the given one, or one built from the prompts (resumable)."""
-    if spec.get("pairs"):
-        return Path(spec["pairs"])
+    if spec.pairs:
+        return Path(spec.pairs)
     from .methods.hg_dpo import PAIRS
 
-    prompts = [p.strip() for p in spec["prompts"] if p.strip()]
+    prompts = [p.strip() for p in spec.prompts if p.strip()]
     out = job_dir / PAIRS_DIR
     prompts_file = job_dir / "prompts.txt"
     write_text_atomic(prompts_file, "\n".join(prompts) + "\n")
-    options = spec.get("build_pairs", {})
-    argv = ["build-pairs", "--base", spec["base"], "--prompts", prompts_file, "--output", out]
-    for key, value in options.items():
-        if key == "scorer_models":
-            for name, folder in value.items():
-                argv += ["--scorer-model", f"{name}={folder}"]
-        elif value is not None:
-            argv += ["--" + key.replace("_", "-"), value]
-    if spec.get("tokenizer"):
-        argv += ["--tokenizer", spec["tokenizer"]]
+    argv = spec.build_pairs_argv(prompts_file, out)
     events.emit(STAGE, name="build-pairs", prompts=len(prompts))
     watcher = _Watcher(_count_progress(events, "build-pairs", out / PAIRS, len(set(prompts)), "prompt"))
     watcher.start()
@@ -236,15 +230,9 @@ class _Forwarder:
                 self.events.emit(kind, stage="train", **record)
 
 
-def train_stage(spec: dict, job_dir: Path, events: EventLog, data: Path) -> dict:
+def train_stage(spec: JobSpec, job_dir: Path, events: EventLog, data: Path) -> dict:
     run_dir = job_dir / TRAIN_DIR
-    argv = ["train", "--method", spec["method"], "--base", spec["base"], "--data", data, "--output", run_dir,
-            "--lora-name", spec["lora_file"]]
-    if spec.get("tokenizer"):
-        argv += ["--tokenizer", spec["tokenizer"]]
-    for key, value in spec.get("train", {}).items():
-        if value is not None:
-            argv += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else value]
+    argv = spec.train_argv(data, run_dir)
     if run_dir.exists():
         argv.append("--resume")  # the same output_name again: continue (a new run if nothing to resume)
     events.emit(STAGE, name="train", resume=run_dir.exists())
@@ -263,23 +251,23 @@ def train_stage(spec: dict, job_dir: Path, events: EventLog, data: Path) -> dict
         final = forwarder.final[1].get("message") if forwarder.final else None
         raise StageFailed(final or message or f"the trainer exited with code {code}; see {job_dir / 'job.log'}",
                           code)
-    return {"lora": run_dir / spec["lora_file"], "steps": forwarder.last_step, "run_dir": run_dir}
+    return {"file": run_dir / spec.output_file, "steps": forwarder.last_step, "run_dir": run_dir}
 
 
-def finish_weights(spec: dict, job_dir: Path, trained: dict) -> Path:
+def finish_weights(spec: JobSpec, trained: dict) -> Path:
     """Check the trained file (LoRA or ControlNet) reads as safetensors with tensors, then copy it
     atomically to where ComfyUI lists it (never over an existing file unless the spec allows it)."""
     from safetensors import safe_open
 
-    source = Path(trained["lora"])
+    source = Path(trained["file"])
     try:
         with safe_open(str(source), "pt") as handle:
             if not list(handle.keys()):
                 raise ValueError("it holds no tensors")
     except Exception as err:
         raise StageFailed(f"the trained file {source} does not read: {err}") from None
-    dest = Path(spec["lora_dest"])
-    if dest.exists() and not spec.get("overwrite"):
+    dest = Path(spec.output_dest)
+    if dest.exists() and not spec.overwrite:
         raise StageFailed(f"{dest} already exists: choose another output_name or set overwrite to true", 2)
     with atomic_path(dest) as tmp:
         with open(source, "rb") as src, open(tmp, "wb") as out:
@@ -313,24 +301,26 @@ def _raise_cancelled(signum, _frame):
     raise Cancelled(None)
 
 
-def run_job(spec: dict, job_dir: Path) -> int:
+def run_spec(spec: JobSpec, job_dir: Path) -> int:
+    """Every stage of the job; its exit code."""
     events = EventLog(job_dir / EVENTS_FILE)
-    events.emit(START, job=spec.get("job_id"), method=spec["method"], base=spec["base"],
-                steps=spec.get("train", {}).get("steps"), run_dir=str(job_dir))
+    events.emit(START, job=spec.job_id, method=spec.method, base=spec.base, steps=spec.train.get("steps"),
+                run_dir=str(job_dir))
     try:
-        if spec["method"] in PHOTO_METHODS:
-            data = annotate_stage(spec, job_dir, events, pose=spec["method"] == CONTROLNET_METHOD)
+        if spec.method in PHOTO_METHODS:
+            data = annotate_stage(spec, job_dir, events, pose=spec.method == CONTROLNET_METHOD)
         else:
             data = pairs_stage(spec, job_dir, events)
         trained = train_stage(spec, job_dir, events, data)
-        dest = finish_weights(spec, job_dir, trained)
+        dest = finish_weights(spec, trained)
         try:
             plot = plot_job(job_dir)
         except Exception as err:  # a plot is a convenience: the LoRA is what the job owes
             events.emit(WARNING, message=f"no loss plot: {type(err).__name__}: {err}")
             plot = None
-        events.emit(DONE, lora=str(dest), lora_name=spec.get("lora_name"), steps=trained["steps"],
-                    run_lora=str(trained["lora"]), plot=str(plot) if plot else None)
+        # the done event's keys are the job protocol's (a ControlNet's file is its "lora" too)
+        events.emit(DONE, lora=str(dest), lora_name=spec.output_listed, steps=trained["steps"],
+                    run_lora=str(trained["file"]), plot=str(plot) if plot else None)
         return 0
     except Cancelled as stop:
         step = stop.args[0] if stop.args else None
@@ -348,5 +338,21 @@ def run_job(spec: dict, job_dir: Path) -> int:
 def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_cancelled)
     signal.signal(signal.SIGINT, _raise_cancelled)
-    spec = json.loads(args.spec.read_text(encoding="utf-8"))
-    return run_job(spec, Path(spec["job_dir"]))
+    try:
+        spec = JobSpec.read(args.spec)
+    except SpecError as err:  # refused: said in the job's events too, when the spec names its folder
+        print(f"error: {err}", file=sys.stderr)
+        job_dir = _job_dir_of(args.spec)
+        if job_dir is not None:
+            EventLog(job_dir / EVENTS_FILE, echo=False).emit(ERROR, message=str(err))
+        return 2
+    return run_spec(spec, Path(spec.job_dir))
+
+
+def _job_dir_of(path: Path) -> Path | None:
+    """The job folder a refused spec names, if it names one that exists."""
+    try:
+        folder = json.loads(path.read_text(encoding="utf-8")).get("job_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(folder) if isinstance(folder, str) and Path(folder).is_dir() else None

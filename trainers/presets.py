@@ -1,6 +1,7 @@
 """``--preset paper``: every setting the two papers state, in the one table that ``train`` and
-``build-pairs`` read and the README's table of defaults is rendered from (``markdown_table``;
+``build-pairs`` read and the README's table of defaults is rendered from (``preset_table.py``;
 tests/test_presets.py checks the README against it and against the resolved configuration).
+It imports nothing of the pack, so ``config`` and ``build_pairs`` may both import it.
 
 Precedence: a flag > the config file > the preset > the method's default > the field default,
 so ``--preset paper --resolution 512`` is the paper's recipe at 512 px. The preset's name is
@@ -95,34 +96,3 @@ def preset_problem(preset: str, command: str) -> str | None:
         return (f"--preset {preset} has no settings for {command} (it has {', '.join(PRESETS[preset])}); "
                 "drop --preset and give the options")
     return None
-
-
-def format_value(value) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def defaults_of(command: str) -> dict:
-    """The value each option of ``command`` takes without a preset (and without flags)."""
-    if command == "build-pairs":
-        from .build_pairs import DEFAULTS
-
-        return dict(DEFAULTS)
-    from .config import TrainConfig
-    from .methods import method_module
-
-    return {**TrainConfig().to_dict(), **method_module(command).METHOD.defaults}
-
-
-def markdown_table(preset: str = PAPER) -> str:
-    """The README's table: each setting of ``preset``, its default, and where both come from."""
-    lines = [f"| command | option | default | `--preset {preset}` | where it comes from |", "|---|---|---|---|---|"]
-    for command, settings in PRESETS[preset].items():
-        defaults = defaults_of(command)
-        name = "build-pairs" if command == "build-pairs" else f"train --method {command}"
-        for s in settings:
-            default = s.default_text or format_value(defaults[s.option])
-            flag = "--" + s.option.replace("_", "-")
-            lines.append(f"| {name} | `{flag}` | {default} | {format_value(s.paper)} | {s.source} |")
-    return "\n".join(lines)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.fileio import VALIDATION, atomic_path, read_events
+from core.fileio import PROGRESS, VALIDATION, atomic_path, read_events
 
 
 def save_figure(fig, path: Path) -> None:
@@ -51,7 +51,7 @@ def plot_run(events_path: str | Path, out_dir: str | Path, names: list[str] | No
     import matplotlib.pyplot as plt
 
     events = read_events(events_path)
-    progress = [e for e in events if e["event"] == "progress"]
+    progress = [e for e in events if e["event"] == PROGRESS]
     if not progress:
         raise ValueError(f"{events_path} has no progress events to plot")
     out_dir = Path(out_dir)

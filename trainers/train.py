@@ -24,6 +24,7 @@ from pathlib import Path
 
 from core.fileio import (CANCELLED, DONE, ERROR, EVENTS_FILE, PROGRESS, START, WARNING, EventLog, read_events,
                          write_json_atomic)
+from core.job_spec import MAY_CHANGE_ON_RESUME, settings_differences
 
 from .config import ConfigError, TrainConfig, add_config_arguments, explicit_values, resolve, validate
 from .methods import METHODS, method_module
@@ -34,11 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-# What a resumed run may change: how it is run and logged, not what it trains.
-MAY_CHANGE_ON_RESUME = frozenset({
-    "steps", "output", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "sample_prompts",
-    "sample_steps", "eval_every", "max_nan_steps", "lora_name", "tokenizer", "device",
-})
 RUN_FILES = ("config.json", EVENTS_FILE)  # a run directory's own files; with these folders:
 RUN_FOLDERS = ("checkpoints", "samples", "plots", "cache")
 
@@ -87,8 +83,7 @@ def plan_run(args) -> RunPlan:
     saved = run_dir / "config.json"
     if args.resume and saved.is_file():
         cfg = _saved_config(saved)
-        differ = [f"{k}: {getattr(cfg, k)!r} -> {v!r}" for k, v in given.items()
-                  if k not in MAY_CHANGE_ON_RESUME and getattr(cfg, k) != v]
+        differ = settings_differences({k: getattr(cfg, k) for k in given}, given)
         if differ:
             raise ConfigError(f"--resume: these settings differ from {saved}: {'; '.join(differ)}; drop them to "
                               "resume, or use --overwrite (or another --output) to train with them")

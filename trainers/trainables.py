@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+from .config import LORA_TARGETS
 
 
 class Trainable:
@@ -67,7 +67,7 @@ class LoraTrainable(Trainable):
 
     kind = "lora"
 
-    def __init__(self, rank: int, alpha: float | None = None, target_modules=DEFAULT_TARGETS, init_seed: int = 0):
+    def __init__(self, rank: int, alpha: float | None = None, target_modules=LORA_TARGETS, init_seed: int = 0):
         self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
         self.target_modules, self.init_seed = list(target_modules), init_seed
         self.unet = None

@@ -6,6 +6,9 @@ from typing import Any
 
 import numpy as np
 
+# The files a folder of photos is read for (annotate, the Train nodes' dataset check), lower case.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
 
 def load_rgb(path: str | Path) -> np.ndarray:
     """An image file as HxWx3 uint8 RGB, upright (EXIF orientation applied, as ComfyUI's

@@ -28,7 +28,7 @@ def get_scorer(spec: str, models: dict | None = None, **options):
     if "," in spec or ":" in spec:
         from .composite import Composite
 
-        return Composite.parse(spec, models=models)
+        return Composite.parse(spec, lambda name: get_scorer(name, models=models))
     if spec == "anatomy":
         from .anatomy import AnatomyScorer
 

@@ -7,13 +7,13 @@ class Composite:
         self.parts = parts
 
     @classmethod
-    def parse(cls, spec: str, models: dict | None = None):
-        from . import get_scorer
-
+    def parse(cls, spec: str, make_scorer):
+        """``name:weight,...`` with each part made by ``make_scorer(name)`` (``get_scorer``, passed in
+        by the package so that this module does not import it back)."""
         parts = []
         for item in spec.split(","):
             name, _, weight = item.strip().partition(":")
-            parts.append((get_scorer(name, models=models), float(weight or 1.0)))
+            parts.append((make_scorer(name), float(weight or 1.0)))
         return cls(parts)
 
     def score(self, images, prompts) -> list[float]:

@@ -1,8 +1,10 @@
 """Training methods: what a step's objectives are and where its data comes from.
 
-The loop (``trainers.loop``) is shared; a method supplies ``objective_names``, ``combine``
-("fair": per-objective gradients combined by a weighting; "sum": one backward of a fixed
-weighted sum), ``batch(step, micro)`` and ``losses(model, batch, generator)``.
+The loop (``trainers.loop``) is shared; a method (a ``base.Method`` subclass, its module's
+``METHOD``) supplies ``objective_names``, ``combine`` ("fair": per-objective gradients combined
+by a weighting; "sum": one backward of the ``sum_weights()``-weighted sum), its ``defaults``,
+``check_data(cfg)``, ``batch(step, micro)`` and ``losses(batch, generator) -> StepLosses``; the
+model is ``self.model``, given at construction. ``base.py`` documents each.
 """
 from __future__ import annotations
 
