@@ -29,14 +29,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-<<<<<<< HEAD
-from core.fileio import JsonlError, atomic_path, read_jsonl, write_jsonl_atomic
+from core.fileio import JsonlError, atomic_path
+from core.masks.images import IMAGE_SUFFIXES
 
 from . import shards
-=======
-from core.fileio import JsonlError, JsonlWriter, atomic_path, read_jsonl, write_jsonl_atomic
-from core.masks.images import IMAGE_SUFFIXES
->>>>>>> spec
 
 METADATA = "metadata.jsonl"
 MASKS = "masks"

@@ -211,7 +211,7 @@ class ShardedRecords:
             state = "did not run (no " + path.name + ")" if not path.is_file() else "is incomplete"
             lines.append(f"shard {index}/{count} {state}: {len(keys_missing)} item(s) without a record, "
                          f"e.g. {keys_missing[0]!r}")
-        raise ShardError("; ".join(lines) + f" — run those shards (again: a shard resumes) before --merge")
+        raise ShardError("; ".join(lines) + " — run those shards (again: a shard resumes) before --merge")
 
     def gathered(self) -> dict[str, dict] | None:
         """After ``work_share``: every record, for the process that merges (rank 0 of a run without
