@@ -124,23 +124,97 @@ def missing_batching_rule(err: BaseException) -> bool:
 
 
 class FairCombiner:
-    """Collects per-objective gradients over an optimizer step's micro-batches (``add``) and
-    writes their fair combination into ``.grad`` (``step``).
+    """Turns each optimizer step's K objective losses into ``.grad``, on its schedule.
 
-    Gradients are held per parameter tensor as one (K, *shape) tensor — the layout the batched
-    product returns — so the Gramian and the combination cost one matrix product each per
-    parameter tensor, not K² small kernels.
+    The step: ``begin(step)``, ``backward(losses, …)`` per micro-batch, ``finish(generator)``
+    (``.grad`` complete), and ``commit()`` once the optimizer applied it. ``state_dict`` holds
+    what a checkpoint must keep (the weighting's state and the last solved weights).
+
+    Amortized fairness (``every`` = N > 1, ``--fair-every``): the weights are solved from the
+    per-objective gradients on every N-th step only (and on the first); on the steps between,
+    one backward of Σ w_i L_i with the last solved weights gives exactly d = Σ w_i g_i for those
+    weights at the cost of a plain step — nothing else runs on those steps (no host read, no
+    conversion: the weights are cast once per solve). A weighting's own state (DWA's loss
+    history, UW's parameters) moves on solving steps only; with ``match_norm`` the steps between
+    reuse the solve's rescaled weights.
+
+    A solving step collects the per-objective gradients (``add``) and writes their fair
+    combination (``step``). Gradients are held per parameter tensor as one (K, *shape) tensor —
+    the layout the batched product returns — so the Gramian and the combination cost one matrix
+    product each per parameter tensor, not K² small kernels.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], weighting, objectives: int,
                  reduce: Callable[[list[torch.Tensor]], None] | None = None, batched: bool = True,
-                 on_fallback: Callable[[str], None] | None = None, match_norm: bool = False):
+                 on_fallback: Callable[[str], None] | None = None, match_norm: bool = False, every: int = 1):
         self.params = [p for p in params if p.requires_grad]
         self.weighting, self.k, self.reduce, self.batched = weighting, objectives, reduce, batched
         self.match_norm = match_norm
         self.on_fallback = on_fallback
         self.fallback_reason: str | None = None
+        self.every = max(1, int(every or 1))
+        self.solving = True  # this step solves the weights (always, unless amortized)
+        self.last_weights: torch.Tensor | None = None  # (K,) of the last applied solve, on the device
+        self.solved: FairStep | None = None  # this step's solve, until the next begin
+        self._cast: torch.Tensor | None = None  # last_weights in the losses' dtype and device
         self.reset()
+
+    # ---- the schedule ------------------------------------------------------------------------
+    def begin(self, step: int) -> None:
+        """Before a step's micro-batches: whether it solves the weights."""
+        self.solving = self.last_weights is None or step % self.every == 0
+        self.solved = None
+
+    def backward(self, losses: torch.Tensor, active: torch.Tensor | None = None,
+                 loss_scale: float | torch.Tensor = 1.0) -> None:
+        """One micro-batch's K losses (already multiplied by ``loss_scale``): collected on a
+        solving step, else one backward of their sum weighted by the last solved weights."""
+        if self.solving:
+            self.add(losses, active, loss_scale)
+            return
+        if self._cast is None or self._cast.dtype != losses.dtype or self._cast.device != losses.device:
+            self._cast = self.last_weights.to(losses)
+        torch.dot(losses, self._cast).backward()
+
+    def finish(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Complete ``.grad`` (in the losses' scaled domain) and return the weights it used."""
+        if self.solving:
+            self.solved = self.step(generator)
+            return self.solved.weights
+        if self.reduce is not None:  # a weighted sum: average the gradient over processes, as DDP would
+            self.reduce([p.grad for p in self.params if p.grad is not None])
+        return self.last_weights
+
+    @property
+    def shares(self) -> torch.Tensor | None:
+        """Each objective's share of this step's update (a solving step's only)."""
+        return None if self.solved is None else self.solved.shares
+
+    def commit(self) -> None:
+        """The step was applied: its solved weights serve the amortized steps that follow. An
+        objective absent from this step's batch (no hand in it) keeps the weight of the last
+        solve it was present in, rather than 0 until the next solve."""
+        if self.solved is None:
+            return
+        weights = self.solved.weights.detach()
+        if self.last_weights is not None:
+            weights = torch.where(self.solved.active.to(weights.device), weights, self.last_weights.to(weights))
+        self.last_weights, self._cast = weights, None
+
+    def state_dict(self) -> dict:
+        return {"weighting": self.weighting.state_dict(),
+                "last_weights": None if self.last_weights is None else self.last_weights.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """``state_dict``'s keys; a checkpoint written before the schedule was kept has no
+        ``last_weights`` (the next step then solves)."""
+        if state.get("weighting"):
+            self.weighting.load_state_dict(state["weighting"])
+        last = state.get("last_weights")
+        device = self.params[0].device if self.params else None
+        self.last_weights, self._cast = (None if last is None else last.to(device)), None
+
+    # ---- a solving step ----------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget what was collected (also: a skipped optimizer step)."""

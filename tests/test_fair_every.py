@@ -6,15 +6,14 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from core.fileio import read_events
 from train_helpers import ROOT, lora_tensors, make_region_dataset, offline_env, train_cli
-from trainers.loop import Distributed, StepGradients
-from trainers.methods.base import StepLosses
+from core.combine import FairCombiner
+from core.weighting import get_weighting
 
 
 def _toy(seed: int):
@@ -31,10 +30,8 @@ def _toy(seed: int):
     return [a, b], losses
 
 
-def _combiner(params, every: int) -> StepGradients:
-    method = SimpleNamespace(combine="fair", objective_names=("global", "face", "hand"))
-    cfg = SimpleNamespace(weighting="mpd", weighting_options={}, batched_vjp=True, fair_every=every)
-    return StepGradients(method, params, cfg, Distributed())
+def _combiner(params, every: int) -> FairCombiner:
+    return FairCombiner(params, get_weighting("mpd", 3), 3, every=every)
 
 
 def test_amortized_step_applies_the_last_weights_exactly():
@@ -42,9 +39,9 @@ def test_amortized_step_applies_the_last_weights_exactly():
     combiner = _combiner(params, every=4)
     combiner.begin(0)
     assert combiner.solving
-    combiner.backward(StepLosses(losses()), 1.0)
+    combiner.backward(losses())
     solved = combiner.finish(torch.Generator().manual_seed(0))
-    combiner.commit(solved)
+    combiner.commit()
     shares = combiner.shares
     assert shares is not None and shares.sum().item() == pytest.approx(1.0, abs=1e-6)
     for p in params:
@@ -54,7 +51,7 @@ def test_amortized_step_applies_the_last_weights_exactly():
         params[0].add_(0.1)
     combiner.begin(1)
     assert not combiner.solving
-    combiner.backward(StepLosses(losses()), 1.0)
+    combiner.backward(losses())
     weights = combiner.finish(torch.Generator().manual_seed(1))
     assert torch.equal(weights, solved) and combiner.shares is None
     got = [p.grad.clone() for p in params]
@@ -74,13 +71,13 @@ def test_an_objective_absent_at_a_solve_keeps_its_earlier_weight():
     params, losses = _toy(1)
     combiner = _combiner(params, every=2)
     combiner.begin(0)
-    combiner.backward(StepLosses(losses()), 1.0)
+    combiner.backward(losses())
     first = combiner.finish(None)
-    combiner.commit(first)
+    combiner.commit()
     combiner.begin(2)  # a solve whose batch has no hand
-    combiner.backward(StepLosses(losses(), active=torch.tensor([True, True, False])), 1.0)
+    combiner.backward(losses(), active=torch.tensor([True, True, False]))
     second = combiner.finish(None)
-    combiner.commit(second)
+    combiner.commit()
     assert second[2] == 0 and combiner.last_weights[2] == first[2] > 0
     assert torch.equal(combiner.last_weights[:2], second[:2])
 
@@ -125,3 +122,45 @@ def test_fair_every_events_and_exact_resume(dataset, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = lora_tensors(straight / "fairhuman_sd15.safetensors"), lora_tensors(killed / "fairhuman_sd15.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_schedule_state_round_trips_through_a_checkpoint(tmp_path):
+    params, losses = _toy(2)
+    combiner = _combiner(params, every=3)
+    combiner.begin(0)
+    combiner.backward(losses())
+    combiner.finish(None)
+    combiner.commit()
+    path = tmp_path / "state.pt"
+    torch.save(combiner.state_dict(), path)
+    restored = _combiner(params, every=3)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(restored.last_weights, combiner.last_weights)
+    restored.begin(1)
+    assert not restored.solving  # a resumed run between solves keeps the solved weights
+    restored.load_state_dict({"weighting": {}})  # a checkpoint from before --fair-every
+    restored.begin(1)
+    assert restored.solving
+
+
+@pytest.mark.slow
+def test_a_checkpoint_in_the_old_format_still_resumes_exactly(dataset, tmp_path):
+    """Checkpoints written before this format keep the trained tensors under "lora" and have no
+    "last_weights": they resume, and the run ends with the same LoRA as an uninterrupted one."""
+    run = tmp_path / "run"
+    result = train_cli(*COMMON, "--data", dataset, "--output", run, "--steps", 8, "--checkpoint-every", 4)
+    assert result.returncode == 0, result.stderr[-2000:]
+    straight = lora_tensors(run / "fairhuman_sd15.safetensors")
+    checkpoint = run / "checkpoints" / "step_0000004.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    assert "lora" not in state and state["last_weights"] is not None  # today's format
+    state["lora"] = state.pop("trainable")
+    del state["last_weights"]
+    torch.save(state, checkpoint)
+    (run / "fairhuman_sd15.safetensors").unlink()
+    resumed = train_cli(*COMMON, "--data", dataset, "--output", run, "--steps", 8, "--checkpoint-every", 4,
+                        "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [e["step"] for e in read_events(run / "events.jsonl") if e["event"] == "resume"] == [4]
+    again = lora_tensors(run / "fairhuman_sd15.safetensors")
+    assert straight.keys() == again.keys() and all(torch.equal(straight[k], again[k]) for k in straight)

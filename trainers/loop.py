@@ -8,8 +8,8 @@ and the LR schedule.
 
 Exact resume: the noise and timesteps of a step come from a generator seeded by (seed, step) and
 the data order is a pure function of (seed, step), so a checkpoint needs only the trained tensors,
-the optimizer, the LR scheduler, the weighting's state and a few counters — and a resumed run
-continues bit for bit on the CPU.
+the optimizer, the LR scheduler, the combiner's state and a few counters (``TrainingState``) — and
+a resumed run continues bit for bit on the CPU.
 
 Several processes (accelerate launch): the UNet is *not* wrapped in DDP — the fair combination
 needs the per-objective gradients, which DDP's hooks would sum away. Each rank computes its own
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,8 +29,8 @@ import torch
 from core.combine import is_out_of_memory
 from core.fileio import NAN, WARNING, EventLog
 
-from .run_dir import latest_checkpoint, load_checkpoint, save_checkpoint
 from .methods.base import Method
+from .training_state import TrainingState
 
 
 class TrainingError(RuntimeError):
@@ -131,14 +132,10 @@ class Distributed:
 
 
 class StepGradients:
-    """Turns each micro-batch's losses into gradients; ``finish`` completes ``.grad`` for the
-    optimizer step and returns the objective weights used.
-
-    Amortized fairness (``--fair-every N``): the weights are solved from the per-objective
-    gradients on every N-th step only; on the steps between, one backward of Σ w_i L_i with the
-    last solved weights gives exactly d = Σ w_i g_i for those weights at the cost of a plain step.
-    A weighting's own state (DWA's loss history, UW's parameters) moves on solving steps only.
-    """
+    """Turns each micro-batch's K losses into gradients and completes ``.grad`` for the optimizer
+    step: the fair combiner (``core.combine.FairCombiner``, which owns the ``--fair-every``
+    schedule and its checkpoint state) or one backward of the method's fixed weighted sum, with
+    the GradScaler's and the processes' glue around either."""
 
     def __init__(self, method: Method, params: list[torch.Tensor], cfg, dist: Distributed,
                  scaler: torch.amp.GradScaler | None = None, on_fallback=None):
@@ -146,10 +143,6 @@ class StepGradients:
         # fp16: losses scaled by the GradScaler's scale; disabled (pass-through) otherwise
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
         self.weighting = self.fair = None
-        self.every = max(1, int(getattr(cfg, "fair_every", 1) or 1))
-        self.solving = True  # this step solves the weights (always, unless amortized)
-        self.last_weights: torch.Tensor | None = None  # of the last solve that was applied
-        self.shares: torch.Tensor | None = None  # each objective's share of this step's update
         if method.combine == "fair":
             from core.combine import FairCombiner
             from core.weighting import get_weighting
@@ -157,26 +150,30 @@ class StepGradients:
             self.weighting = get_weighting(cfg.weighting, len(method.objective_names), **(cfg.weighting_options or {}))
             self.fair = FairCombiner(params, self.weighting, len(method.objective_names),
                                      reduce=dist.average if dist.active else None, batched=cfg.batched_vjp,
-                                     on_fallback=on_fallback, match_norm=getattr(cfg, "match_norm", False))
+                                     on_fallback=on_fallback, match_norm=getattr(cfg, "match_norm", False),
+                                     every=getattr(cfg, "fair_every", 1))
 
     def extra_parameters(self) -> list[torch.Tensor]:
         return self.weighting.parameters() if self.weighting is not None else []
+
+    @property
+    def shares(self) -> torch.Tensor | None:
+        """Each objective's share of this step's update (a step that solved fair weights)."""
+        return self.fair.shares if self.fair is not None else None
 
     def _loss_scale(self, device) -> torch.Tensor | float:
         """The scaler's scale as a tensor on ``device`` (no host read), or 1."""
         return self.scaler.scale(torch.ones((), device=device)) if self.scaler.is_enabled() else 1.0
 
     def begin(self, step: int) -> None:
-        """Before a step's micro-batches: decide whether it solves the weights."""
-        self.solving = self.fair is not None and (self.last_weights is None or step % self.every == 0)
-        self.shares = None
+        if self.fair is not None:
+            self.fair.begin(step)
 
     def backward(self, out, scale: float) -> None:
         losses = self.scaler.scale(out.losses * scale)
-        if self.fair is not None and not self.solving:  # amortized: the last weights, one backward
-            (losses * self.last_weights.to(losses)).sum().backward()
-        elif self.fair is not None:
-            self.fair.add(losses, out.active, loss_scale=self._loss_scale(losses.device))
+        if self.fair is not None:
+            solving = self.fair.solving
+            self.fair.backward(losses, out.active, loss_scale=self._loss_scale(losses.device) if solving else 1.0)
         else:
             weights = self.method.sum_weights().to(losses)
             (losses * weights).sum().backward()
@@ -188,35 +185,27 @@ class StepGradients:
     def finish(self, generator: torch.Generator) -> torch.Tensor:
         """``.grad`` of the step (in the scaler's scaled domain, for ``scaler.unscale_``) and
         the weights used (on the device)."""
-        if self.fair is not None and self.solving:
-            solved = self.fair.step(generator)
-            weights, self.shares = solved.weights.detach(), solved.shares.detach()
-            self._solved_active = solved.active.to(weights.device)
-            if self.scaler.is_enabled():  # a weighting sets its parameters' .grad unscaled
-                for p in self.extra_parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(self._loss_scale(p.grad.device))
-            return weights
-        # a plain (or amortized weighted) sum: average the gradient over processes, as DDP would
-        self.dist.average([p.grad for p in self.params if p.grad is not None])
-        return self.last_weights if self.fair is not None else self.method.sum_weights()
+        if self.fair is None:  # a plain sum: average the gradient over processes, as DDP would
+            self.dist.average([p.grad for p in self.params if p.grad is not None])
+            return self.method.sum_weights()
+        weights = self.fair.finish(generator)
+        if self.fair.solved is not None and self.scaler.is_enabled():
+            for p in self.extra_parameters():  # a weighting sets its parameters' .grad unscaled
+                if p.grad is not None:
+                    p.grad.mul_(self._loss_scale(p.grad.device))
+        return weights
 
-    def commit(self, weights: torch.Tensor) -> None:
-        """The step was applied: its solved weights serve the amortized steps that follow. An
-        objective absent from this step's batch (no hand in it) keeps the weight of the last
-        solve it was present in, rather than 0 until the next solve."""
-        if self.fair is not None and self.solving:
-            if self.last_weights is None:
-                self.last_weights = weights
-            else:
-                self.last_weights = torch.where(self._solved_active, weights, self.last_weights.to(weights))
+    def commit(self) -> None:
+        """The step was applied (see ``FairCombiner.commit``)."""
+        if self.fair is not None:
+            self.fair.commit()
 
     def state_dict(self) -> dict:
-        return self.weighting.state_dict() if self.weighting is not None else {}
+        return self.fair.state_dict() if self.fair is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.weighting is not None and state:
-            self.weighting.load_state_dict(state)
+        if self.fair is not None:
+            self.fair.load_state_dict(state)
 
 
 def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool = False,
@@ -226,129 +215,157 @@ def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool 
     ``sampler(step)`` renders validation images. ``stop_requested()`` is polled after every
     step (a cancelled job): the loop then saves a checkpoint and returns with "cancelled".
     """
-    from diffusers.optimization import get_scheduler
-
-    model = method.model
-    dist = Distributed()
-    method.rank, method.world = dist.rank, dist.world
-    params = model.trainable.parameters()
-    scaler = model.precision.make_scaler()  # fp16 only; a pass-through otherwise
-
-    def fallback(reason: str) -> None:
-        events.emit(WARNING, message="the batched vector-Jacobian product is not supported by an operator of "
-                    "this model; using K backward passes from now on (slower; --batched-vjp false skips "
-                    "the attempt)", reason=reason)
-
-    combiner = StepGradients(method, params, cfg, dist, scaler=scaler, on_fallback=fallback)
-    optimizer = make_optimizer(cfg, params + combiner.extra_parameters())
-    lr_scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps
-    )
-    start, nan_total = 0, 0
+    loop = TrainingLoop(cfg, method, Path(run_dir), events)
     if resume:
-        path = latest_checkpoint(run_dir)
+        loop.resume()
+    return loop.run(sampler, stop_requested)
+
+
+@dataclass
+class StepResult:
+    """An applied optimizer step, its figures still on the device until an event reads them."""
+    weights: torch.Tensor
+    losses: torch.Tensor
+    grad_norm: torch.Tensor | float
+    metrics: dict
+
+
+class TrainingLoop:
+    """One run's objects (the ``TrainingState`` a checkpoint keeps, the step gradients) and the
+    step, the events and the checkpoints around them."""
+
+    def __init__(self, cfg, method: Method, run_dir: Path, events: EventLog):
+        from diffusers.optimization import get_scheduler
+
+        self.cfg, self.method, self.run_dir, self.events = cfg, method, run_dir, events
+        self.dist = Distributed()
+        method.rank, method.world = self.dist.rank, self.dist.world
+        self.params = method.model.trainable.parameters()
+        scaler = method.model.precision.make_scaler()  # fp16 only; a pass-through otherwise
+        self.gradients = StepGradients(method, self.params, cfg, self.dist, scaler=scaler, on_fallback=self._fallback)
+        optimizer = make_optimizer(cfg, self.params + self.gradients.extra_parameters())
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                     num_training_steps=cfg.steps)
+        self.state = TrainingState(method.model.trainable, optimizer, lr_scheduler, self.gradients, scaler)
+        self.names = list(method.objective_names)
+        self.nan_streak = 0
+
+    def _fallback(self, reason: str) -> None:
+        self.events.emit(WARNING, message="the batched vector-Jacobian product is not supported by an operator of "
+                         "this model; using K backward passes from now on (slower; --batched-vjp false skips "
+                         "the attempt)", reason=reason)
+
+    def resume(self) -> None:
+        path = self.state.restore(self.run_dir)
         if path is not None:
-            state = load_checkpoint(path)
-            model.trainable.load_state_dict(state["trainable"] if "trainable" in state else state["lora"])
-            optimizer.load_state_dict(state["optimizer"])
-            lr_scheduler.load_state_dict(state["lr_scheduler"])
-            combiner.load_state_dict(state.get("weighting", {}))
-            if state.get("last_weights") is not None:
-                combiner.last_weights = state["last_weights"].to(model.device)
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            start, nan_total = int(state["step"]), int(state.get("nan_steps", 0))
-            events.emit("resume", step=start, checkpoint=str(path))
+            self.events.emit("resume", step=self.state.step, checkpoint=str(path))
 
-    def evaluate(done: int) -> None:
-        if dist.is_main:
-            values = method.evaluate()
+    def evaluate(self, done: int) -> None:
+        if self.dist.is_main:
+            values = self.method.evaluate()
             if values:
-                events.emit("eval", step=done, **values)
+                self.events.emit("eval", step=done, **values)
 
-    if start == 0:
-        evaluate(0)
-    names = list(method.objective_names)
-    nan_streak, last_weights = 0, None
-
-    def skip(step: int, cause: str, **fields) -> None:
+    def skip(self, step: int, cause: str, **fields) -> None:
         """A skipped optimizer step, counted; too many in a row stop the run."""
-        nonlocal nan_streak, nan_total
-        optimizer.zero_grad(set_to_none=True)
-        combiner.reset()
-        nan_streak, nan_total = nan_streak + 1, nan_total + 1
-        events.emit(NAN, step=step + 1, streak=nan_streak, total=nan_total, cause=cause, **fields)
-        if nan_streak >= cfg.max_nan_steps:
+        self.state.optimizer.zero_grad(set_to_none=True)
+        self.gradients.reset()
+        self.nan_streak += 1
+        self.state.nan_steps += 1
+        self.events.emit(NAN, step=step + 1, streak=self.nan_streak, total=self.state.nan_steps, cause=cause, **fields)
+        if self.nan_streak >= self.cfg.max_nan_steps:
             raise TrainingError(
-                f"{nan_streak} consecutive steps were skipped (last at step {step + 1}: {cause}); "
+                f"{self.nan_streak} consecutive steps were skipped (last at step {step + 1}: {cause}); "
                 "lower --lr, use --mixed-precision bf16 or no, or check the dataset"
             )
 
-    begin = time.perf_counter()
-    for step in range(start, cfg.steps):
-        optimizer.zero_grad(set_to_none=True)
-        combiner.begin(step)
+    def step(self, step: int) -> StepResult | None:
+        """One optimizer step: its micro-batches, the combined gradient, clipping, the optimizer
+        and the LR schedule; None when it was skipped."""
+        cfg, method, state, gradients = self.cfg, self.method, self.state, self.gradients
+        state.optimizer.zero_grad(set_to_none=True)
+        gradients.begin(step)
         # losses, metrics and the finite flag stay on the device until the step's event
-        step_losses = torch.zeros(len(names), device=model.device)
-        finite, extra = torch.ones((), dtype=torch.bool, device=model.device), {}
+        device = method.model.device
+        step_losses = torch.zeros(len(self.names), device=device)
+        finite, metrics = torch.ones((), dtype=torch.bool, device=device), {}
         for micro in range(cfg.grad_accum):
-            generator = step_generator(cfg.seed, step, micro, dist.rank)
+            generator = step_generator(cfg.seed, step, micro, self.dist.rank)
             with out_of_memory_advice("a training step"):
                 out = method.losses(method.batch(step, micro), generator)
                 values = out.losses.detach().float()
                 finite &= torch.isfinite(values).all()
-                combiner.backward(out, 1.0 / cfg.grad_accum)
+                gradients.backward(out, 1.0 / cfg.grad_accum)
             step_losses += values / cfg.grad_accum
             for key, value in out.metrics.items():
                 value = value.detach().float() if torch.is_tensor(value) else float(value)
-                extra[key] = extra.get(key, 0.0) + value / cfg.grad_accum
-        if not dist.all_true(finite):
+                metrics[key] = metrics.get(key, 0.0) + value / cfg.grad_accum
+        if not self.dist.all_true(finite):
             # Skip the whole optimizer step: a partial accumulation would bias the update.
-            skip(step, "non-finite loss")
-            continue
+            self.skip(step, "non-finite loss")
+            return None
         with out_of_memory_advice("the fair combination"):
-            weights = combiner.finish(step_generator(cfg.seed, step, cfg.grad_accum))
-        scaler.unscale_(optimizer)  # fp16: .grad back to true units, inf/NaN found (else no-op)
-        grad_norm = _clip(params, cfg.max_grad_norm)
+            weights = gradients.finish(step_generator(cfg.seed, step, cfg.grad_accum))
+        scaler = state.scaler
+        scaler.unscale_(state.optimizer)  # fp16: .grad back to true units, inf/NaN found (else no-op)
+        grad_norm = _clip(self.params, cfg.max_grad_norm)
         scale = scaler.get_scale()
-        scaler.step(optimizer)  # skips the step if unscale_ found inf/NaN
+        scaler.step(state.optimizer)  # skips the step if unscale_ found inf/NaN
         scaler.update()
         if scaler.get_scale() < scale:  # the scaler backed off: this step's gradients overflowed
-            skip(step, "gradient overflow", loss_scale=scaler.get_scale())
-            continue
-        nan_streak = 0
-        lr_scheduler.step()
-        combiner.commit(weights)
-        last_weights = weights.float().tolist()
-        done = step + 1
-        if dist.is_main and (done % cfg.log_every == 0 or done == cfg.steps):
-            elapsed = time.perf_counter() - begin
-            rate = (done - start) / elapsed if elapsed > 0 else 0.0
-            events.emit(
-                "progress", step=done, total=cfg.steps,
-                losses=dict(zip(names, step_losses.tolist())),
-                weights=last_weights, grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0],
-                **({"shares": combiner.shares.float().tolist()} if combiner.shares is not None else {}),
-                it_per_s=rate, eta_s=(cfg.steps - done) / rate if rate else None,
-                **{k: float(v) for k, v in extra.items()},
-            )
-        cancel = stop_requested()
-        periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
-        if dist.is_main and (periodic or cancel) and done < cfg.steps:
-            path = save_checkpoint(run_dir, done, {
-                "step": done, "trainable": model.trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(), "weighting": combiner.state_dict(),
-                "nan_steps": nan_total, "scaler": scaler.state_dict(),
-                "last_weights": None if combiner.last_weights is None else combiner.last_weights.cpu(),
-            }, keep=cfg.keep_checkpoints)
-            events.emit("checkpoint", step=done, path=str(path))
-        if dist.is_main and sampler is not None and cfg.sample_every and done % cfg.sample_every == 0:
-            sampler(done)
-        if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
-            evaluate(done)
-        if cancel:
-            return {"status": "cancelled", "steps": done, "nan_steps": nan_total, "final_weights": last_weights}
-    return {"status": "done", "steps": cfg.steps, "nan_steps": nan_total, "final_weights": last_weights}
+            self.skip(step, "gradient overflow", loss_scale=scaler.get_scale())
+            return None
+        self.nan_streak = 0
+        state.lr_scheduler.step()
+        gradients.commit()
+        state.step = step + 1
+        return StepResult(weights, step_losses, grad_norm, metrics)
+
+    def log(self, result: StepResult, start: int, begin: float) -> None:
+        done, total = self.state.step, self.cfg.steps
+        elapsed = time.perf_counter() - begin
+        rate = (done - start) / elapsed if elapsed > 0 else 0.0
+        shares = self.gradients.shares
+        self.events.emit(
+            "progress", step=done, total=total, losses=dict(zip(self.names, result.losses.tolist())),
+            weights=result.weights.float().tolist(), grad_norm=float(result.grad_norm),
+            lr=self.state.lr_scheduler.get_last_lr()[0],
+            **({"shares": shares.float().tolist()} if shares is not None else {}),
+            it_per_s=rate, eta_s=(total - done) / rate if rate else None,
+            **{k: float(v) for k, v in result.metrics.items()},
+        )
+
+    def run(self, sampler=None, stop_requested=lambda: False) -> dict:
+        cfg, state, is_main = self.cfg, self.state, self.dist.is_main
+        start = state.step
+        if start == 0:
+            self.evaluate(0)
+        last = None  # the last applied step's weights
+        begin = time.perf_counter()
+        for step in range(start, cfg.steps):
+            result = self.step(step)
+            if result is None:
+                continue
+            last, done = result.weights, state.step
+            if is_main and (done % cfg.log_every == 0 or done == cfg.steps):
+                self.log(result, start, begin)
+            cancel = stop_requested()
+            periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+            if is_main and (periodic or cancel) and done < cfg.steps:
+                path = state.save(self.run_dir, keep=cfg.keep_checkpoints)
+                self.events.emit("checkpoint", step=done, path=str(path))
+            if is_main and sampler is not None and cfg.sample_every and done % cfg.sample_every == 0:
+                sampler(done)
+            if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+                self.evaluate(done)
+            if cancel:
+                return self.summary("cancelled", last)
+        return self.summary("done", last)
+
+    def summary(self, status: str, weights: torch.Tensor | None) -> dict:
+        return {"status": status, "steps": self.state.step if status == "cancelled" else self.cfg.steps,
+                "nan_steps": self.state.nan_steps,
+                "final_weights": None if weights is None else weights.float().tolist()}
 
 
 def _clip(params, max_norm: float) -> torch.Tensor | float:
