@@ -51,9 +51,10 @@ def out_of_memory_advice(where: str):
             "--resolution, or --batched-vjp false (K backward passes: less transient memory)") from err
 
 
-def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
-    """Noise and timesteps of one micro-batch on one process, a function of its coordinates."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 1009 + rank)
+def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
+    """Noise and timesteps of micro-batch ``micro`` of the global batch of ``step`` (the index
+    counts over every process's micro-batches), a function of its coordinates alone."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 131 + micro) * 1009)
 
 
 def resolve_optimizer(name: str) -> str:
@@ -209,16 +210,18 @@ class StepGradients:
 
 
 def train(cfg, method: Method, run_dir: Path, events: EventLog, *, resume: bool = False,
-          sampler=None, stop_requested=lambda: False) -> dict:
+          after_step=None, stop_requested=lambda: False) -> dict:
     """Run (or resume) the optimization. Returns a summary for the LoRA metadata.
 
-    ``sampler(step)`` renders validation images. ``stop_requested()`` is polled after every
-    step (a cancelled job): the loop then saves a checkpoint and returns with "cancelled".
+    ``after_step(step)`` is called on the main process after every applied step, once its
+    checkpoint (if any) is written: it decides itself which steps it renders samples or validates
+    at. ``stop_requested()`` is polled after every step (a cancelled job): the loop then saves a
+    checkpoint and returns with "cancelled".
     """
     loop = TrainingLoop(cfg, method, Path(run_dir), events)
     if resume:
         loop.resume()
-    return loop.run(sampler, stop_requested)
+    return loop.run(after_step, stop_requested)
 
 
 @dataclass
@@ -290,7 +293,9 @@ class TrainingLoop:
         step_losses = torch.zeros(len(self.names), device=device)
         finite, metrics = torch.ones((), dtype=torch.bool, device=device), {}
         for micro in range(cfg.grad_accum):
-            generator = step_generator(cfg.seed, step, micro, self.dist.rank)
+            # by the micro-batch's index in the global batch, so P processes at grad_accum A draw
+            # the noise one process draws at P x A (the data order follows the same index)
+            generator = step_generator(cfg.seed, step, micro * self.dist.world + self.dist.rank)
             with out_of_memory_advice("a training step"):
                 out = method.losses(method.batch(step, micro), generator)
                 values = out.losses.detach().float()
@@ -305,7 +310,7 @@ class TrainingLoop:
             self.skip(step, "non-finite loss")
             return None
         with out_of_memory_advice("the fair combination"):
-            weights = gradients.finish(step_generator(cfg.seed, step, cfg.grad_accum))
+            weights = gradients.finish(step_generator(cfg.seed, step, cfg.grad_accum * self.dist.world))
         scaler = state.scaler
         scaler.unscale_(state.optimizer)  # fp16: .grad back to true units, inf/NaN found (else no-op)
         grad_norm = _clip(self.params, cfg.max_grad_norm)
@@ -335,7 +340,7 @@ class TrainingLoop:
             **{k: float(v) for k, v in result.metrics.items()},
         )
 
-    def run(self, sampler=None, stop_requested=lambda: False) -> dict:
+    def run(self, after_step=None, stop_requested=lambda: False) -> dict:
         cfg, state, is_main = self.cfg, self.state, self.dist.is_main
         start = state.step
         if start == 0:
@@ -354,8 +359,8 @@ class TrainingLoop:
             if is_main and (periodic or cancel) and done < cfg.steps:
                 path = state.save(self.run_dir, keep=cfg.keep_checkpoints)
                 self.events.emit("checkpoint", step=done, path=str(path))
-            if is_main and sampler is not None and cfg.sample_every and done % cfg.sample_every == 0:
-                sampler(done)
+            if is_main and after_step is not None:
+                after_step(done)
             if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
                 self.evaluate(done)
             if cancel:

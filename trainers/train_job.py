@@ -2,8 +2,6 @@
 train, export its file."""
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from .methods import method_module
 from .model import TrainableModel
 from .precision import DTYPES
 from .run_dir import latest_checkpoint, load_checkpoint
+from .training_state import trainable_state
 from .trainables import ControlNetTrainable, LoraTrainable, Trainable
 from .validation import Validator
 
@@ -112,20 +111,19 @@ def make_validator(cfg, model: TrainableModel, method, run_dir: Path, events: Ev
     return Validator(cfg, run_dir, events, lora_file_name(cfg, model), render, export)
 
 
-def step_callback(cfg, sample, validate):
-    """The loop's one per-step callback (``sampler``) and the period it is called at: the greatest
-    common divisor of the sampling and validation periods; each runs on its own steps."""
-    periods = {"sample_every": sample, "validate_every": validate}
-    active = {name: fn for name, fn in periods.items() if fn is not None}
+def after_step_callback(cfg, sample, validate):
+    """The loop's one per-step callback: sampling and validation, each on its own period."""
+    periods = [(cfg.sample_every, sample), (cfg.validate_every, validate)]
+    active = [(every, fn) for every, fn in periods if fn is not None and every]
     if not active:
-        return None, 0
+        return None
 
-    def at_step(step: int) -> None:
-        for name, fn in active.items():
-            if step % getattr(cfg, name) == 0:
+    def after_step(step: int) -> None:
+        for every, fn in active:
+            if step % every == 0:
                 fn(step)
 
-    return at_step, math.gcd(*(getattr(cfg, name) for name in active))
+    return after_step
 
 
 def lora_file_name(cfg, model: TrainableModel) -> str:
@@ -162,17 +160,15 @@ def run_job(cfg, run_dir: Path, events: EventLog, *, resume: bool, stop_requeste
     method = method_module(cfg.method).METHOD(cfg, model)
     render = make_renderer(cfg, model)
     validator = make_validator(cfg, model, method, run_dir, events, render)
-    callback, period = step_callback(cfg, make_sampler(cfg, model, run_dir, events, render), validator)
+    after_step = after_step_callback(cfg, make_sampler(cfg, model, run_dir, events, render), validator)
     main = is_main_process()
     if resume and validator is not None and main:
         def load(path):
-            state = load_checkpoint(path)
-            model.trainable.load_state_dict(state["trainable"] if "trainable" in state else state["lora"])
+            model.trainable.load_state_dict(trainable_state(load_checkpoint(path)))
 
         validator.catch_up(latest_checkpoint(run_dir), load)
-    # the loop calls its sampler every cfg.sample_every steps: here, the common period of both
-    result = train(dataclasses.replace(cfg, sample_every=period), method, run_dir, events, resume=resume,
-                   sampler=callback, stop_requested=stop_requested)
+    result = train(cfg, method, run_dir, events, resume=resume, after_step=after_step,
+                   stop_requested=stop_requested)
     if result["status"] == "done":
         if validator is not None and main and cfg.steps % cfg.validate_every:
             validator(cfg.steps)  # the final LoRA is always a candidate

@@ -19,6 +19,16 @@ from .run_dir import latest_checkpoint, load_checkpoint, save_checkpoint
 LEGACY_KEYS = {"lora": "trainable"}  # an old checkpoint's name -> today's
 
 
+def upgraded(state: dict) -> dict:
+    """A checkpoint's dict under today's key names."""
+    return {LEGACY_KEYS.get(key, key): value for key, value in state.items()}
+
+
+def trainable_state(state: dict) -> dict:
+    """The trained tensors of a checkpoint's dict (of any version)."""
+    return upgraded(state)["trainable"]
+
+
 @dataclass
 class TrainingState:
     trainable: object  # trainers.trainables.Trainable
@@ -37,7 +47,7 @@ class TrainingState:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        state = {LEGACY_KEYS.get(key, key): value for key, value in state.items()}
+        state = upgraded(state)
         self.trainable.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
