@@ -47,7 +47,7 @@ def comfy_sd15_checkpoint() -> Path:
 def trained_sd15_lora(tmp_path_factory, comfy_sd15_checkpoint) -> Path:
     """A FairHuman LoRA made by this pack's trainer (1 step) on the full-size SD1.5 checkpoint."""
     import comfyui_harness
-    from train_helpers import make_region_dataset, train_cli
+    from train_helpers import make_region_dataset, train_in_own_process
 
     data = make_region_dataset(tmp_path_factory.mktemp("regions"), count=2, size=64)
     run = tmp_path_factory.mktemp("run")
@@ -56,8 +56,8 @@ def trained_sd15_lora(tmp_path_factory, comfy_sd15_checkpoint) -> Path:
         pytest.skip("needs ComfyUI's CLIP vocabulary: " + str(comfyui_harness.missing_reason()))
     # The trainer finds CLIP's real vocabulary in the ComfyUI tree: no hub, no download.
     os.environ.setdefault("COMFYUI_PATH", str(tree))
-    result = train_cli("--method", "fairhuman", "--base", comfy_sd15_checkpoint, "--data", data,
-                       "--output", run, "--steps", 1, "--resolution", 64, "--rank", 4, "--lr", "1e-3",
-                       "--batch-size", 1, "--checkpoint-every", 0)
+    result = train_in_own_process("--method", "fairhuman", "--base", comfy_sd15_checkpoint, "--data", data,
+                                  "--output", run, "--steps", 1, "--resolution", 64, "--rank", 4, "--lr", "1e-3",
+                                  "--batch-size", 1, "--checkpoint-every", 0)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run / "fairhuman_sd15.safetensors"

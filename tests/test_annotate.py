@@ -3,22 +3,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from train_helpers import run_trainers
 from trainers.annotate import is_our_mask, read_caption, write_mask
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def annotate(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainers", "annotate", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+def annotate(*args):
+    return run_trainers("annotate", *args)
 
 
 def records(folder: Path) -> dict[str, dict]:

@@ -156,7 +156,7 @@ def test_torn_last_line_of_pairs_is_ignored(tmp_path):
 
 
 def test_bad_line_inside_pairs_is_named_with_file_and_line(capsys, tmp_path):
-    pairs = make_pairs_folder(tmp_path / "pairs", prompts=2)
+    pairs = make_pairs_folder(tmp_path / "pairs", pairs=2)
     lines = (pairs / "pairs.jsonl").read_text().splitlines()
     (pairs / "pairs.jsonl").write_text(lines[0] + "\n{oops\n" + lines[1] + "\n")
     line = refused(capsys, "train", "--method", "hg-dpo", "--base", "tiny-sd15", "--data", pairs, "--output",

@@ -19,7 +19,7 @@ WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "fairhuman_contro
 @pytest.fixture(scope="module")
 def trained_controlnet(tmp_path_factory, comfy_sd15_checkpoint):
     import comfyui_harness
-    from train_helpers import train_cli
+    from train_helpers import train_in_own_process
 
     data = make_conditioned_dataset(tmp_path_factory.mktemp("regions"), count=2, size=64)
     tree = comfyui_harness.comfyui_tree()
@@ -27,11 +27,12 @@ def trained_controlnet(tmp_path_factory, comfy_sd15_checkpoint):
         pytest.skip("needs ComfyUI's CLIP vocabulary: " + str(comfyui_harness.missing_reason()))
     os.environ.setdefault("COMFYUI_PATH", str(tree))
     run = tmp_path_factory.mktemp("run")
-    result = train_cli("--method", "fairhuman-controlnet", "--base", comfy_sd15_checkpoint, "--data", data,
-                       "--output", run, "--steps", 2, "--resolution", 64, "--lr", "1e-3", "--batch-size", 1,
-                       "--condition-dropout", 0, "--checkpoint-every", 0, "--batched-vjp", "false",
-                       # the frozen UNet in bf16: the fp32 full-size run peaks above 13 GB on the CPU
-                       "--mixed-precision", "bf16")
+    result = train_in_own_process("--method", "fairhuman-controlnet", "--base", comfy_sd15_checkpoint, "--data",
+                                  data, "--output", run, "--steps", 2, "--resolution", 64, "--lr", "1e-3",
+                                  "--batch-size", 1, "--condition-dropout", 0, "--checkpoint-every", 0,
+                                  "--batched-vjp", "false",
+                                  # the frozen UNet in bf16: the fp32 full-size run peaks above 13 GB on the CPU
+                                  "--mixed-precision", "bf16")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run / "fairhumancontrolnet_sd15.safetensors"
 

@@ -1,15 +1,11 @@
 """The FairHuman ControlNet trainer on the tiny SD1.5 model with real photos: MPD really applied
 to the ControlNet's update, learning, exact resume, condition dropout, the exported file."""
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from train_helpers import ROOT, assert_all_losses_fall, lora_tensors, offline_env, train_cli
+from train_helpers import assert_all_losses_fall, assert_killed_run_resumes_exactly, lora_tensors, run_trainers, train_cli
 from core.fileio import read_events
 
 pytestmark = pytest.mark.slow
@@ -29,8 +25,7 @@ def posed(sample_photos, tmp_path_factory):
         with Image.open(path) as im:
             im.thumbnail((384, 384))
             im.save(folder / path.name, quality=95)
-    result = subprocess.run([sys.executable, "-m", "trainers", "annotate", str(folder), "--pose", "--workers", "1"],
-                            cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=600)
+    result = run_trainers("annotate", folder, "--pose", "--workers", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder
 
@@ -156,30 +151,9 @@ def test_thirty_steps_lower_all_three_losses_and_export_a_diffusers_controlnet(p
 
 
 def test_sigkill_then_resume_gives_the_same_controlnet(posed, tmp_path):
-    steps = ["--steps", 8, "--checkpoint-every", 3]
-    straight = tmp_path / "straight"
-    assert train_cli(*COMMON, *steps, "--data", posed, "--output", straight).returncode == 0
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trainers", "train", *map(str, COMMON + steps), "--data", str(posed),
-         "--output", str(killed)], cwd=ROOT, env=offline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if any(e["event"] == "checkpoint" and e["step"] == 6 for e in read_events(killed / "events.jsonl")):
-            break
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not list(killed.glob("*.safetensors"))
-    resumed = train_cli(*COMMON, *steps, "--data", posed, "--output", killed, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert any(e["event"] == "resume" for e in read_events(killed / "events.jsonl"))
-    a = lora_tensors(straight / "fairhumancontrolnet_sd15.safetensors")
-    b = lora_tensors(killed / "fairhumancontrolnet_sd15.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    straight = assert_killed_run_resumes_exactly([*COMMON, "--steps", 8, "--checkpoint-every", 3, "--data", posed],
+                                                 tmp_path, kill_at=6)
+    assert (straight / "fairhumancontrolnet_sd15.safetensors").is_file()
 
 
 def test_a_dataset_without_conditions_is_refused_with_the_fix(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from core.metrics import color_shift, confidence_metrics, hsv_means, win_rate
-from train_helpers import ROOT, make_pairs_folder, make_region_dataset, offline_env, train_cli
+from train_helpers import make_pairs_folder, make_region_dataset, run_trainers, train_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -81,18 +81,14 @@ def loras(tmp_path_factory):
     common = ["--base", "tiny-sd15", "--resolution", 64, "--steps", 3, "--lr", "1e-2", "--checkpoint-every", 0]
     fair = train_cli("--method", "fairhuman", "--rank", 4, "--data", data, "--output", root / "fh", *common)
     assert fair.returncode == 0, fair.stderr[-2000:]
-    pairs = make_pairs_folder(root / "pairs", prompts=2)
+    pairs = make_pairs_folder(root / "pairs", pairs=2)
     dpo = train_cli("--method", "hg-dpo", "--data", pairs, "--output", root / "dpo", "--eval-pairs", 0, *common)
     assert dpo.returncode == 0, dpo.stderr[-2000:]
     return root / "fh" / "fairhuman_sd15.safetensors", root / "dpo" / "hgdpo_sd15.safetensors"
 
 
 def evaluate(*args):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "trainers", "evaluate", *map(str, args)], cwd=ROOT,
-                          env=offline_env(), capture_output=True, text=True, timeout=900)
+    return run_trainers("evaluate", *args)
 
 
 @pytest.mark.slow

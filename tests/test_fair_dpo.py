@@ -5,12 +5,13 @@ import json
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from core.dpo import diffusion_dpo_loss, per_sample_error, regional_dpo_losses
+from fixtures_pairs import ONE_THREAD, PROMPTS
+from train_helpers import assert_killed_run_resumes_exactly, make_pairs_folder, run_trainers
 
 
 def f(x: float) -> float:
@@ -86,37 +87,6 @@ def test_mpd_pushes_hardest_on_the_objective_with_the_smallest_gradient():
 
 
 # ---- the method on the tiny SD1.5 -------------------------------------------------------------
-def make_pairs_folder(folder, pairs=2, size=64, seed=0):
-    """A pairs folder as build-pairs writes it, with a face (top-left block) and a small hand
-    mask per image; pair 1's loser has no hand."""
-    from trainers.annotate import write_mask
-
-    rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for k in range(pairs):
-        names, masks = [], {}
-        for role in ("w", "l"):
-            name = f"images/{k}_{role}.png"
-            Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(folder / name)
-            face, hand = np.zeros((size, size)), np.zeros((size, size))
-            face[: size // 2, : size // 2] = 1
-            if not (k == 1 and role == "l"):
-                hand[size - 12: size - 2, 10 + 20 * k: 20 + 20 * k] = 1
-            entry = {"faces": [{"box": [0, 0, size // 2, size // 2], "score": 1.0}],
-                     "hands": [{"box": [0, 0, 1, 1], "score": 1.0}] if hand.any() else []}
-            for region, mask in (("face", face), ("hand", hand)):
-                path = f"masks/{k}_{role}_{region}.png"
-                write_mask(folder / path, mask)
-                entry[f"mask_{region}"] = path
-            names.append(name)
-            masks[name] = entry
-        rows.append({"prompt": f"a person waving {k}", "status": "ok", "winner": names[0], "loser": names[1],
-                     "masks": masks})
-    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
-
-
 @pytest.fixture
 def fair_method(tmp_path, tiny_sd15):
     import copy
@@ -208,38 +178,6 @@ def test_old_pairs_folder_is_annotated_on_first_use(tmp_path, sample_photos):
 
 
 # ---- end to end: build-pairs, then fair-dpo ---------------------------------------------------
-PROMPTS = ["a photo of a woman waving hands", "two friends holding hands", "a portrait of a smiling man",
-           "a child waving", "a group of people in a park", "a woman holding a cup", "close up of hands",
-           "a man sitting in a studio"]
-
-
-def build_pairs(folder):
-    import subprocess
-    import sys
-
-    from train_helpers import ROOT, offline_env
-
-    (folder / "prompts.txt").write_text("\n".join(PROMPTS))
-    # the tiny model's samples hold no face a detector is sure of: masks from detections ≥ 0.1
-    return subprocess.run([sys.executable, "-m", "trainers", "build-pairs", "--base", "tiny-sd15", "--prompts",
-                           str(folder / "prompts.txt"), "--n", "4", "--output", str(folder), "--steps", "2",
-                           "--size", "64", "--scorer", "anatomy", "--mask-confidence", "0.1"],
-                          cwd=ROOT, env=dict(offline_env(), **ONE_THREAD), capture_output=True, text=True, timeout=900,
-                          check=False)
-
-
-# Tiny tensors: one thread is as fast, and on a loaded machine OpenMP's spinning threads are not.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def pairs_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fair-pairs")
-    result = build_pairs(folder)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder
-
-
 @pytest.mark.slow
 def test_build_pairs_stores_the_kept_images_masks(pairs_dir):
     rows = [json.loads(line) for line in (pairs_dir / "pairs.jsonl").read_text().splitlines()]
@@ -254,18 +192,14 @@ def test_build_pairs_stores_the_kept_images_masks(pairs_dir):
 
 
 @pytest.mark.slow
-def test_fair_dpo_raises_the_regional_margins_from_zero(pairs_dir, tmp_path, monkeypatch):
-    from train_helpers import train_cli
-
+def test_fair_dpo_raises_the_regional_margins_from_zero(pairs_dir, tmp_path):
     from core.fileio import read_events
     from core.lora_format import read_lora_metadata
 
-    for key, value in ONE_THREAD.items():
-        monkeypatch.setenv(key, value)
     run = tmp_path / "run"
-    trained = train_cli("--method", "fair-dpo", "--base", "tiny-sd15", "--data", pairs_dir, "--output", run,
-                        "--steps", 40, "--resolution", 64, "--batch-size", 8, "--lr", "1e-3", "--seed", 0,
-                        "--checkpoint-every", 0)
+    trained = run_trainers("train", "--method", "fair-dpo", "--base", "tiny-sd15", "--data", pairs_dir, "--output",
+                           run, "--steps", 40, "--resolution", 64, "--batch-size", 8, "--lr", "1e-3", "--seed", 0,
+                           "--checkpoint-every", 0, env=ONE_THREAD)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     events = read_events(run / "events.jsonl")
     progress = [e for e in events if e["event"] == "progress"]
@@ -283,32 +217,7 @@ def test_fair_dpo_raises_the_regional_margins_from_zero(pairs_dir, tmp_path, mon
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from train_helpers import ROOT, lora_tensors, offline_env, train_cli
-
-    from core.fileio import read_events
-
     folder = make_pairs_folder(tmp_path / "pairs", pairs=3)
     common = ["--method", "fair-dpo", "--base", "tiny-sd15", "--data", folder, "--resolution", 64,
               "--batch-size", 2, "--lr", "1e-3", "--eval-pairs", 0, "--steps", 6, "--checkpoint-every", 2]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert train_cli(*common, "--output", straight).returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "trainers", "train", *map(str, common), "--output", str(killed)],
-                            cwd=ROOT, env=offline_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    while not any(e["event"] == "checkpoint" and e["step"] == 4 for e in read_events(killed / "events.jsonl")):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not list(killed.glob("*.safetensors")), "killed before the end: no LoRA may exist yet"
-    resumed = train_cli(*common, "--output", killed, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [e["step"] for e in read_events(killed / "events.jsonl") if e["event"] == "resume"] == [4]
-    a, b = lora_tensors(straight / "fairdpo_sd15.safetensors"), lora_tensors(killed / "fairdpo_sd15.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise: CPU fp32, seeded draws
+    assert_killed_run_resumes_exactly(common, tmp_path, kill_at=4)

@@ -1,34 +1,16 @@
 """HG-DPO's data side: build-pairs (resumable, recorded) and the anatomy scorer on real photos."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from train_helpers import ROOT, offline_env
-
-PROMPTS = ["a photo of a woman waving hands", "two friends holding hands", "a portrait of a smiling man",
-           "a child waving", "a group of people in a park", "a woman holding a cup", "close up of hands",
-           "a man sitting in a studio"]
-
+from fixtures_pairs import PROMPTS
+from train_helpers import run_trainers
 
 def _build(folder, *extra):
-    return subprocess.run([sys.executable, "-m", "trainers", "build-pairs", "--base", "tiny-sd15", "--prompts",
-                           str(folder / "prompts.txt"), "--n", "4", "--output", str(folder), "--steps", "2",
-                           "--size", "64", *extra], cwd=ROOT, env=offline_env(), capture_output=True, text=True,
-                          timeout=600)
-
-
-@pytest.fixture(scope="module")
-def pairs_dir(tmp_path_factory):
-    """The issue's setting: N = 4 images for each of 8 prompts from the tiny SD1.5, anatomy scorer."""
-    folder = tmp_path_factory.mktemp("pairs")
-    (folder / "prompts.txt").write_text("\n".join(PROMPTS))
-    result = _build(folder, "--scorer", "anatomy")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder
+    return run_trainers("build-pairs", "--base", "tiny-sd15", "--prompts", folder / "prompts.txt", "--n", 4,
+                        "--output", folder, "--steps", 2, "--size", 64, *extra)
 
 
 @pytest.mark.slow
@@ -76,8 +58,7 @@ def test_forty_dpo_steps_raise_the_reward_margin_on_the_training_pairs(pairs_dir
     if not torch.cuda.is_available():
         assert resolve_optimizer("auto") == "adamw"
 
-    report = subprocess.run([sys.executable, "-m", "trainers", "report", str(run)], cwd=ROOT, env=offline_env(),
-                            capture_output=True, text=True, timeout=300)
+    report = run_trainers("report", run)
     assert report.returncode == 0, report.stderr[-2000:]
     plots = sorted(p.name for p in (run / "plots").iterdir())
     assert plots == ["dpo.png", "losses.png"]  # constant weights: no weights plot

@@ -147,7 +147,9 @@ def test_fresh_install_keeps_numpy_adds_one_opencv_and_detects(tmp_path, sample_
         pytest.skip(f"pip reaches no package index here: {(probe.stderr.strip().splitlines() or ['?'])[-1]}")
     venv = tmp_path / "venv"
     py = venv / "bin" / "python"
-    quiet = ("--quiet", "--disable-pip-version-check")
+    # --no-compile: byte-compiling torch's and the requirements' files is most of an install's time
+    # and nothing here depends on it (Python compiles what it imports)
+    quiet = ("--quiet", "--disable-pip-version-check", "--no-compile")
     started = time.monotonic()
     try:
         assert _run(sys.executable, "-m", "venv", venv, timeout=300).returncode == 0

@@ -2,22 +2,19 @@
 pose model file's resolution and its error; a user's own condition image is kept."""
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from train_helpers import ROOT, offline_env
+from train_helpers import run_trainers
 
 pytestmark = pytest.mark.slow
 
 
 def annotate(*args):
-    return subprocess.run([sys.executable, "-m", "trainers", "annotate", *map(str, args), "--workers", "1"],
-                          cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=600)
+    return run_trainers("annotate", *args, "--workers", 1)
 
 
 def drawn(render: np.ndarray, a, b, color) -> bool:

@@ -419,13 +419,9 @@ def test_full_size_models_build_from_the_shipped_configs():
 
 @pytest.mark.slow
 def test_bench_gpu_smoke_runs_on_the_cpu():
-    import subprocess
-    import sys
+    from train_helpers import run_trainers
 
-    from train_helpers import ROOT, offline_env
-
-    result = subprocess.run([sys.executable, "-m", "trainers", "bench", "gpu", "--smoke", "--dtypes", "fp16"],
-                            cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=1800)
+    result = run_trainers("bench", "gpu", "--smoke", "--dtypes", "fp16")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("device: CPU")

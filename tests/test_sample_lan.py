@@ -1,12 +1,9 @@
 """The diffusers LAN counterpart: same statistics property as the node, and the CLI."""
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from core.lan import channel_stats
-from train_helpers import ROOT
+from train_helpers import run_trainers
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +47,9 @@ def test_lan_matches_reference_stats_at_every_step(lora_file):
 
 
 def test_sample_cli_writes_images(lora_file, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "trainers", "sample", "--base", "tiny-sd15", "--prompt", "two hands",
-                             "--lora", str(lora_file), "--lan", "--steps", "3", "--size", "64",
-                             "--output", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_trainers("sample", "--base", "tiny-sd15", "--prompt", "two hands", "--lora", lora_file, "--lan",
+                          "--steps", 3, "--size", 64, "--output", tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list(tmp_path.glob("*_lan.png"))) == 1
-    bad = subprocess.run([sys.executable, "-m", "trainers", "sample", "--base", "tiny-sd15", "--prompt", "x", "--lan",
-                          "--output", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad = run_trainers("sample", "--base", "tiny-sd15", "--prompt", "x", "--lan", "--output", tmp_path)
     assert bad.returncode != 0 and "--lan needs --lora" in bad.stderr

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from train_helpers import ROOT, offline_env
+from train_helpers import run_trainers
 
 PROMPTS = ["a woman waving both hands", "two people shaking hands"]
 
@@ -386,16 +386,11 @@ def test_composite_is_the_weighted_sum_and_errors_name_the_flag(hps_folder, rewa
 
 @pytest.mark.slow
 def test_build_pairs_with_a_composite_of_local_models(hps_folder, reward_model_and_folder, tmp_path):
-    import subprocess
-    import sys
-
     _, ir_folder = reward_model_and_folder
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
-    result = subprocess.run(
-        [sys.executable, "-m", "trainers", "build-pairs", "--base", "tiny-sd15", "--prompts", str(tmp_path / "prompts.txt"),
-         "--n", "2", "--steps", "2", "--size", "64", "--output", str(tmp_path), "--scorer", "anatomy:1,hps:5,imagereward:1",
-         "--scorer-model", f"hps={hps_folder}", "--scorer-model", f"imagereward={ir_folder}"],
-        cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=600)
+    result = run_trainers("build-pairs", "--base", "tiny-sd15", "--prompts", tmp_path / "prompts.txt", "--n", 2,
+                          "--steps", 2, "--size", 64, "--output", tmp_path, "--scorer", "anatomy:1,hps:5,imagereward:1",
+                          "--scorer-model", f"hps={hps_folder}", "--scorer-model", f"imagereward={ir_folder}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert [r["status"] for r in rows] == ["ok", "ok"]
