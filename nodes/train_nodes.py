@@ -51,7 +51,7 @@ class _TrainNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, output_name, device):
+    def validate_inputs(cls, output_name=None, device=None):
         """Before the prompt is queued: what the widgets alone tell (a linked value is checked when
         the node runs)."""
         name, device = _first(output_name), _first(device)
