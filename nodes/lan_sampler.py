@@ -14,6 +14,7 @@ the output equals KSampler's bit for bit.
 from __future__ import annotations
 
 from ..core.lan import StatsRecorder, match_channel_stats
+from .node_api import io
 
 
 class _Probe:
@@ -61,72 +62,78 @@ def _sigmas(model, steps, sampler_name, scheduler, denoise):
                                    scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
 
 
-class LANSampler:
+class LANSampler(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         import comfy.samplers
 
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The tuned model (e.g. with an HG-DPO LoRA applied)."}),
-            "reference_model": ("MODEL", {"tooltip": "The reference model, usually the same checkpoint "
-                                                     "without the LoRA. Its trajectory sets the statistics."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                             "tooltip": "Noise seed, shared by both trajectories."}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Sampler steps."}),
-            "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Classifier-free guidance scale, for both models."}),
-            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampling algorithm."}),
-            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Noise schedule."}),
-            "positive": ("CONDITIONING", {"tooltip": "What to draw."}),
-            "negative": ("CONDITIONING", {"tooltip": "What to avoid."}),
-            "latent_image": ("LATENT", {"tooltip": "The latent to denoise."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                  "tooltip": "How much of the latent to replace (1: all)."}),
-            "lan_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                       "tooltip": "1: the tuned latent takes the reference's channel mean and "
-                                                  "std after every step (HG-DPO's LAN); 0: plain KSampler."}),
-        }}
+        return io.Schema(
+            node_id="FairHumanLANSampler", display_name="LAN Sampler", category="HG-DPO",
+            description="KSampler with Latent Adaptive Normalization (HG-DPO): samples the reference model first, "
+                        "then the tuned model from the same noise, matching its per-channel latent statistics to the "
+                        "reference's after every step. Costs about two samplings; one model in memory at a time.",
+            inputs=[
+                io.Model.Input("model", tooltip="The tuned model (e.g. with an HG-DPO LoRA applied)."),
+                io.Model.Input("reference_model", tooltip="The reference model, usually the same checkpoint without "
+                                                          "the LoRA. Its trajectory sets the statistics."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed, shared by both trajectories."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampler steps."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale, for both models."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="Sampling algorithm."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="Noise schedule."),
+                io.Conditioning.Input("positive", tooltip="What to draw."),
+                io.Conditioning.Input("negative", tooltip="What to avoid."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of the latent to replace (1: all)."),
+                io.Float.Input("lan_strength", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1: the tuned latent takes the reference's channel mean and std after every "
+                                       "step (HG-DPO's LAN); 0: plain KSampler."),
+            ],
+            outputs=[io.Latent.Output(display_name="LATENT", tooltip="The denoised latent of the tuned model, "
+                                                                    "normalized along the reference's trajectory.")])
 
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The denoised latent of the tuned model, normalized along the reference's trajectory.",)
-    FUNCTION = "sample"
-    CATEGORY = "HG-DPO"
-    DESCRIPTION = ("KSampler with Latent Adaptive Normalization (HG-DPO): samples the reference model first, "
-                   "then the tuned model from the same noise, matching its per-channel latent statistics "
-                   "to the reference's after every step. Costs about two samplings; one model in memory at a time.")
-
-    def sample(self, model, reference_model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-               latent_image, denoise=1.0, lan_strength=1.0):
-        import comfy.sample
-        import comfy.samplers
-        import comfy.utils
-        import latent_preview
-
-        latent = latent_image["samples"]
-        latent = comfy.sample.fix_empty_latent_channels(model, latent)
-        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
-        noise_mask = latent_image.get("noise_mask")
-        disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
-        base = comfy.samplers.sampler_object(sampler_name)
-        recorder = StatsRecorder()
-        passes = [(reference_model, "record"), (model, "match")]
-        if lan_strength == 0:
-            passes = passes[1:]  # nothing to match: the reference pass would be wasted time
-        out = None
-        for which, mode in passes:
-            sampler = lan_sampler(base, recorder, mode, lan_strength)
-            # the UI progress bar runs once per pass (reference, then tuned)
-            callback = latent_preview.prepare_callback(which, steps)
-            out = comfy.sample.sample_custom(
-                which, noise, cfg, sampler, _sigmas(which, steps, sampler_name, scheduler, denoise),
-                positive, negative, latent, noise_mask=noise_mask, callback=callback,
-                disable_pbar=disable_pbar, seed=seed)
-        result = latent_image.copy()
-        result["samples"] = out
-        return (result,)
+    @classmethod
+    def execute(cls, model, reference_model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                latent_image, denoise=1.0, lan_strength=1.0):
+        return io.NodeOutput(sample(model, reference_model, seed, steps, cfg, sampler_name, scheduler, positive,
+                                    negative, latent_image, denoise, lan_strength))
 
 
-NODE_CLASS_MAPPINGS = {"FairHumanLANSampler": LANSampler}
-NODE_DISPLAY_NAME_MAPPINGS = {"FairHumanLANSampler": "LAN Sampler"}
+def sample(model, reference_model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+           denoise=1.0, lan_strength=1.0) -> dict:
+    """The LAN Sampler's LATENT."""
+    import comfy.sample
+    import comfy.samplers
+    import comfy.utils
+    import latent_preview
+
+    latent = latent_image["samples"]
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+    noise_mask = latent_image.get("noise_mask")
+    disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
+    base = comfy.samplers.sampler_object(sampler_name)
+    recorder = StatsRecorder()
+    passes = [(reference_model, "record"), (model, "match")]
+    if lan_strength == 0:
+        passes = passes[1:]  # nothing to match: the reference pass would be wasted time
+    out = None
+    for which, mode in passes:
+        sampler = lan_sampler(base, recorder, mode, lan_strength)
+        # the UI progress bar runs once per pass (reference, then tuned)
+        callback = latent_preview.prepare_callback(which, steps)
+        out = comfy.sample.sample_custom(
+            which, noise, cfg, sampler, _sigmas(which, steps, sampler_name, scheduler, denoise),
+            positive, negative, latent, noise_mask=noise_mask, callback=callback,
+            disable_pbar=disable_pbar, seed=seed)
+    result = latent_image.copy()
+    result["samples"] = out
+    return result
+
+
+NODES = [LANSampler]
 
 __all__ = ["LANSampler", "lan_sampler", "match_channel_stats"]

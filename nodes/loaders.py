@@ -14,6 +14,7 @@ import logging
 import os
 
 from ..core.lora_format import read_lora_metadata
+from .node_api import io
 
 log = logging.getLogger("fairhuman-hgdpo")
 
@@ -102,71 +103,73 @@ def _lora_choices():
     return folder_paths.get_filename_list("loras")
 
 
-class FairHumanLoraLoader:
+class FairHumanLoraLoader(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model to apply the LoRA to."}),
-            "clip": ("CLIP", {"tooltip": "The text encoder (FairHuman LoRAs leave it unchanged)."}),
-            "lora_name": (_lora_choices(), {"tooltip": "A LoRA from models/loras (FairHuman's or any trainer's)."}),
-            "strength": ("FLOAT", {"default": 0.4, "min": -4.0, "max": 4.0, "step": 0.01,
-                                   "tooltip": "LoRA strength. The FairHuman paper uses 0.3-0.5."}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FairHumanLoraLoader", display_name="Load FairHuman LoRA", category="FairHuman",
+            description="Loads a FairHuman LoRA (better hands and faces), with its training metadata and an "
+                        "architecture check.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to apply the LoRA to."),
+                io.Clip.Input("clip", tooltip="The text encoder (FairHuman LoRAs leave it unchanged)."),
+                io.Combo.Input("lora_name", options=_lora_choices(),
+                               tooltip="A LoRA from models/loras (FairHuman's or any trainer's)."),
+                io.Float.Input("strength", default=0.4, min=-4.0, max=4.0, step=0.01,
+                               tooltip="LoRA strength. The FairHuman paper uses 0.3-0.5."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the LoRA."),
+                io.Clip.Output(display_name="clip", tooltip="The text encoder with the LoRA."),
+                io.String.Output(display_name="info", tooltip="What the file is (training metadata), how much of "
+                                                              "it was applied, warnings."),
+            ])
 
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
-    RETURN_NAMES = ("model", "clip", "info")
-    OUTPUT_TOOLTIPS = ("The model with the LoRA.", "The text encoder with the LoRA.",
-                       "What the file is (training metadata), how much of it was applied, warnings.")
-    FUNCTION = "load"
-    CATEGORY = "FairHuman"
-    DESCRIPTION = "Loads a FairHuman LoRA (better hands and faces), with its training metadata and an architecture check."
-
-    def load(self, model, clip, lora_name, strength):
-        return apply_lora(model, clip, resolve("loras", lora_name), strength, strength, "fairhuman")
-
-
-class HGDPOLoraLoader:
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model to apply the LoRA to."}),
-            "lora_name": (_lora_choices(), {"tooltip": "An HG-DPO LoRA from models/loras."}),
-            "strength": ("FLOAT", {"default": 0.5, "min": -4.0, "max": 4.0, "step": 0.01,
-                                   "tooltip": "LoRA strength. HG-DPO recommends 0.5; pair with the LAN Sampler "
-                                              "(reference = the model without the LoRA) at higher strengths."}),
-        }}
+    def execute(cls, model, clip, lora_name, strength):
+        return io.NodeOutput(*apply_lora(model, clip, resolve("loras", lora_name), strength, strength, "fairhuman"))
 
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model", "info")
-    OUTPUT_TOOLTIPS = ("The model with the LoRA.", "Training metadata, what was applied, warnings.")
-    FUNCTION = "load"
-    CATEGORY = "HG-DPO"
-    DESCRIPTION = "Loads an HG-DPO LoRA (UNet only), with its training metadata and an architecture check."
 
-    def load(self, model, lora_name, strength):
+class HGDPOLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="HGDPOLoraLoader", display_name="Load HG-DPO LoRA", category="HG-DPO",
+            description="Loads an HG-DPO LoRA (UNet only), with its training metadata and an architecture check.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to apply the LoRA to."),
+                io.Combo.Input("lora_name", options=_lora_choices(), tooltip="An HG-DPO LoRA from models/loras."),
+                io.Float.Input("strength", default=0.5, min=-4.0, max=4.0, step=0.01,
+                               tooltip="LoRA strength. HG-DPO recommends 0.5; pair with the LAN Sampler (reference "
+                                       "= the model without the LoRA) at higher strengths."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the LoRA."),
+                io.String.Output(display_name="info", tooltip="Training metadata, what was applied, warnings."),
+            ])
+
+    @classmethod
+    def execute(cls, model, lora_name, strength):
         new_model, _, info = apply_lora(model, None, resolve("loras", lora_name), strength, 0.0, "hg-dpo")
-        return new_model, info
+        return io.NodeOutput(new_model, info)
 
 
-class FairHumanControlNetLoader:
+class FairHumanControlNetLoader(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         import folder_paths
 
-        return {"required": {
-            "control_net_name": (folder_paths.get_filename_list("controlnet"),
-                                 {"tooltip": "A diffusers-layout ControlNet from models/controlnet."}),
-        }}
+        return io.Schema(
+            node_id="FairHumanControlNetLoader", display_name="Load FairHuman ControlNet", category="FairHuman",
+            description="Loads a FairHuman ControlNet (diffusers layout) for Apply ControlNet.",
+            inputs=[io.Combo.Input("control_net_name", options=folder_paths.get_filename_list("controlnet"),
+                                   tooltip="A diffusers-layout ControlNet from models/controlnet.")],
+            outputs=[io.ControlNet.Output(display_name="control_net", tooltip="Use with Apply ControlNet."),
+                     io.String.Output(display_name="info", tooltip="The file's training metadata.")])
 
-    RETURN_TYPES = ("CONTROL_NET", "STRING")
-    RETURN_NAMES = ("control_net", "info")
-    OUTPUT_TOOLTIPS = ("Use with Apply ControlNet.", "The file's training metadata.")
-    FUNCTION = "load"
-    CATEGORY = "FairHuman"
-    DESCRIPTION = "Loads a FairHuman ControlNet (diffusers layout) for Apply ControlNet."
-
-    def load(self, control_net_name):
-        return load_controlnet(resolve("controlnet", control_net_name))
+    @classmethod
+    def execute(cls, control_net_name):
+        return io.NodeOutput(*load_controlnet(resolve("controlnet", control_net_name)))
 
 
 def load_controlnet(path: str):
@@ -186,13 +189,4 @@ def load_controlnet(path: str):
     return control, json.dumps(meta) if meta else f"{os.path.basename(path)}: no training metadata"
 
 
-NODE_CLASS_MAPPINGS = {
-    "FairHumanLoraLoader": FairHumanLoraLoader,
-    "HGDPOLoraLoader": HGDPOLoraLoader,
-    "FairHumanControlNetLoader": FairHumanControlNetLoader,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "FairHumanLoraLoader": "Load FairHuman LoRA",
-    "HGDPOLoraLoader": "Load HG-DPO LoRA",
-    "FairHumanControlNetLoader": "Load FairHuman ControlNet",
-}
+NODES = [FairHumanLoraLoader, HGDPOLoraLoader, FairHumanControlNetLoader]

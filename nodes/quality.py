@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..core.metrics import confidence_metrics
 from .masks_preview import MODELS_KIND, folder_paths  # importing it registers models/mediapipe
+from .node_api import io
 
 
 def report_table(report) -> str:
@@ -24,35 +25,40 @@ def report_table(report) -> str:
     return "\n".join(lines)
 
 
-class HandFaceQuality:
+class HandFaceQuality(io.ComfyNode):
     """Scores how confidently faces and hands are detected in generated images."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "images": ("IMAGE", {"tooltip": "Generated images to score (a batch: one row each, and the means)."}),
-            "min_confidence": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 1.0, "step": 0.01,
-                                         "tooltip": "Minimum detection confidence for a face or hand to count."}),
-            "tiles": ("BOOLEAN", {"default": False,
-                                  "tooltip": "Also detect on tiles (counts small faces and hands). Off: one "
-                                             "whole-image pass, as in the FairHuman paper's evaluation."}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FairHumanQuality", display_name="Hand/Face Quality", category="FairHuman",
+            description="FairHuman's Face Confi. and Hand Confi. (mediapipe) of an image batch, with detection rates: "
+                        "compare a base model and a LoRA on the same prompts and seeds. Each image is scored on its "
+                        "own.",
+            inputs=[
+                io.Image.Input("images", tooltip="Generated images to score (a batch: one row each, and the means)."),
+                io.Float.Input("min_confidence", default=0.5, min=0.05, max=1.0, step=0.01,
+                               tooltip="Minimum detection confidence for a face or hand to count."),
+                io.Boolean.Input("tiles", default=False,
+                                 tooltip="Also detect on tiles (counts small faces and hands). Off: one whole-image "
+                                         "pass, as in the FairHuman paper's evaluation."),
+            ],
+            outputs=[
+                io.String.Output(display_name="report", tooltip="Per-image faces/hands found and their mean "
+                                                                "confidences, then the batch means and detection "
+                                                                "rates."),
+                io.Float.Output(display_name="face_confidence", tooltip="Face Confi.: mean face-detection score over "
+                                                                        "the faces found (0 when none was found)."),
+                io.Float.Output(display_name="hand_confidence", tooltip="Hand Confi.: mean handedness confidence over "
+                                                                        "the hands found (0 when none was found)."),
+                io.Float.Output(display_name="face_detection_rate",
+                                tooltip="Share of images in which at least one face was found."),
+                io.Float.Output(display_name="hand_detection_rate",
+                                tooltip="Share of images in which at least one hand was found."),
+            ])
 
-    RETURN_TYPES = ("STRING", "FLOAT", "FLOAT", "FLOAT", "FLOAT")
-    RETURN_NAMES = ("report", "face_confidence", "hand_confidence", "face_detection_rate", "hand_detection_rate")
-    OUTPUT_TOOLTIPS = (
-        "Per-image faces/hands found and their mean confidences, then the batch means and detection rates.",
-        "Face Confi.: mean face-detection score over the faces found (0 when none was found).",
-        "Hand Confi.: mean handedness confidence over the hands found (0 when none was found).",
-        "Share of images in which at least one face was found.",
-        "Share of images in which at least one hand was found.",
-    )
-    FUNCTION = "run"
-    CATEGORY = "FairHuman"
-    DESCRIPTION = ("FairHuman's Face Confi. and Hand Confi. (mediapipe) of an image batch, with detection rates: "
-                   "compare a base model and a LoRA on the same prompts and seeds. Each image is scored on its own.")
-
-    def run(self, images, min_confidence, tiles):
+    @classmethod
+    def execute(cls, images, min_confidence, tiles):
         import comfy.utils
 
         from ..core.masks import as_rgb_array
@@ -63,9 +69,9 @@ class HandFaceQuality:
                                     min_confidence=min_confidence, tiles=tiles,
                                     models_dir=list(folder_paths.get_folder_paths(MODELS_KIND)) or None,
                                     progress=lambda done: bar.update_absolute(done, len(arrays)))
-        return (report_table(report), float(report.face_confidence or 0.0), float(report.hand_confidence or 0.0),
-                float(report.face_detection_rate), float(report.hand_detection_rate))
+        return io.NodeOutput(report_table(report), float(report.face_confidence or 0.0),
+                             float(report.hand_confidence or 0.0), float(report.face_detection_rate),
+                             float(report.hand_detection_rate))
 
 
-NODE_CLASS_MAPPINGS = {"FairHumanQuality": HandFaceQuality}
-NODE_DISPLAY_NAME_MAPPINGS = {"FairHumanQuality": "Hand/Face Quality"}
+NODES = [HandFaceQuality]

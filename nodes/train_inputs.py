@@ -18,14 +18,14 @@ from .job_paths import OUTPUT_SUBFOLDER
 
 CHECKPOINTS = "<checkpoints>"  # the kind of ckpt_name: the node puts ComfyUI's checkpoint list here
 MODES = ["wait", "background"]
-PRECISIONS = ["no", "fp16", "bf16"]
+PRECISIONS = ["auto", "no", "fp16", "bf16"]
 DPO_METHODS = ["hg-dpo", "fair-dpo"]
 NORMALIZATIONS = ["reference", "area"]
 
 
 @dataclass(frozen=True)
 class Input:
-    kind: object  # INT, FLOAT, STRING, BOOLEAN, MODEL, a list of choices, or CHECKPOINTS
+    kind: object  # INT, FLOAT, STRING, BOOLEAN, MODEL, IMAGE, MASK, a list of choices, or CHECKPOINTS
     options: dict = field(default_factory=dict)  # ComfyUI's: default, min, max, tooltip, ...
     field: str = ""  # the TrainConfig field its value goes to ("": the node itself uses it)
 
@@ -76,8 +76,9 @@ TRAINING = {
     "gradient_accumulation": Input("INT", _tip("Micro-batches per optimizer step.", default=1, min=1, max=256),
                                    "grad_accum"),
     "mixed_precision": Input(PRECISIONS, _tip(
-        "UNet forward in fp16/bf16 (trained weights stay fp32; paper: fp16). fp16 needs a GPU; bf16 also runs on a "
-        "CPU (slowly, in less memory than no).", default="fp16"), "mixed_precision"),
+        "UNet forward in fp16/bf16 (trained weights stay fp32; paper: fp16). auto: bf16 on a GPU that has it, else "
+        "fp16 on a GPU, no (fp32) on a CPU. fp16 needs a GPU; bf16 also runs on a CPU (slowly, in less memory than "
+        "no).", default="auto"), "mixed_precision"),
     "gradient_checkpointing": Input("BOOLEAN", _tip("Less activation memory for more compute.", default=False),
                                     "gradient_checkpointing"),
     "seed": Input("INT", _tip(
@@ -95,6 +96,30 @@ TRAINING = {
         "Replace an existing file of this name and start its run over. Off: an existing file is refused, and a "
         "cancelled run of this name is resumed.", default=False)),
 }
+
+
+# Training data from the graph instead of the dataset folder (sockets only: no widget, so saved
+# workflows' widget values keep their places). Lists: the Train nodes take every input as a list.
+GRAPH_DATA = {
+    "images": Input("IMAGE", _tip(
+        "Optional: train on these images instead of the dataset folder: an IMAGE batch, or the image list of "
+        "ComfyUI's dataset nodes (sizes may differ). The job writes them, with the captions and masks, into its "
+        "own dataset folder, annotated as a folder is.")),
+    "captions": Input("STRING", _tip(
+        "Optional, with images: one caption per image (a STRING list), or one for all.", forceInput=True)),
+    "face_masks": Input("MASK", _tip(
+        "Optional, with images: a face mask per image, of the image's size (from any mask node: SAM, YOLO, a "
+        "painted mask); replaces face detection.")),
+    "hand_masks": Input("MASK", _tip(
+        "Optional, with images: a hand mask per image, of the image's size; replaces hand detection.")),
+}
+VALIDATE_EVERY = Input("INT", _tip(
+    "Every N steps and at the end, render the validation prompts with the current LoRA and score them (Face/Hand "
+    "Confi.); the best is kept as <name>_best.safetensors (best_lora_name). Each validation costs a few sampled "
+    "images (minutes on a CPU). 0: off.", default=0, min=0, max=100000), "validate_every")
+DEVICES = Input("STRING", _tip(
+    "Train on several GPUs: cuda:0,1 or all (one process per GPU, under accelerate). Empty: one process on "
+    "'device'.", default=""))
 
 
 def _model_output(strength: float) -> dict:
@@ -122,6 +147,9 @@ FAIRHUMAN_LORA = {
         **TRAINING,
         **_model_output(0.4),
         "fair_every": FAIR_EVERY,
+        **GRAPH_DATA,
+        "validate_every": VALIDATE_EVERY,
+        "devices": DEVICES,
     },
 }
 
@@ -141,6 +169,8 @@ FAIRHUMAN_CONTROLNET = {
         "normalization": NORMALIZATION,
         **TRAINING,
         "fair_every": FAIR_EVERY,
+        **GRAPH_DATA,
+        "devices": DEVICES,
     },
 }
 
@@ -172,6 +202,8 @@ HGDPO_LORA = {
         "method": Input(DPO_METHODS, _tip(
             "hg-dpo: the paper's whole-image preference. fair-dpo: the preference split into global, face and hand "
             "terms (each image's own masks) combined by MPD, so hands and faces get their say.", default="hg-dpo")),
+        "validate_every": VALIDATE_EVERY,
+        "devices": DEVICES,
     },
 }
 

@@ -1,12 +1,14 @@
 """Train FairHuman LoRA / Train FairHuman ControlNet / Train HG-DPO LoRA: the bundled trainers
-as jobs, from a graph.
+as jobs, from a graph. What each node does, without ComfyUI's node API (``nodes/train_nodes.py``
+declares the nodes and calls these; ``tests/test_job_spec.py`` runs them with ComfyUI stubbed).
 
-The node checks every input before anything is written (dataset inside the allowed folders,
-a plain output name, no file of that name unless ``overwrite``, the same settings when a run of
-that name exists, a free device), then hands a spec to the job manager, which runs
-``python -m trainers job`` in its own process. ``wait`` blocks the queue, drives the progress
-bar and turns a UI interrupt into SIGTERM (the trainer checkpoints: resumable); ``background``
-returns at once and the job goes on while the queue runs other prompts.
+The node checks every input before anything is written (dataset inside the allowed folders, or
+the graph's images with matching captions and masks, a plain output name, no file of that name
+unless ``overwrite``, the same settings when a run of that name exists, a free device), then hands
+a spec to the job manager, which runs ``python -m trainers job`` in its own process. ``wait``
+blocks the queue, drives the progress bar and turns a UI interrupt into SIGTERM (the trainer
+checkpoints: resumable); ``background`` returns at once and the job goes on while the queue runs
+other prompts.
 """
 from __future__ import annotations
 
@@ -16,23 +18,19 @@ import re
 from pathlib import Path
 
 from ..core.job_spec import JobSpec
+from .graph_data import dataset_files, digest, graph_dataset, write_dataset
 from .job_manager import comfy_manager
 from .job_paths import OUTPUT_SUBFOLDER, InputRefused, resolve_dataset, resolve_folder, sanitize_output_name
-from .train_inputs import (DPO_METHODS, FAIRHUMAN_CONTROLNET, FAIRHUMAN_LORA, HGDPO_LORA, MODES, input_types,
-                           trainer_options, with_defaults)
+from .train_inputs import (DPO_METHODS, FAIRHUMAN_CONTROLNET, FAIRHUMAN_LORA, HGDPO_LORA, MODES, trainer_options,
+                           with_defaults)
 
 log = logging.getLogger("fairhuman-hgdpo")
 
 WAIT_POLL_S = 0.2
+GRAPH_DATA_FOLDER = ".graph_data"  # under the runs folder: <runs>/.graph_data/<output_name> (no job's name)
 
 
 # ---- ComfyUI facts ----------------------------------------------------------------------------
-def _checkpoints():
-    import folder_paths
-
-    return folder_paths.get_filename_list("checkpoints")
-
-
 def checkpoint_path(name: str) -> str:
     from .loaders import resolve
 
@@ -96,41 +94,59 @@ def image_tensor(path: str | None, note: str):
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
 
 
+def status_text(summary: dict) -> str:
+    """A job's state in a line, for the node's progress text."""
+    if summary.get("state") == "queued":
+        behind, position = summary.get("queued_behind"), summary.get("queue_position")
+        where = f" (position {position})" if position else ""
+        return f"queued behind job {behind}{where}" if behind else f"queued{where}"
+    stage, step, total = summary.get("stage") or "starting", summary.get("step") or 0, summary.get("total")
+    eta = summary.get("eta_s")
+    return f"{stage}: step {step}/{total}" + (f", about {eta:.0f} s left" if eta else "") if total else stage
+
+
 class _TrainNode:
     """What every Train node does: check, submit, wait. A subclass declares its inputs (INPUTS, in
-    ``train_inputs``), what it trains (METHOD), where the file goes (FOLDER), the data of its job
-    (``job_data``) and its last output (``trained_output``)."""
+    ``train_inputs``), its outputs (OUTPUTS: name, type, tooltip), what it trains (METHOD), where
+    the file goes (FOLDER), the data of its job (``job_data``) and its last output
+    (``trained_output``). ``say``: where the node's progress text goes (a line at a time)."""
 
-    FUNCTION = "train"
-    OUTPUT_NODE = True  # it writes a file: runs even when nothing consumes its outputs
     INPUTS: dict = {}
+    OUTPUTS: tuple = ()
     METHOD = ""
     LABEL = ""
+    CATEGORY = "FairHuman"
+    DESCRIPTION = ""
     FOLDER = "loras"  # the ComfyUI models folder kind the trained file is copied into
     WHAT = "LoRA"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return input_types(cls.INPUTS, _checkpoints())
+    def __init__(self, say=None):
+        self.say = say or (lambda text: None)
 
     def train(self, **values):
         import folder_paths
 
         values = with_defaults(self.INPUTS, values)
-        data, source = self.job_data(values, folder_paths.get_input_directory())
-        return self.launch(values, data=data, source=source)
+        data, source, files = self.job_data(values, folder_paths.get_input_directory())
+        return self.launch(values, data=data, source=source, files=files)
 
     def method(self, values: dict) -> str:
         return self.METHOD
 
-    def job_data(self, values: dict, input_dir: str) -> tuple[dict, dict]:
-        """(the JobSpec fields of the data to train on, the same as settings of the run)."""
+    def job_data(self, values: dict, input_dir: str) -> tuple[dict, dict, dict | None]:
+        """(the JobSpec fields of the data to train on, the same as settings of the run, the files
+        of a dataset from the graph, written only once the job may start)."""
+        graph = graph_dataset(values.get("images"), values.get("captions"), values.get("face_masks"),
+                              values.get("hand_masks"))
+        if graph is not None:
+            files = dataset_files(*graph)
+            return {}, {"dataset": "<graph>", "graph_data": digest(files)}, files
         folder = str(resolve_dataset(values["dataset"], input_dir))
-        return {"dataset": folder}, {"dataset": folder}
+        return {"dataset": folder}, {"dataset": folder}, None
 
-    def launch(self, values: dict, *, data: dict, source: dict):
-        """Check, then submit the job; in wait mode wait for it. Returns the node's four outputs,
-        the last one ``trained_output(path, values)`` (wait mode) or ``untrained_output(values)``."""
+    def launch(self, values: dict, *, data: dict, source: dict, files: dict | None = None):
+        """Check, then submit the job; in wait mode wait for it. Returns the node's outputs, the
+        fourth ``trained_output(path, values)`` (wait mode) or ``untrained_output(values)``."""
         method, mode, overwrite = self.method(values), values["mode"], bool(values["overwrite"])
         name = sanitize_output_name(values["output_name"])
         if mode not in MODES:
@@ -143,22 +159,30 @@ class _TrainNode:
         train = trainer_options(self.INPUTS, values, device)
         if train.get("mixed_precision") == "fp16" and device == "cpu":
             raise InputRefused("mixed_precision fp16 needs a GPU and ComfyUI runs on the CPU: set mixed_precision "
-                               "to no, or bf16 (less memory, slower)")
+                               "to auto or no, or bf16 (less memory, slower)")
         manager = comfy_manager()
         settings = {"method": method, "ckpt_name": values["ckpt_name"], **source, **train}
         manager.check(name=name, device=device, settings=settings, overwrite=overwrite)
+        if files is not None:  # the graph's data, once nothing refuses the job
+            folder = Path(manager.runs_root) / GRAPH_DATA_FOLDER / name
+            write_dataset(folder, files)
+            data = {**data, "dataset": str(folder)}
         free_device_memory(device)
+        devices = (values.get("devices") or "").strip()
         spec = JobSpec(method=method, base=checkpoint_path(values["ckpt_name"]), output_file=f"{name}.safetensors",
                        output_listed=listed, output_dest=str(dest), train=train, tokenizer=comfy_tokenizer(),
-                       overwrite=overwrite, **data)
+                       overwrite=overwrite, **data, **({"devices": devices} if devices else {}))
         job = manager.submit(spec, name=name, device=device, settings=settings, overwrite=overwrite)
         log.info("%s: job %s for %r started (%s mode), folder %s", self.LABEL, job.id, name, mode, job.dir)
         if mode == "background":
             note = f"training in the background: job {job.id} (jobs panel)"
-            return listed, image_tensor(None, note), str(job.dir), self.untrained_output(values)
+            return self.outputs(listed, image_tensor(None, note), str(job.dir), self.untrained_output(values), None)
         self.wait(manager, job, name)
-        return (listed, image_tensor(job.record.get("plot"), "no loss plot"), str(job.dir),
-                self.trained_output(job.record["lora_path"], values))
+        return self.outputs(listed, image_tensor(job.record.get("plot"), "no loss plot"), str(job.dir),
+                            self.trained_output(job.record["lora_path"], values), job.record.get("best_lora_name"))
+
+    def outputs(self, listed: str, plot, run_dir: str, last, best: str | None) -> tuple:
+        return listed, plot, run_dir, last
 
     def trained_output(self, path: str, values: dict):
         raise NotImplementedError
@@ -170,11 +194,15 @@ class _TrainNode:
         import comfy.model_management as mm
         import comfy.utils
 
-        bar, shown = comfy.utils.ProgressBar(1), None
+        bar, shown, said = comfy.utils.ProgressBar(1), None, None
         try:
             while not job.finished.wait(WAIT_POLL_S):
                 if mm.processing_interrupted():
                     raise mm.InterruptProcessingException()
+                text = status_text(job.summary())
+                if text != said:
+                    self.say(text)
+                    said = text
                 now = (job.step or 0, job.total or 0)
                 if now[1] and now != shown:
                     bar.update_absolute(now[0], now[1])  # also where ComfyUI delivers an interrupt
@@ -190,17 +218,22 @@ class _TrainNode:
                                f"queue it again with the same output_name and settings to continue")
         if job.state != "done":
             raise RuntimeError(f"{self.LABEL} {name!r} failed: {job.record.get('error')} (log: {job.dir / 'job.log'})")
+        self.say(f"done: {job.record.get('lora_name') or name}")
         if job.total:
             bar.update_absolute(job.total, job.total)
 
 
 class _TrainLoRANode(_TrainNode):
-    RETURN_TYPES = ("STRING", "IMAGE", "STRING", "MODEL")
-    RETURN_NAMES = ("lora_name", "loss_plot", "run_dir", "model")
-    OUTPUT_TOOLTIPS = ("The LoRA's name in the loras list (LoraLoader, the pack's loaders).",
-                       "Each objective's loss over the steps (and the MPD weight shares / DPO margins).",
-                       "The job's folder: events.jsonl, job.log, train/ (checkpoints, config).",
-                       "The input model with the new LoRA (wait mode, when a model is linked).")
+    # released outputs first, in order (saved links name their slots); new ones are appended
+    OUTPUTS = (("lora_name", "STRING", "The LoRA's name in the loras list (LoraLoader, the pack's loaders)."),
+               ("loss_plot", "IMAGE", "Each objective's loss over the steps (and the MPD weight shares / DPO margins)."),
+               ("run_dir", "STRING", "The job's folder: events.jsonl, job.log, train/ (checkpoints, config)."),
+               ("model", "MODEL", "The input model with the new LoRA (wait mode, when a model is linked)."),
+               ("best_lora_name", "STRING", "With validate_every: the best-scoring LoRA (<name>_best.safetensors) in "
+                                            "the loras list; else the same as lora_name."))
+
+    def outputs(self, listed: str, plot, run_dir: str, last, best: str | None) -> tuple:
+        return listed, plot, run_dir, last, best or listed
 
     def trained_output(self, path: str, values: dict):
         if values["model"] is None:
@@ -220,7 +253,8 @@ class FairHumanTrainLoRA(_TrainLoRANode):
     METHOD = "fairhuman"
     LABEL = "Train FairHuman LoRA"
     CATEGORY = "FairHuman"
-    DESCRIPTION = ("Trains a FairHuman LoRA on a folder of photos (annotated first when it has no metadata.jsonl): "
+    DESCRIPTION = ("Trains a FairHuman LoRA on a folder of photos (annotated first when it has no metadata.jsonl), "
+                   "or on images from the graph with their captions and masks: "
                    "global, face and hand losses with MPD-fair weighting. The LoRA lands in "
                    f"models/loras/{OUTPUT_SUBFOLDER}/ and is listed at once.")
 
@@ -232,12 +266,12 @@ class FairHumanTrainControlNet(_TrainNode):
     CATEGORY = "FairHuman"
     FOLDER = "controlnet"
     WHAT = "ControlNet"
-    RETURN_TYPES = ("STRING", "IMAGE", "STRING", "CONTROL_NET")
-    RETURN_NAMES = ("control_net_name", "loss_plot", "run_dir", "control_net")
-    OUTPUT_TOOLTIPS = ("The ControlNet's name in the controlnet list (Load ControlNet, Load FairHuman ControlNet).",
-                       "Each objective's loss over the steps (and the MPD weight shares).",
-                       "The job's folder: events.jsonl, job.log, dataset/ (poses), train/ (checkpoints, config).",
-                       "The trained ControlNet, loaded (wait mode): link it to Apply ControlNet.")
+    OUTPUTS = (("control_net_name", "STRING",
+                "The ControlNet's name in the controlnet list (Load ControlNet, Load FairHuman ControlNet)."),
+               ("loss_plot", "IMAGE", "Each objective's loss over the steps (and the MPD weight shares)."),
+               ("run_dir", "STRING", "The job's folder: events.jsonl, job.log, dataset/ (poses), train/ (checkpoints, "
+                                     "config)."),
+               ("control_net", "CONTROL_NET", "The trained ControlNet, loaded (wait mode): link it to Apply ControlNet."))
     DESCRIPTION = ("Trains a FairHuman pose ControlNet on a folder of photos: each photo's whole-body pose is "
                    "rendered OpenPose-style (or your own masks/<stem>_condition.png is used), then the ControlNet, "
                    "initialized from the checkpoint's UNet, learns the global, face and hand losses with MPD-fair "
@@ -274,7 +308,7 @@ class HGDPOTrainLoRA(_TrainLoRANode):
             raise InputRefused(f"method {values['method']!r}: expected one of {DPO_METHODS}")
         return values["method"]
 
-    def job_data(self, values: dict, input_dir: str) -> tuple[dict, dict]:
+    def job_data(self, values: dict, input_dir: str) -> tuple[dict, dict, None]:
         """A pairs folder, or the prompts and how to build pairs from them."""
         self.method(values)  # refused before any folder is looked at
         if (values["pairs"] or "").strip():
@@ -282,7 +316,7 @@ class HGDPOTrainLoRA(_TrainLoRANode):
             if not (folder / "pairs.jsonl").is_file():
                 raise InputRefused(f"pairs folder {folder} has no pairs.jsonl: make it with 'python -m trainers "
                                    f"build-pairs', or leave pairs empty to build pairs from the prompts")
-            return {"pairs": str(folder)}, {"pairs": str(folder)}
+            return {"pairs": str(folder)}, {"pairs": str(folder)}, None
         lines = [p.strip() for p in (values["prompts"] or "").splitlines() if p.strip()]
         if not lines:
             raise InputRefused("prompts is empty: write one prompt a line (or name a pairs folder)")
@@ -300,11 +334,9 @@ class HGDPOTrainLoRA(_TrainLoRANode):
                        "steps": values["sampling_steps"], "seed": values["seed"]}
         source = {"prompts": lines, "images_per_prompt": values["images_per_prompt"], "scorer": scorer,
                   "sampling_steps": values["sampling_steps"]}
-        return {"prompts": lines, "build_pairs": build_pairs, "scorer_models": models}, source
+        return {"prompts": lines, "build_pairs": build_pairs, "scorer_models": models}, source, None
 
 
+# The Train nodes' job logic by node id (the nodes themselves: nodes/train_nodes.py)
 NODE_CLASS_MAPPINGS = {"FairHumanTrainLoRA": FairHumanTrainLoRA, "FairHumanTrainControlNet": FairHumanTrainControlNet,
                        "HGDPOTrainLoRA": HGDPOTrainLoRA}
-NODE_DISPLAY_NAME_MAPPINGS = {"FairHumanTrainLoRA": "Train FairHuman LoRA",
-                              "FairHumanTrainControlNet": "Train FairHuman ControlNet",
-                              "HGDPOTrainLoRA": "Train HG-DPO LoRA"}

@@ -1,7 +1,9 @@
 """Run a real ComfyUI server with this pack installed, for the `comfyui`-marked tests.
 
-The ComfyUI source tree is found through COMFYUI_PATH, else at ~/ComfyUI-test/ComfyUI (where the
-README's recipe puts it); its interpreter through COMFYUI_PYTHON, else <tree>/../venv/bin/python.
+The ComfyUI source trees tested (docs/testing.md): ``COMFYUI_PATHS`` (tree folders separated by
+``:``, each with its interpreter at ``<tree>/../venv/bin/python``); else ``COMFYUI_PATH`` (one
+tree; its interpreter ``COMFYUI_PYTHON`` or ``<tree>/../venv/bin/python``); else every one of
+``DEFAULT_TREES`` that exists (where docs/testing.md's recipe puts 0.3.64, 0.8.0 and 0.33.0).
 The server gets a private --base-directory so the tree itself is never modified: the pack is
 linked into its custom_nodes under a hyphenated folder name, as users install it.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,28 +22,62 @@ from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACK_FOLDER = "fairhuman-hgdpo"  # hyphenated, as git clones of custom node packs usually are
-DEFAULT_TREE = Path.home() / "ComfyUI-test" / "ComfyUI"
+DEFAULT_TREES = [Path.home() / folder / "ComfyUI" for folder in ("ComfyUI-test", "ComfyUI-080", "ComfyUI-033")]
+ALL_TREES_ENV = "COMFYUI_ALL_TREES"  # 1: the heavy tests on every tree, not only the newest
+
+
+def _configured() -> tuple[list[Path], bool]:
+    """(the trees asked for, whether they were named explicitly)."""
+    if os.environ.get("COMFYUI_PATHS", "").strip():
+        return [Path(p).expanduser() for p in os.environ["COMFYUI_PATHS"].split(":") if p.strip()], True
+    if os.environ.get("COMFYUI_PATH", "").strip():
+        return [Path(os.environ["COMFYUI_PATH"]).expanduser()], True
+    return DEFAULT_TREES, False
+
+
+def comfyui_trees() -> list[Path]:
+    """The ComfyUI trees to test on, oldest first; only those with main.py and an interpreter."""
+    trees = [t for t in _configured()[0] if (t / "main.py").is_file() and comfyui_python(t) is not None]
+    return sorted(trees, key=tree_version)
 
 
 def comfyui_tree() -> Path | None:
-    path = Path(os.environ.get("COMFYUI_PATH", DEFAULT_TREE)).expanduser()
-    return path if (path / "main.py").is_file() else None
+    """One tree (the newest), for what any tree serves: CLIP's vocabulary, ComfyUI's parsers."""
+    trees = comfyui_trees()
+    return trees[-1] if trees else None
 
 
 def comfyui_python(tree: Path) -> Path | None:
-    explicit = os.environ.get("COMFYUI_PYTHON")
+    explicit = os.environ.get("COMFYUI_PYTHON") if not os.environ.get("COMFYUI_PATHS", "").strip() else None
     path = Path(explicit) if explicit else tree.parent / "venv" / "bin" / "python"
     return path if path.exists() else None
 
 
+def tree_version(tree: Path) -> tuple[int, ...]:
+    """ComfyUI's version of a tree (comfyui_version.py), (0,) when it does not say."""
+    try:
+        found = re.search(r'__version__\s*=\s*"([\d.]+)"', (tree / "comfyui_version.py").read_text())
+    except OSError:
+        found = None
+    return tuple(int(p) for p in found.group(1).split(".")) if found else (0,)
+
+
+def version_label(tree: Path) -> str:
+    return ".".join(map(str, tree_version(tree)))
+
+
+def heavy_on_all_trees() -> bool:
+    return os.environ.get(ALL_TREES_ENV, "") == "1"
+
+
 def missing_reason() -> str | None:
     """Why the ComfyUI tests cannot run here, or None when they can."""
-    tree = comfyui_tree()
-    if tree is None:
-        return f"no ComfyUI tree: set COMFYUI_PATH (looked at {os.environ.get('COMFYUI_PATH', DEFAULT_TREE)})"
-    if comfyui_python(tree) is None:
-        return f"no Python for ComfyUI: set COMFYUI_PYTHON or create {tree.parent / 'venv'}"
-    return None
+    if comfyui_trees():
+        return None
+    asked, explicit = _configured()
+    where = ", ".join(map(str, asked))
+    return (f"no ComfyUI tree with its venv (<tree>/../venv) at {where}: "
+            + ("check COMFYUI_PATHS / COMFYUI_PATH" if explicit else "set COMFYUI_PATHS, or see docs/testing.md"))
 
 
 def _free_port() -> int:
@@ -52,11 +89,12 @@ def _free_port() -> int:
 class ComfyServer:
     """A ComfyUI process on a loopback port, with helpers for its HTTP API."""
 
-    def __init__(self, base_dir: Path, models: dict[str, Path] | None = None):
-        tree = comfyui_tree()
+    def __init__(self, base_dir: Path, models: dict[str, Path] | None = None, tree: Path | None = None):
+        tree = tree or comfyui_tree()
         python = comfyui_python(tree) if tree else None
         if tree is None or python is None:
             raise RuntimeError(missing_reason())
+        self.version = tree_version(tree)
         self.tree, self.python, self.base_dir = tree, python, Path(base_dir)
         custom = self.base_dir / "custom_nodes"
         custom.mkdir(parents=True, exist_ok=True)
@@ -259,6 +297,14 @@ def declared_inputs(info_node: dict) -> dict:
     return {**spec.get("required", {}), **spec.get("optional", {})}
 
 
+def is_widget_input(spec) -> bool:
+    """Whether an input of /object_info is a widget (has a value in a saved node's widgets_values):
+    a combo or a primitive not declared socket-only (forceInput)."""
+    options = spec[1] if len(spec) > 1 else {}
+    return (isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")) and not options.get(
+        "forceInput")
+
+
 def workflow_to_api(workflow: dict, object_info: dict) -> dict:
     """The API form of a UI-format workflow, as the browser builds it for /prompt: each node's
     widget values in its declared input order (skipping the UI's extra control/upload widgets),
@@ -278,7 +324,7 @@ def workflow_to_api(workflow: dict, object_info: dict) -> dict:
                 inputs[name] = linked[name]
                 continue
             options = spec[1] if len(spec) > 1 else {}
-            is_widget = isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+            is_widget = is_widget_input(spec)
             if not values or not is_widget:  # an unlinked socket (an optional MODEL) has no widget value
                 continue
             inputs[name] = values.pop(0)

@@ -21,14 +21,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory):
-    """One real ComfyUI server for the whole session, with this pack in its custom_nodes."""
-    server = comfyui_harness.ComfyServer(tmp_path_factory.mktemp("comfyui-base")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
 def tiny_sd15():
     from core.tiny_models import build_tiny_pipeline
 

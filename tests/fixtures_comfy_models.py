@@ -1,6 +1,10 @@
-"""Full-size checkpoints with random weights that ComfyUI itself detects as SD1.5, for the tests
-that run graphs in a real ComfyUI. Built once from the pack's shipped configs (seeded, fp16),
-saved in the original single-file layout, cached outside git."""
+"""The real ComfyUI servers of the `comfyui` tests, one per tree found (comfyui_harness), and the
+full-size checkpoints with random weights that ComfyUI itself detects as SD1.5 for the tests that
+run graphs in them: built once from the pack's shipped configs (seeded, fp16), saved in the
+original single-file layout, cached outside git.
+
+Every `comfyui` test runs on every tree, except the `heavy` ones: those run on the newest tree
+only, unless COMFYUI_ALL_TREES=1."""
 from __future__ import annotations
 
 import os
@@ -10,7 +14,36 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import comfyui_harness
 from trainers.photos import cache_root
+
+TREES = comfyui_harness.comfyui_trees()
+
+
+@pytest.fixture(scope="session", params=TREES or [None],
+                ids=[comfyui_harness.version_label(t) for t in TREES] or ["no-comfyui"])
+def comfy_server(request, tmp_path_factory):
+    """A real ComfyUI server of one tree (the tests run once per tree), with this pack in its
+    custom_nodes; one at a time: pytest groups the tests by tree."""
+    if request.param is None:
+        pytest.skip(comfyui_harness.missing_reason())
+    base = tmp_path_factory.mktemp(f"comfyui-{comfyui_harness.version_label(request.param)}")
+    server = comfyui_harness.ComfyServer(base, tree=request.param).start()
+    yield server
+    server.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Heavy tests on the newest tree only (unless COMFYUI_ALL_TREES=1): deselected elsewhere."""
+    if len(TREES) < 2 or comfyui_harness.heavy_on_all_trees():
+        return
+    keep, dropped = [], []
+    for item in items:
+        tree = getattr(item, "callspec", None) and item.callspec.params.get("comfy_server")
+        (dropped if "heavy" in item.keywords and tree in TREES[:-1] else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 def build_random_checkpoint(arch: str, path: Path, seed: int = 0) -> Path:
@@ -46,7 +79,6 @@ def comfy_sd15_checkpoint() -> Path:
 @pytest.fixture(scope="session")
 def trained_sd15_lora(tmp_path_factory, comfy_sd15_checkpoint) -> Path:
     """A FairHuman LoRA made by this pack's trainer (1 step) on the full-size SD1.5 checkpoint."""
-    import comfyui_harness
     from train_helpers import make_region_dataset, train_in_own_process
 
     data = make_region_dataset(tmp_path_factory.mktemp("regions"), count=2, size=64)

@@ -452,3 +452,13 @@ def test_fp16_resume_restores_the_loss_scale(dataset, tmp_path, monkeypatch):
                       stop_requested=lambda: False, keep_model=True)
     a, b = straight["model"].trainable.state_dict(), resumed["model"].trainable.state_dict()
     assert resumed["status"] == "done" and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_precision_is_fp32_on_a_cpu_and_a_half_dtype_on_a_gpu():
+    from trainers.config import RULES
+    from trainers.precision import compute_dtype
+
+    assert RULES["mixed_precision"]("auto") is None
+    assert compute_dtype("auto", "cpu") == torch.float32 and compute_dtype("bf16", "cpu") == torch.bfloat16
+    if torch.cuda.is_available():
+        assert compute_dtype("auto", "cuda") == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)

@@ -39,7 +39,7 @@ class TrainConfig:
     rank: int = 256
     alpha: float | None = None  # None: alpha = rank
     target_modules: list = field(default_factory=lambda: list(LORA_TARGETS))
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str = "no"  # no | fp16 | bf16 | auto (trainers.precision.compute_dtype)
     device: str = ""  # "": cuda if available else cpu
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -108,8 +108,9 @@ HELP = {
     "rank": "LoRA rank (FairHuman paper: 256; HG-DPO paper: 8)",
     "alpha": "LoRA alpha (default: the rank)",
     "target_modules": "UNet module names that get LoRA (comma-separated)",
-    "mixed_precision": "compute dtype of the UNet forward (autocast): no, fp16 (with loss scaling) or bf16; "
-                       "trainable parameters, optimizer state and the VAE stay fp32; both run on the CPU too, slowly",
+    "mixed_precision": "compute dtype of the UNet forward (autocast): no, fp16 (with loss scaling), bf16, or auto "
+                       "(bf16 on a GPU that has it, else fp16 on a GPU, no on a CPU); trainable parameters, optimizer "
+                       "state and the VAE stay fp32; fp16 and bf16 run on the CPU too, slowly",
     "device": "training device, e.g. cuda, cuda:1 or cpu ('': cuda if available, else cpu; under a multi-process "
               "launcher each process uses cuda:LOCAL_RANK)",
     "gradient_checkpointing": "trade compute for activation memory",
@@ -374,7 +375,7 @@ RULES = {
     "rank": at_least(1),
     "alpha": above(0),
     "target_modules": lambda v: None if v else "must name at least one module",
-    "mixed_precision": one_of(("no", "fp16", "bf16")),
+    "mixed_precision": one_of(("no", "fp16", "bf16", "auto")),
     "device": lambda v: None if re.fullmatch(r"(cpu|cuda(:\d+)?)?", v) else "must be cpu, cuda or cuda:N",
     "weighting": one_of(_weightings),
     "fair_every": at_least(1),

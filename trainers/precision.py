@@ -1,6 +1,7 @@
 """The one dtype policy of training, applied here and nowhere else.
 
-``--mixed-precision no | fp16 | bf16`` chooses the *compute dtype*; then:
+``--mixed-precision no | fp16 | bf16 | auto`` chooses the *compute dtype* (``auto``: bf16 on a GPU
+that supports it, fp16 on another GPU, fp32 elsewhere — ``compute_dtype``); then:
 
 - UNet forward: under ``torch.autocast`` in the compute dtype on the training device; the
   frozen UNet weights are stored in the compute dtype (half the memory of fp32);
@@ -26,6 +27,19 @@ import torch
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
+AUTO = "auto"
+
+
+def compute_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """The compute dtype ``--mixed-precision NAME`` means on ``device``. ``auto``: bf16 on a CUDA
+    device that supports it, else fp16 there (with loss scaling); fp32 on a CPU, where autocast
+    only saves memory at a large cost in speed."""
+    if name != AUTO:
+        return DTYPES[name]
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,7 +11,7 @@ from core.fileio import EventLog, atomic_path
 from .loop import train
 from .methods import method_module
 from .model import TrainableModel
-from .precision import DTYPES
+from .precision import compute_dtype
 from .run_dir import latest_checkpoint, load_checkpoint
 from .training_state import trainable_state
 from .trainables import ControlNetTrainable, LoraTrainable, Trainable
@@ -56,7 +56,7 @@ def training_device(requested: str = "", environ=os.environ) -> torch.device:
 def build_model(cfg) -> TrainableModel:
     device = training_device(getattr(cfg, "device", ""))
     return TrainableModel(
-        load_base(cfg), trainable=make_trainable(cfg), dtype=DTYPES[cfg.mixed_precision], device=device,
+        load_base(cfg), trainable=make_trainable(cfg), dtype=compute_dtype(cfg.mixed_precision, device), device=device,
         gradient_checkpointing=cfg.gradient_checkpointing, init_seed=cfg.seed,
     )
 
