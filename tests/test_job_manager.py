@@ -1,5 +1,6 @@
 """The training-job side of the nodes without ComfyUI: input safety (job_paths) and the job
-manager running real ``python -m trainers job`` processes on the tiny SD1.5-shaped model."""
+manager running real ``python -m trainers job`` processes on the tiny SD1.5-shaped model: its
+queue per device, its restart, jobs on two CPU processes (torch.distributed.run, gloo)."""
 from __future__ import annotations
 
 import json
@@ -132,14 +133,14 @@ def test_cancel_stops_within_10_s_and_the_device_is_free_again(jm, tmp_path):
     while job.step < 1 and time.monotonic() < deadline:  # training, past its first step
         time.sleep(0.2)
     assert job.step >= 1, job.dir.joinpath("job.log").read_text()[-3000:]
-    with pytest.raises(jm.JobRefused, match=f"device cpu is busy with training job {job.id}"):
-        manager.check(name="other", device="cpu", settings={}, overwrite=False)
+    with pytest.raises(jm.JobRefused, match=f"output_name 'long' is already running as training job {job.id}"):
+        manager.check(name="long", device="cpu", settings=job.record["settings"], overwrite=False)
     started = time.monotonic()
     manager.cancel(job.id)
     assert time.monotonic() - started < 10 and not job.alive()
     assert job.state == "cancelled" and "resumable" in job.record["error"]
     assert list((job.dir / "train" / "checkpoints").glob("step_*.pt"))
-    manager.check(name="other", device="cpu", settings={}, overwrite=False)  # free again
+    assert manager.holding("cpu") is None  # free again
     # the same name with other settings: refused, naming what differs
     with pytest.raises(jm.JobRefused, match=r"rank: 4 -> 8"):
         manager.check(name="long", device="cpu", settings={**job.record["settings"], "rank": 8}, overwrite=False)
@@ -272,3 +273,133 @@ def test_a_controlnet_job_renders_poses_then_trains_a_controlnet(jm, tmp_path, s
     assert any(k.startswith("controlnet_down_blocks.") for k in keys)
     meta = {k.removeprefix("fairhuman."): v for k, v in read_lora_metadata(dest).items()}
     assert meta["method"] == "fairhuman-controlnet" and meta["objectives"] == ["global", "face", "hand"]
+
+
+# ---- the queue -----------------------------------------------------------------------------------
+def _events(job) -> list[dict]:
+    return [json.loads(line) for line in (job.dir / "events.jsonl").read_text().splitlines()]
+
+
+def test_a_job_that_could_never_start_is_refused(jm, tmp_path):
+    manager = jm.JobManager(tmp_path / "runs", devices=lambda: ["cpu", "cuda:0"])
+    with pytest.raises(jm.JobRefused, match=r"device cuda:3 does not exist on this machine \(it has cpu, cuda:0\)"):
+        manager.check(name="x", device="cuda:3", settings={}, overwrite=False)
+    with pytest.raises(jm.JobRefused, match="cuda:1 does not exist"):
+        manager.check(name="x", device="cuda:0", devices="cuda:0,1", settings={}, overwrite=False)
+    with pytest.raises(jm.JobRefused, match="a GPU named twice"):
+        manager.check(name="x", device="cuda:0", devices="cuda:0,0", settings={}, overwrite=False)
+    assert manager.devices_of("cpu", "all") == ["cuda:0"] and manager.devices_of("cpu", "cpu,cpu") == ["cpu", "cpu"]
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_a_job_on_a_busy_device_waits_its_turn_and_a_cancelled_one_leaves_nothing(jm, tmp_path):
+    """Three jobs on the CPU: the first runs, the second and third wait (state queued, their
+    position and the job each waits for in the summary, nothing in their run folders); the third
+    cancelled while queued leaves no file and no record; the second starts when the first ends."""
+    seen = []
+    manager = jm.JobManager(tmp_path / "runs", notify=lambda summary, event: seen.append((summary, event)))
+    first = _submit(manager, tmp_path, "first", 2)
+    second = _submit(manager, tmp_path, "second", 2)
+    third = _submit(manager, tmp_path, "third", 2)
+    assert first.state == "running"
+    listed = {j["id"]: j for j in manager.list()}
+    assert [listed[j.id]["state"] for j in (second, third)] == ["queued", "queued"]
+    assert (listed[second.id]["queue_position"], listed[second.id]["queued_behind"]) == (1, first.id)
+    assert (listed[third.id]["queue_position"], listed[third.id]["queued_behind"]) == (2, second.id)
+    assert listed[first.id]["queue_position"] is None and listed[first.id]["queued_behind"] is None
+    assert not second.dir.exists() and not third.dir.exists()
+    assert ("queued", second.id) in [(e.get("state"), s["id"]) for s, e in seen]
+    with pytest.raises(jm.JobRefused, match=f"output_name 'second' is already queued as training job {second.id}"):
+        manager.check(name="second", device="cpu", settings={}, overwrite=False)
+
+    manager.cancel(third.id)
+    assert third.state == "cancelled" and third.finished.is_set()
+    assert manager.job(third.id) is None and third.id not in {j["id"] for j in manager.list()}
+    assert not third.dir.exists() and not list((tmp_path / "runs" / ".queue").glob(f"{third.id}*"))
+    assert second.state == "queued" and second.queue_position == 1
+
+    assert first.finished.wait(600) and first.state == "done", first.record
+    assert second.finished.wait(600) and second.state == "done", (second.record, second.dir)
+    assert second.record["started"] >= first.record["finished"]
+    assert Path(second.record["lora_path"]).is_file()
+    assert not list((tmp_path / "runs" / ".queue").iterdir())
+    assert not (tmp_path / "loras" / "fairhuman" / "third.safetensors").exists()
+
+
+MANAGER_THEN_KILLED = """
+import sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+from test_job_manager import _submit
+from train_helpers import import_pack
+from pathlib import Path
+jm = import_pack("nodes.job_manager")
+manager = jm.JobManager(Path({runs!r}))
+first = _submit(manager, Path({tmp!r}), "before", {steps})
+second = _submit(manager, Path({tmp!r}), "after", 2)
+print(first.id, second.id, second.state, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_the_queue_survives_a_restart_of_comfyui(jm, tmp_path):
+    """ComfyUI killed (SIGKILL: no clean exit) while one job runs and one waits: the next start
+    follows the running job (its own process group outlived ComfyUI) and starts the queued one
+    after it, in order, from what the queue folder kept."""
+    script = MANAGER_THEN_KILLED.format(tests=str(ROOT / "tests"), root=str(ROOT), runs=str(tmp_path / "runs"),
+                                        tmp=str(tmp_path), steps=4)
+    comfy = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        first_id, second_id, state = comfy.stdout.readline().split()
+    finally:
+        comfy.kill()
+        comfy.wait()
+    assert state == "queued"
+    manager = jm.JobManager(tmp_path / "runs")
+    first, second = manager.job(first_id), manager.job(second_id)
+    assert first is not None and second is not None
+    assert first.state == "running" and second.state == "queued" and second.queued_behind == first_id
+    assert second.finished.wait(900), second.record
+    assert first.state == "done" and second.state == "done", (first.record, second.record)
+    assert second.record["started"] >= first.record["finished"]
+    assert Path(second.record["lora_path"]).is_file()
+
+
+# ---- several devices -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_job_on_two_cpu_processes_builds_pairs_and_trains_as_one_job(jm, tmp_path, monkeypatch):
+    """devices "cpu,cpu": the nearest testable thing to cuda:0,1 on a machine without GPUs — the job
+    runs under torch.distributed.run as two processes (gloo). It is one job: build-pairs splits the
+    prompts (per-rank part files, counted together while they grow), the trainer runs
+    data-parallel, one LoRA and one final event; a CPU job queued meanwhile waits for it (a job owns
+    all its devices)."""
+    from safetensors import safe_open
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    manager = jm.JobManager(tmp_path / "runs")
+    prompts = [f"a photo of person {i} waving" for i in range(6)]
+    spec = _job_spec(tmp_path, "both", "fair-dpo", prompts=prompts, devices="cpu,cpu",
+                     build_pairs={"n": 2, "scorer": "anatomy", "size": 64, "steps": 2, "seed": 0},
+                     train={"steps": 2, "resolution": 64, "rank": 4, "lr": 1e-3, "mixed_precision": "no",
+                            "checkpoint_every": 0, "seed": 0, "eval_pairs": 0, "device": "cpu"})
+    job = manager.submit(spec, name="both", device="cpu", settings=dict(spec.train), overwrite=False)
+    waiting = _submit(manager, tmp_path, "single", 2)
+    assert job.summary()["devices"] == ["cpu", "cpu"] and job.state == "running"
+    assert waiting.state == "queued" and waiting.queued_behind == job.id
+    assert job.finished.wait(900), job.dir.joinpath("job.log").read_text()[-3000:]
+    assert job.state == "done", (job.record, job.dir.joinpath("job.log").read_text()[-4000:])
+    events = _events(job)
+    assert events[0]["event"] == "start" and events[0]["processes"] == 2
+    assert [e["event"] for e in events].count("done") == 1 and (job.dir / "events.rank1.jsonl").is_file()
+    counted = [e["step"] for e in events if e["event"] == "progress" and e.get("stage") == "build-pairs"]
+    assert counted[-1] == len(prompts) and counted == sorted(counted)
+    # pairs.jsonl is written once, at the merge: a count between 0 and all came from the part files
+    assert any(0 < step < len(prompts) for step in counted), counted
+    pairs = [json.loads(line) for line in (job.dir / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert [p["prompt"] for p in pairs] == prompts and not list((job.dir / "pairs").glob("*.part-*"))
+    assert [e["step"] for e in events if e["event"] == "progress" and e.get("stage") == "train"] == [1, 2]
+    with safe_open(job.record["lora_path"], "pt") as handle:
+        assert list(handle.keys())
+    assert waiting.finished.wait(600) and waiting.state == "done", waiting.record
+    assert waiting.record["started"] >= job.record["finished"]
