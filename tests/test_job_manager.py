@@ -3,6 +3,7 @@ manager running real ``python -m trainers job`` processes on the tiny SD1.5-shap
 queue per device, its restart, jobs on two CPU processes (torch.distributed.run, gloo)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -403,3 +404,67 @@ def test_a_job_on_two_cpu_processes_builds_pairs_and_trains_as_one_job(jm, tmp_p
         assert list(handle.keys())
     assert waiting.finished.wait(600) and waiting.state == "done", waiting.record
     assert waiting.record["started"] >= job.record["finished"]
+
+
+# ---- validation and the best LoRA ----------------------------------------------------------------
+@pytest.mark.slow
+def test_a_validated_job_keeps_its_latest_validation_and_copies_the_best_lora(jm, tmp_path):
+    """validate_every: the summary holds the latest validation event's numbers, and the trainer's
+    best LoRA is copied beside the final one (its name in the done event, for the nodes)."""
+    manager = jm.JobManager(tmp_path / "runs")
+    job = _submit(manager, tmp_path, "judged", 2, validate_every=1, validation_prompts=["a person waving"],
+                  validation_seeds=1, sample_steps=1)
+    assert job.finished.wait(600), job.dir.joinpath("job.log").read_text()[-3000:]
+    assert job.state == "done", (job.record, job.dir.joinpath("job.log").read_text()[-3000:])
+    validation = job.summary()["validation"]
+    assert set(validation) == {"step", "metric", "score", "best_step", "best_score"} and validation["step"] == 2
+    best = tmp_path / "loras" / "fairhuman" / "judged_best.safetensors"
+    done = _events(job)[-1]
+    assert done["event"] == "done" and done["best_lora"] == str(best) and best.is_file()
+    assert done["best_lora_name"] == "fairhuman/judged_best.safetensors"
+    assert job.summary()["best_lora_name"] == done["best_lora_name"]
+    run_best = job.dir / "train" / "judged_best.safetensors"
+    assert best.read_bytes() == run_best.read_bytes()
+
+
+def _weights_file(path: Path, value: float) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.full((2,), value)}, str(path))
+    return path
+
+
+def test_finishing_copies_the_best_lora_under_the_same_rules_as_the_final_one(tmp_path):
+    from trainers.node_job import StageFailed, finish_weights
+
+    spec = _job_spec(tmp_path, "hands", "fairhuman")
+    run = tmp_path / "run"
+    trained = {"file": _weights_file(run / "hands.safetensors", 1.0)}
+    dest, best = tmp_path / "loras" / "fairhuman" / "hands.safetensors", tmp_path / "loras" / "fairhuman" / "hands_best.safetensors"
+    # no validation: no best, and the final LoRA's name stands in for it
+    assert finish_weights(spec, trained) == {"lora": str(dest), "best_lora": None,
+                                             "best_lora_name": "fairhuman/hands.safetensors"}
+    assert not best.exists()
+    # with a best: refused while either file exists, nothing copied
+    _weights_file(run / "hands_best.safetensors", 2.0)
+    dest.unlink()
+    _weights_file(best, 9.0)
+    with pytest.raises(StageFailed, match="hands_best.safetensors already exists"):
+        finish_weights(spec, trained)
+    assert not dest.exists()
+    replace = dataclasses.replace(spec, overwrite=True)
+    assert finish_weights(replace, trained)["best_lora_name"] == "fairhuman/hands_best.safetensors"
+    assert best.read_bytes() == (run / "hands_best.safetensors").read_bytes()
+    # overwrite, and this run has no best: the earlier run's best goes
+    (run / "hands_best.safetensors").unlink()
+    assert finish_weights(replace, trained)["best_lora"] is None and not best.exists() and dest.is_file()
+
+
+def test_a_jobs_summary_keeps_the_latest_validation(jm, tmp_path):
+    job = jm.Job({"id": "0123456789ab", "method": "fairhuman", "state": "running"}, tmp_path)
+    for step, score in ((2, 0.25), (4, 0.5)):
+        job.apply({"event": "validation", "step": step, "metric": "face-hand", "score": score, "scores": {},
+                   "best_step": 4 if score == 0.5 else 2, "best_score": max(score, 0.25), "best_path": "x"})
+    assert job.summary()["validation"] == {"step": 4, "metric": "face-hand", "score": 0.5, "best_step": 4,
+                                           "best_score": 0.5}
