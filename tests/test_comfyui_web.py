@@ -45,7 +45,7 @@ def shipped_frontend(tree: Path) -> str | None:
     """The comfyui-frontend-package version a tree's venv has installed."""
     venv = comfyui_harness.comfyui_python(tree).parent.parent
     found = sorted(venv.glob("lib/python*/site-packages/comfyui_frontend_package-*.dist-info"))
-    return found[-1].name.split("-")[1].removesuffix(".dist-info") if found else None
+    return found[-1].name.removesuffix(".dist-info").split("-")[1] if found else None
 
 
 def frontend_matrix() -> list:
