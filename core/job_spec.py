@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,9 @@ class JobSpec:
     build_pairs: dict = field(default_factory=dict)  # build-pairs options by their flags' names
     scorer_models: dict = field(default_factory=dict)  # scorer name -> its weights folder
     overwrite: bool = False  # replace an existing file at output_dest
+    # the devices of a data-parallel job, one process each: "" (the job's one device), "cuda:0,1",
+    # "all" (every GPU), "cpu,cpu" (two CPU processes); see ``device_list``
+    devices: str = ""
     job_id: str = ""  # set by the job manager
     job_dir: str = ""
     version: int = SPEC_VERSION
@@ -138,6 +142,37 @@ class JobSpec:
         for name, folder in self.scorer_models.items():
             argv += [flag("scorer_model"), f"{name}={folder}"]
         return argv
+
+
+class DevicesError(ValueError):
+    """A ``devices`` value that names no device list."""
+
+
+_DEVICE_ITEM = re.compile(r"^(cpu|cuda(?::(\d+))?|(\d+))$")
+
+
+def device_list(devices: str, default: str, gpus: int) -> list[str]:
+    """The devices a job runs on, one process each: ``devices`` ("" for ``[default]``; "all" for
+    every one of the ``gpus`` GPUs, else the default; "cuda:0,1" / "cuda:0,cuda:1" / "0,1"; "cpu,cpu"
+    for two CPU processes). A GPU named twice, or GPUs and the CPU together, are refused."""
+    text = (devices or "").strip().lower()
+    if not text:
+        return [default]
+    if text == "all":
+        return [f"cuda:{i}" for i in range(gpus)] or [default]
+    found = []
+    for item in (part.strip() for part in text.split(",")):
+        match = _DEVICE_ITEM.match(item)
+        if not match:
+            raise DevicesError(f"devices {devices!r}: {item!r} is not a device; use e.g. cuda:0,1 (GPUs 0 and 1), "
+                               f"all (every GPU), cpu,cpu (two CPU processes), or leave it empty for one device")
+        found.append("cpu" if item == "cpu" else f"cuda:{match[2] or match[3] or 0}")
+    gpus_named = [d for d in found if d != "cpu"]
+    if gpus_named and len(gpus_named) != len(found):
+        raise DevicesError(f"devices {devices!r}: GPUs and the CPU in one job; name GPUs only or cpu only")
+    if len(set(gpus_named)) != len(gpus_named):
+        raise DevicesError(f"devices {devices!r}: a GPU named twice; one process per GPU")
+    return found
 
 
 _TYPES = {"str": str, "dict": dict, "list": list, "bool": bool, "int": int}

@@ -1,9 +1,12 @@
 """The pack's HTTP routes (ComfyUI also serves them under /api/...):
 
 - ``GET /fairhuman/jobs`` -> ``{"jobs": [{id, method, state, step, total, losses, eta_s, lora_name,
-  run_dir, error, ...}]}``, newest first;
+  run_dir, error, queue_position, queued_behind, devices, validation, best_lora_name, ...}]}``, newest
+  first; ``state`` is queued | running | done | error | cancelled | interrupted, and a queued job's
+  ``queue_position`` (1-based) and ``queued_behind`` (the id of the job it waits for) say where it is;
 - ``GET /fairhuman/jobs/{id}`` -> the same summary plus ``events`` (the recent events);
-- ``POST /fairhuman/jobs/{id}/cancel`` -> the job after it stopped (SIGTERM: checkpoint, resumable).
+- ``POST /fairhuman/jobs/{id}/cancel`` -> the job after it stopped (SIGTERM: checkpoint, resumable),
+  or, queued, after it left the queue (nothing of it stays).
 
 ComfyUI can listen on all interfaces: an id is matched against the manager's jobs (never used
 as a path), and nothing here reads or writes outside the runs folder.

@@ -1,13 +1,23 @@
-"""The web extension (web/fairhuman_jobs.js) in a real browser against a real ComfyUI.
+"""The web extension (web/fairhuman_jobs.js) in a real browser against a real ComfyUI, on every
+frontend available.
 
 Debian's chromium (/usr/bin/chromium) driven by Playwright for Python: nothing downloads a browser
-(never run `playwright install`). The panel must load without console errors from the pack, show
-a real background training job's progress as it runs (screenshots go to the test's tmp dir and to
-/tmp/fairhuman_jobs_panel.png), cancel a job from its button, and refresh the LoRA lists when a job
-finishes."""
+(never run `playwright install`). Frontends: each ComfyUI tree's own (``comfyui_harness``'s trees,
+e.g. 0.3.64 with 1.27.10, 0.8.0 with 1.35.9, 0.33.0 with 1.49.6), plus every unzipped
+``comfyui-frontend-package`` under ~/frontends/<version>/ (served by the newest tree with
+``--front-end-root``; see docs/testing.md), e.g. 1.58.1:
+
+    pip download --no-deps comfyui-frontend-package==1.58.1 -d ~/frontends
+    python -m zipfile -e ~/frontends/comfyui_frontend_package-1.58.1-py3-none-any.whl ~/frontends/1.58.1
+
+The panel must load without console errors from the pack, list a running job with its progress,
+show a queued one with its place, cancel from its button, refresh the LoRA lists when a job
+finishes, and the Train node must show its loss plot when done. Screenshots go to /tmp/shots/
+(``FAIRHUMAN_SHOTS`` to change) named by frontend."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import urllib.request
@@ -20,12 +30,57 @@ try:
 except ImportError:  # the tests skip with the reason below
     sync_playwright = None
 
+import comfyui_harness
+
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PACK_URL_PART = "/extensions/fairhuman-hgdpo/"
-SHOWCASE = Path("/tmp/fairhuman_jobs_panel.png")
+SHOTS = Path(os.environ.get("FAIRHUMAN_SHOTS", "/tmp/shots"))
+FRONTENDS = Path.home() / "frontends"  # <version>/comfyui_frontend_package/static, unzipped wheels
+
+
+def shipped_frontend(tree: Path) -> str | None:
+    """The comfyui-frontend-package version a tree's venv has installed."""
+    venv = comfyui_harness.comfyui_python(tree).parent.parent
+    found = sorted(venv.glob("lib/python*/site-packages/comfyui_frontend_package-*.dist-info"))
+    return found[-1].name.removesuffix(".dist-info").split("-")[1] if found else None
+
+
+def frontend_matrix() -> list:
+    """(tree, frontend root or None for the tree's own, label): each tree with its own frontend,
+    then each frontend in ~/frontends that no tree ships, on the newest tree."""
+    trees = comfyui_harness.comfyui_trees()
+    matrix = [(tree, None, f"{comfyui_harness.version_label(tree)}-fe{shipped_frontend(tree)}") for tree in trees]
+    shipped = {shipped_frontend(tree) for tree in trees}
+    for root in sorted(FRONTENDS.glob("*/comfyui_frontend_package/static")) if trees else []:
+        version = root.parent.parent.name
+        if version not in shipped:
+            matrix.append((trees[-1], root, f"{comfyui_harness.version_label(trees[-1])}-fe{version}"))
+    return matrix
+
+
+MATRIX = frontend_matrix()
+
+
+@pytest.fixture(scope="module", params=MATRIX or [None], ids=[label for *_, label in MATRIX] or ["none"])
+def web_server(request, tmp_path_factory):
+    """A ComfyUI serving one frontend of the matrix; ``label`` names it in screenshots."""
+    if request.param is None:
+        pytest.skip(comfyui_harness.missing_reason() or "no ComfyUI tree")
+    tree, root, label = request.param
+    base = tmp_path_factory.mktemp(f"web-{label}")
+    server = comfyui_harness.ComfyServer(base, tree=tree)
+    if root is not None:  # ComfyUI reads --front-end-root from its command line only: a wrapper adds it
+        wrapper = base / "python-with-frontend"
+        wrapper.write_text(f'#!/bin/sh\nexec "{server.python}" "$@" --front-end-root "{root}"\n')
+        wrapper.chmod(0o755)
+        server.python = wrapper
+    server.start()
+    server.label = label
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +138,9 @@ def open_panel(page, server) -> Console:
     return console
 
 
-def shoot(page, tmp_path: Path, name: str) -> Path:
-    path = tmp_path / f"{name}.png"
+def shoot(page, server, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{server.label}-{name}.png"
     page.screenshot(path=str(path))
     print(f"screenshot: {path}")
     return path
@@ -116,12 +172,45 @@ def loader_loras(page) -> list[str]:
         .find((w) => w.name === "lora_name").options.values.slice()""")
 
 
+TRAIN_INPUTS = {"resolution": 64, "rank": 4, "learning_rate": 1e-3, "weighting": "mpd",
+                "mixed_precision": "no"}  # fp16 needs a GPU; ComfyUI runs on the CPU here
+
+
 def train_prompt(ckpt: str, dataset: str, output_name: str, steps: int) -> dict:
     return {"1": {"class_type": "FairHumanTrainLoRA", "inputs": {
-        "ckpt_name": ckpt, "dataset": dataset, "output_name": output_name, "steps": steps,
-        "resolution": 64, "rank": 4, "learning_rate": 1e-3, "weighting": "mpd", "mode": "background",
-        "mixed_precision": "no",  # fp16 needs a GPU; ComfyUI runs on the CPU here
-    }}, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}}  # the loss plot
+        "ckpt_name": ckpt, "dataset": dataset, "output_name": output_name, "steps": steps, "mode": "background",
+        **TRAIN_INPUTS}}}
+
+
+def queue_train_node(page, ckpt: str, dataset: str, output_name: str, steps: int) -> int:
+    """A Train FairHuman LoRA node in wait mode on the canvas, queued from the browser as a user
+    does (the frontend builds the prompt); returns its node id."""
+    values = {"ckpt_name": ckpt, "dataset": dataset, "output_name": output_name, "steps": steps, "mode": "wait",
+              **TRAIN_INPUTS}
+    return page.evaluate("""async (values) => {
+        const node = window.LiteGraph.createNode("FairHumanTrainLoRA");
+        node.pos = [60, 300];
+        window.app.graph.add(node);
+        for (const [name, value] of Object.entries(values)) {
+            const widget = node.widgets.find((w) => w.name === name);
+            if (!widget) throw new Error(`no widget ${name}`);
+            widget.value = value;
+        }
+        await window.app.queuePrompt(0, 1);
+        return node.id;
+    }""", values)
+
+
+def node_images(page, node_id: int) -> int:
+    """How many images the frontend shows on a node: its output store (newer frontends) or the
+    node's own images (older ones); feature-detected."""
+    return page.evaluate("""(id) => {
+        const app = window.app;
+        const outputs = app.nodeOutputs || {};
+        const stored = outputs[id] || outputs[String(id)];
+        const node = app.graph.getNodeById(id);
+        return Math.max(stored?.images?.length || 0, node?.imgs?.length || 0, node?.images?.length || 0);
+    }""", node_id)
 
 
 def server_jobs(server) -> dict[str, dict]:
@@ -142,19 +231,19 @@ def panel_row(page, job_id: str):
     return page.locator(f'.fh-job[data-job-id="{job_id}"]')
 
 
-def test_panel_without_job_routes_says_so(browser, comfy_server, tmp_path):
+def test_panel_without_job_routes_says_so(browser, web_server):
     """A server whose pack has no job routes (the browser answers them 404 here): the panel says
     what to update, and nothing throws."""
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     context.route("**/api/fairhuman/jobs", lambda route: route.fulfill(status=404, body="Not Found"))
     try:
         page = context.new_page()
-        console = open_panel(page, comfy_server)
+        console = open_panel(page, web_server)
         note = page.locator(".fh-jobs-note")
         note.wait_for(timeout=15_000)
         assert "no training-job routes" in note.inner_text()
         assert page.locator(".fh-job").count() == 0
-        shoot(page, tmp_path, "panel-no-routes")
+        shoot(page, web_server, "panel-no-routes")
         # the 404 itself is the one line the browser logs about the pack; nothing the script throws
         pack = [m for m in console.from_pack(("error", "warning")) if "status of 404" not in m]
         report_console(console)
@@ -164,99 +253,103 @@ def test_panel_without_job_routes_says_so(browser, comfy_server, tmp_path):
         context.close()
 
 
+def row_state(page, job_id: str, states: tuple, timeout_s: float) -> None:
+    page.wait_for_function(
+        """([id, states]) => { const r = document.querySelector(`.fh-job[data-job-id="${id}"]`);
+                               return r && states.includes(r.dataset.state); }""",
+        arg=[job_id, list(states)], timeout=timeout_s * 1000)
+
+
+def job_named(server, output: str, timeout: float = 60) -> str:
+    return wait_for(lambda: next((i for i, j in server_jobs(server).items() if j.get("output_name") == output), None),
+                    timeout, f"job {output} in GET /fairhuman/jobs")
+
+
 @pytest.mark.heavy
-def test_panel_follows_cancels_and_refreshes_loras(browser, comfy_server, comfy_sd15_checkpoint, tmp_path):
-    """Real background jobs of the Train FairHuman LoRA node: the panel shows the running job's
-    step, losses and ETA from the pushed events, its Cancel button stops a job, and a finished job
-    puts its LoRA into an open LoraLoader's dropdown without a reload."""
+def test_panel_queues_follows_cancels_and_the_node_shows_its_loss_plot(browser, web_server, comfy_sd15_checkpoint):
+    """Real jobs of the Train FairHuman LoRA node on one device (the CPU): a long background job
+    runs, a short one and a wait-mode node queued from the browser wait behind it (the panel shows
+    each one's place and whom it waits for); cancelling the long one from its button starts the
+    next (its progress in the panel), whose LoRA reaches an open LoraLoader's dropdown; then the
+    wait-mode node runs and shows its loss plot."""
     from train_helpers import make_region_dataset
 
-    ckpt = comfy_server.add_model("checkpoints", comfy_sd15_checkpoint)
+    server = web_server
+    ckpt = server.add_model("checkpoints", comfy_sd15_checkpoint)
     folder = "web panel photos"  # a space, as users name folders
-    dataset = comfy_server.base_dir / "input" / folder
+    dataset = server.base_dir / "input" / folder
     shutil.rmtree(dataset, ignore_errors=True)
     make_region_dataset(dataset, count=2, size=64)
 
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
-    console = open_panel(page, comfy_server)
-    existing = server_jobs(comfy_server)
-    if not existing:
-        assert "No training jobs yet" in page.locator(".fh-jobs").inner_text()
-    else:
-        assert page.locator(".fh-job").count() == len(existing)
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    console = open_panel(page, server)
     add_lora_loader(page)
+    stamp = int(time.time())
+    long_output, short_output, node_output = f"web_long_{stamp}", f"web_short_{stamp}", f"web_node_{stamp}"
 
-    # 1. a job that runs to the end: progress while it runs, then its LoRA in the dropdown
-    output = f"web_panel_{int(time.time())}"
-    assert not [name for name in loader_loras(page) if output in name]  # the page has never heard of it
-    comfy_server.run(train_prompt(ckpt, folder, output, steps=3), timeout=120)
-    job_id = wait_for(lambda: next((i for i, j in server_jobs(comfy_server).items()
-                                    if i not in existing and output in (j.get("lora_name") or "")), None),
-                      60, "the job in GET /fairhuman/jobs")
-    row = panel_row(page, job_id)
-    row.wait_for(timeout=30_000)  # appeared from the pushed events, without a reload
+    # 1. a long job runs; a short one and a wait-mode node queue behind it
+    server.run(train_prompt(ckpt, folder, long_output, steps=500), timeout=120)
+    long_id = job_named(server, long_output)
+    server.run(train_prompt(ckpt, folder, short_output, steps=2), timeout=120)
+    short_id = job_named(server, short_output)
+    node_id = queue_train_node(page, ckpt, folder, node_output, steps=2)
+    queued_id = job_named(server, node_output, timeout=120)
+    jobs = server_jobs(server)
+    assert jobs[short_id]["state"] == "queued" and jobs[short_id]["queue_position"] == 1
+    assert jobs[short_id]["queued_behind"] == long_id
+    assert (jobs[queued_id]["queue_position"], jobs[queued_id]["queued_behind"]) == (2, short_id)
+    row_state(page, queued_id, ("queued",), 30)
+    short_row = panel_row(page, short_id)
+    assert short_row.get_attribute("data-state") == "queued"
+    assert f"#1 in the queue · behind {long_output}" in short_row.inner_text()
+    assert f"#2 in the queue · behind {short_output}" in panel_row(page, queued_id).inner_text()
+    assert short_row.locator(".fh-cancel").is_visible()  # a queued job can be taken out
+
+    # 2. the long job's progress shows, then its Cancel button stops it
     page.wait_for_function(
         """(id) => { const r = document.querySelector(`.fh-job[data-job-id="${id}"]`);
                      const bar = r && r.querySelector('.fh-progress');
                      return r && r.dataset.state === 'running' && bar && Number(bar.getAttribute('aria-valuenow')) >= 1; }""",
-        arg=job_id, timeout=600_000)
-    text = row.inner_text()
-    assert "step " in text and "/ 3" in text, text
-    assert row.locator(".fh-loss").count() >= 1, text
-    assert row.locator(".fh-cancel").is_visible()
-    assert float(row.locator(".fh-progress-fill").evaluate("e => parseFloat(e.style.width)")) > 0
-    running_shot = shoot(page, tmp_path, "panel-running")
-    shutil.copyfile(running_shot, SHOWCASE)
-    print(f"screenshot: {SHOWCASE}")
-    # a page opened mid-job lists it from GET /fairhuman/jobs, running
-    late = browser.new_page(viewport={"width": 1280, "height": 800})
-    late_console = open_panel(late, comfy_server)
-    late_row = panel_row(late, job_id)
-    late_row.wait_for(timeout=15_000)
-    assert late_row.get_attribute("data-state") == "running"
-    assert "/ 3" in late_row.inner_text()
-    late.close()
-    # the fallback for frontends without sidebar tabs renders the same live rows
-    page.evaluate("() => window.fairhumanJobs.mountFloatingPanel()")
-    page.locator(f'.fh-jobs-floating .fh-job[data-job-id="{job_id}"] .fh-progress').wait_for(timeout=10_000)
-    shoot(page, tmp_path, "panel-running-floating")
-    page.evaluate("() => document.querySelector('.fh-jobs-floating').remove()")
-
-    page.wait_for_function(
-        """(id) => { const r = document.querySelector(`.fh-job[data-job-id="${id}"]`);
-                     return r && ['done', 'error', 'cancelled', 'interrupted'].includes(r.dataset.state); }""",
-        arg=job_id, timeout=600_000)
-    final = server_jobs(comfy_server)[job_id]
-    assert final["state"] == "done", json.dumps(final)[:2000]
-    assert row.get_attribute("data-state") == "done"
-    assert row.locator(".fh-cancel").count() == 0
-    lora_name = final["lora_name"]
-    assert output in lora_name
-    # the panel refreshes the node definitions once the job's process has exited (`finished`)
-    wait_for(lambda: server_jobs(comfy_server)[job_id].get("finished"), 60, "the job's process to exit")
-    wait_for(lambda: lora_name in loader_loras(page), 30, f"{lora_name} in LoraLoader's dropdown")
-    assert page.evaluate("() => window.fairhumanJobs.store.modelRefreshes") >= 1
-    page.evaluate("""(name) => { const w = window.fairhumanTestLoader.widgets.find((w) => w.name === "lora_name");
-                                 w.value = name; window.app.graph.setDirtyCanvas(true, true); }""", lora_name)
-    shoot(page, tmp_path, "panel-done")  # the new LoRA picked in the loader, no reload
-
-    # 2. a long job cancelled from its button
-    long_output = f"web_cancel_{int(time.time())}"
-    comfy_server.run(train_prompt(ckpt, folder, long_output, steps=500), timeout=120)
-    long_id = wait_for(lambda: next((i for i, j in server_jobs(comfy_server).items()
-                                     if long_output in (j.get("lora_name") or "")), None),
-                       60, "the long job in GET /fairhuman/jobs")
+        arg=long_id, timeout=600_000)
     long_row = panel_row(page, long_id)
-    page.wait_for_function(
-        """(id) => { const r = document.querySelector(`.fh-job[data-job-id="${id}"]`);
-                     return r && r.dataset.state === 'running'; }""", arg=long_id, timeout=600_000)
+    assert "step " in long_row.inner_text() and "/ 500" in long_row.inner_text()
+    assert long_row.locator(".fh-loss").count() >= 1
+    shoot(page, server, "panel-running-and-queued")
+    # a page opened now lists the same jobs from GET /fairhuman/jobs
+    late = browser.new_page(viewport={"width": 1280, "height": 800})
+    late_console = open_panel(late, server)
+    panel_row(late, short_id).wait_for(timeout=15_000)
+    assert panel_row(late, long_id).get_attribute("data-state") == "running"
+    assert panel_row(late, short_id).get_attribute("data-state") == "queued"
+    late.close()
     long_row.locator(".fh-cancel").click()
+    row_state(page, long_id, ("cancelled", "interrupted"), 60)
+    assert server_jobs(server)[long_id]["state"] in ("cancelled", "interrupted")
+
+    # 3. the short job starts at once, shows its progress, ends done; its LoRA reaches LoraLoader
+    row_state(page, short_id, ("running", "done"), 60)
     page.wait_for_function(
         """(id) => { const r = document.querySelector(`.fh-job[data-job-id="${id}"]`);
-                     return r && ['cancelled', 'interrupted'].includes(r.dataset.state); }""",
-        arg=long_id, timeout=60_000)
-    assert server_jobs(comfy_server)[long_id]["state"] in ("cancelled", "interrupted")
-    shoot(page, tmp_path, "panel-cancelled")
+                     const bar = r && r.querySelector('.fh-progress');
+                     return r && bar && Number(bar.getAttribute('aria-valuenow')) >= 1; }""",
+        arg=short_id, timeout=600_000)
+    assert "#1 in the queue · behind " + short_output in panel_row(page, queued_id).inner_text()
+    shoot(page, server, "panel-cancelled-next-running")
+    row_state(page, short_id, ("done", "error", "cancelled", "interrupted"), 600)
+    final = server_jobs(server)[short_id]
+    assert final["state"] == "done", json.dumps(final)[:2000]
+    wait_for(lambda: server_jobs(server)[short_id].get("finished"), 60, "the job's process to exit")
+    wait_for(lambda: final["lora_name"] in loader_loras(page), 30, f"{final['lora_name']} in LoraLoader's dropdown")
+    page.evaluate("() => { window.app.graph.remove(window.fairhumanTestLoader); }")
+
+    # 4. the wait-mode node runs next and shows its loss plot on the node
+    row_state(page, queued_id, ("done", "error", "cancelled", "interrupted"), 900)
+    assert server_jobs(server)[queued_id]["state"] == "done", json.dumps(server_jobs(server)[queued_id])[:2000]
+    wait_for(lambda: node_images(page, node_id) >= 1, 120, "the loss plot on the Train node")
+    page.evaluate("(id) => { const n = window.app.graph.getNodeById(id); window.app.canvas.selectNode?.(n); "
+                  "window.app.graph.setDirtyCanvas(true, true); }", node_id)
+    time.sleep(1)  # one frame for the canvas to draw the image
+    shoot(page, server, "node-loss-plot")
 
     page.close()
     for each in (console, late_console):

@@ -1,7 +1,9 @@
 """The training-job side of the nodes without ComfyUI: input safety (job_paths) and the job
-manager running real ``python -m trainers job`` processes on the tiny SD1.5-shaped model."""
+manager running real ``python -m trainers job`` processes on the tiny SD1.5-shaped model: its
+queue per device, its restart, jobs on two CPU processes (torch.distributed.run, gloo)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -132,14 +134,14 @@ def test_cancel_stops_within_10_s_and_the_device_is_free_again(jm, tmp_path):
     while job.step < 1 and time.monotonic() < deadline:  # training, past its first step
         time.sleep(0.2)
     assert job.step >= 1, job.dir.joinpath("job.log").read_text()[-3000:]
-    with pytest.raises(jm.JobRefused, match=f"device cpu is busy with training job {job.id}"):
-        manager.check(name="other", device="cpu", settings={}, overwrite=False)
+    with pytest.raises(jm.JobRefused, match=f"output_name 'long' is already running as training job {job.id}"):
+        manager.check(name="long", device="cpu", settings=job.record["settings"], overwrite=False)
     started = time.monotonic()
     manager.cancel(job.id)
     assert time.monotonic() - started < 10 and not job.alive()
     assert job.state == "cancelled" and "resumable" in job.record["error"]
     assert list((job.dir / "train" / "checkpoints").glob("step_*.pt"))
-    manager.check(name="other", device="cpu", settings={}, overwrite=False)  # free again
+    assert manager.holding("cpu") is None  # free again
     # the same name with other settings: refused, naming what differs
     with pytest.raises(jm.JobRefused, match=r"rank: 4 -> 8"):
         manager.check(name="long", device="cpu", settings={**job.record["settings"], "rank": 8}, overwrite=False)
@@ -272,3 +274,197 @@ def test_a_controlnet_job_renders_poses_then_trains_a_controlnet(jm, tmp_path, s
     assert any(k.startswith("controlnet_down_blocks.") for k in keys)
     meta = {k.removeprefix("fairhuman."): v for k, v in read_lora_metadata(dest).items()}
     assert meta["method"] == "fairhuman-controlnet" and meta["objectives"] == ["global", "face", "hand"]
+
+
+# ---- the queue -----------------------------------------------------------------------------------
+def _events(job) -> list[dict]:
+    return [json.loads(line) for line in (job.dir / "events.jsonl").read_text().splitlines()]
+
+
+def test_a_job_that_could_never_start_is_refused(jm, tmp_path):
+    manager = jm.JobManager(tmp_path / "runs", devices=lambda: ["cpu", "cuda:0"])
+    with pytest.raises(jm.JobRefused, match=r"device cuda:3 does not exist on this machine \(it has cpu, cuda:0\)"):
+        manager.check(name="x", device="cuda:3", settings={}, overwrite=False)
+    with pytest.raises(jm.JobRefused, match="cuda:1 does not exist"):
+        manager.check(name="x", device="cuda:0", devices="cuda:0,1", settings={}, overwrite=False)
+    with pytest.raises(jm.JobRefused, match="a GPU named twice"):
+        manager.check(name="x", device="cuda:0", devices="cuda:0,0", settings={}, overwrite=False)
+    assert manager.devices_of("cpu", "all") == ["cuda:0"] and manager.devices_of("cpu", "cpu,cpu") == ["cpu", "cpu"]
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_a_job_on_a_busy_device_waits_its_turn_and_a_cancelled_one_leaves_nothing(jm, tmp_path):
+    """Three jobs on the CPU: the first runs, the second and third wait (state queued, their
+    position and the job each waits for in the summary, nothing in their run folders); the third
+    cancelled while queued leaves no file and no record; the second starts when the first ends."""
+    seen = []
+    manager = jm.JobManager(tmp_path / "runs", notify=lambda summary, event: seen.append((summary, event)))
+    first = _submit(manager, tmp_path, "first", 2)
+    second = _submit(manager, tmp_path, "second", 2)
+    third = _submit(manager, tmp_path, "third", 2)
+    assert first.state == "running"
+    listed = {j["id"]: j for j in manager.list()}
+    assert [listed[j.id]["state"] for j in (second, third)] == ["queued", "queued"]
+    assert (listed[second.id]["queue_position"], listed[second.id]["queued_behind"]) == (1, first.id)
+    assert (listed[third.id]["queue_position"], listed[third.id]["queued_behind"]) == (2, second.id)
+    assert listed[first.id]["queue_position"] is None and listed[first.id]["queued_behind"] is None
+    assert not second.dir.exists() and not third.dir.exists()
+    assert ("queued", second.id) in [(e.get("state"), s["id"]) for s, e in seen]
+    with pytest.raises(jm.JobRefused, match=f"output_name 'second' is already queued as training job {second.id}"):
+        manager.check(name="second", device="cpu", settings={}, overwrite=False)
+
+    manager.cancel(third.id)
+    assert third.state == "cancelled" and third.finished.is_set()
+    assert manager.job(third.id) is None and third.id not in {j["id"] for j in manager.list()}
+    assert not third.dir.exists() and not list((tmp_path / "runs" / ".queue").glob(f"{third.id}*"))
+    assert second.state == "queued" and second.queue_position == 1
+
+    assert first.finished.wait(600) and first.state == "done", first.record
+    assert second.finished.wait(600) and second.state == "done", (second.record, second.dir)
+    assert second.record["started"] >= first.record["finished"]
+    assert Path(second.record["lora_path"]).is_file()
+    assert not list((tmp_path / "runs" / ".queue").iterdir())
+    assert not (tmp_path / "loras" / "fairhuman" / "third.safetensors").exists()
+
+
+MANAGER_THEN_KILLED = """
+import sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+from test_job_manager import _submit
+from train_helpers import import_pack
+from pathlib import Path
+jm = import_pack("nodes.job_manager")
+manager = jm.JobManager(Path({runs!r}))
+first = _submit(manager, Path({tmp!r}), "before", {steps})
+second = _submit(manager, Path({tmp!r}), "after", 2)
+print(first.id, second.id, second.state, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_the_queue_survives_a_restart_of_comfyui(jm, tmp_path):
+    """ComfyUI killed (SIGKILL: no clean exit) while one job runs and one waits: the next start
+    follows the running job (its own process group outlived ComfyUI) and starts the queued one
+    after it, in order, from what the queue folder kept."""
+    script = MANAGER_THEN_KILLED.format(tests=str(ROOT / "tests"), root=str(ROOT), runs=str(tmp_path / "runs"),
+                                        tmp=str(tmp_path), steps=4)
+    comfy = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        first_id, second_id, state = comfy.stdout.readline().split()
+    finally:
+        comfy.kill()
+        comfy.wait()
+    assert state == "queued"
+    manager = jm.JobManager(tmp_path / "runs")
+    first, second = manager.job(first_id), manager.job(second_id)
+    assert first is not None and second is not None
+    assert first.state == "running" and second.state == "queued" and second.queued_behind == first_id
+    assert second.finished.wait(900), second.record
+    assert first.state == "done" and second.state == "done", (first.record, second.record)
+    assert second.record["started"] >= first.record["finished"]
+    assert Path(second.record["lora_path"]).is_file()
+
+
+# ---- several devices -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_job_on_two_cpu_processes_builds_pairs_and_trains_as_one_job(jm, tmp_path, monkeypatch):
+    """devices "cpu,cpu": the nearest testable thing to cuda:0,1 on a machine without GPUs — the job
+    runs under torch.distributed.run as two processes (gloo). It is one job: build-pairs splits the
+    prompts (per-rank part files, counted together while they grow), the trainer runs
+    data-parallel, one LoRA and one final event; a CPU job queued meanwhile waits for it (a job owns
+    all its devices)."""
+    from safetensors import safe_open
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    manager = jm.JobManager(tmp_path / "runs")
+    prompts = [f"a photo of person {i} waving" for i in range(6)]
+    spec = _job_spec(tmp_path, "both", "fair-dpo", prompts=prompts, devices="cpu,cpu",
+                     build_pairs={"n": 2, "scorer": "anatomy", "size": 64, "steps": 2, "seed": 0},
+                     train={"steps": 2, "resolution": 64, "rank": 4, "lr": 1e-3, "mixed_precision": "no",
+                            "checkpoint_every": 0, "seed": 0, "eval_pairs": 0, "device": "cpu"})
+    job = manager.submit(spec, name="both", device="cpu", settings=dict(spec.train), overwrite=False)
+    waiting = _submit(manager, tmp_path, "single", 2)
+    assert job.summary()["devices"] == ["cpu", "cpu"] and job.state == "running"
+    assert waiting.state == "queued" and waiting.queued_behind == job.id
+    assert job.finished.wait(900), job.dir.joinpath("job.log").read_text()[-3000:]
+    assert job.state == "done", (job.record, job.dir.joinpath("job.log").read_text()[-4000:])
+    events = _events(job)
+    assert events[0]["event"] == "start" and events[0]["processes"] == 2
+    assert [e["event"] for e in events].count("done") == 1 and (job.dir / "events.rank1.jsonl").is_file()
+    counted = [e["step"] for e in events if e["event"] == "progress" and e.get("stage") == "build-pairs"]
+    assert counted[-1] == len(prompts) and counted == sorted(counted)
+    # pairs.jsonl is written once, at the merge: a count between 0 and all came from the part files
+    assert any(0 < step < len(prompts) for step in counted), counted
+    pairs = [json.loads(line) for line in (job.dir / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert [p["prompt"] for p in pairs] == prompts and not list((job.dir / "pairs").glob("*.part-*"))
+    assert [e["step"] for e in events if e["event"] == "progress" and e.get("stage") == "train"] == [1, 2]
+    with safe_open(job.record["lora_path"], "pt") as handle:
+        assert list(handle.keys())
+    assert waiting.finished.wait(600) and waiting.state == "done", waiting.record
+    assert waiting.record["started"] >= job.record["finished"]
+
+
+# ---- validation and the best LoRA ----------------------------------------------------------------
+@pytest.mark.slow
+def test_a_validated_job_keeps_its_latest_validation_and_copies_the_best_lora(jm, tmp_path):
+    """validate_every: the summary holds the latest validation event's numbers, and the trainer's
+    best LoRA is copied beside the final one (its name in the done event, for the nodes)."""
+    manager = jm.JobManager(tmp_path / "runs")
+    job = _submit(manager, tmp_path, "judged", 2, validate_every=1, validation_prompts=["a person waving"],
+                  validation_seeds=1, sample_steps=1)
+    assert job.finished.wait(600), job.dir.joinpath("job.log").read_text()[-3000:]
+    assert job.state == "done", (job.record, job.dir.joinpath("job.log").read_text()[-3000:])
+    validation = job.summary()["validation"]
+    assert set(validation) == {"step", "metric", "score", "best_step", "best_score"} and validation["step"] == 2
+    best = tmp_path / "loras" / "fairhuman" / "judged_best.safetensors"
+    done = _events(job)[-1]
+    assert done["event"] == "done" and done["best_lora"] == str(best) and best.is_file()
+    assert done["best_lora_name"] == "fairhuman/judged_best.safetensors"
+    assert job.summary()["best_lora_name"] == done["best_lora_name"]
+    run_best = job.dir / "train" / "judged_best.safetensors"
+    assert best.read_bytes() == run_best.read_bytes()
+
+
+def _weights_file(path: Path, value: float) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.full((2,), value)}, str(path))
+    return path
+
+
+def test_finishing_copies_the_best_lora_under_the_same_rules_as_the_final_one(tmp_path):
+    from trainers.node_job import StageFailed, finish_weights
+
+    spec = _job_spec(tmp_path, "hands", "fairhuman")
+    run = tmp_path / "run"
+    trained = {"file": _weights_file(run / "hands.safetensors", 1.0)}
+    dest, best = tmp_path / "loras" / "fairhuman" / "hands.safetensors", tmp_path / "loras" / "fairhuman" / "hands_best.safetensors"
+    # no validation: no best, and the final LoRA's name stands in for it
+    assert finish_weights(spec, trained) == {"lora": str(dest), "best_lora": None,
+                                             "best_lora_name": "fairhuman/hands.safetensors"}
+    assert not best.exists()
+    # with a best: refused while either file exists, nothing copied
+    _weights_file(run / "hands_best.safetensors", 2.0)
+    dest.unlink()
+    _weights_file(best, 9.0)
+    with pytest.raises(StageFailed, match="hands_best.safetensors already exists"):
+        finish_weights(spec, trained)
+    assert not dest.exists()
+    replace = dataclasses.replace(spec, overwrite=True)
+    assert finish_weights(replace, trained)["best_lora_name"] == "fairhuman/hands_best.safetensors"
+    assert best.read_bytes() == (run / "hands_best.safetensors").read_bytes()
+    # overwrite, and this run has no best: the earlier run's best goes
+    (run / "hands_best.safetensors").unlink()
+    assert finish_weights(replace, trained)["best_lora"] is None and not best.exists() and dest.is_file()
+
+
+def test_a_jobs_summary_keeps_the_latest_validation(jm, tmp_path):
+    job = jm.Job({"id": "0123456789ab", "method": "fairhuman", "state": "running"}, tmp_path)
+    for step, score in ((2, 0.25), (4, 0.5)):
+        job.apply({"event": "validation", "step": step, "metric": "face-hand", "score": score, "scores": {},
+                   "best_step": 4 if score == 0.5 else 2, "best_score": max(score, 0.25), "best_path": "x"})
+    assert job.summary()["validation"] == {"step": 4, "metric": "face-hand", "score": 0.5, "best_step": 4,
+                                           "best_score": 0.5}

@@ -301,3 +301,33 @@ def test_saved_workflows_still_map_onto_the_node_inputs(node_modules, comfy, tmp
             spec = JobSpec.from_dict(json.loads(json.dumps(manager.submitted[-1][0].to_dict())))
             validate(_config(spec.train_argv(tmp_path, tmp_path / "run")[1:]))
     assert seen >= 3  # the three Train nodes' workflows
+
+
+# ---- devices (issue 24): a job on several devices ----------------------------------------------
+def test_devices_name_one_process_per_device():
+    from core.job_spec import device_list
+
+    assert device_list("", "cuda:1", 2) == ["cuda:1"]
+    assert device_list("cuda:0,1", "cpu", 2) == device_list("cuda:0, cuda:1", "cpu", 2) == ["cuda:0", "cuda:1"]
+    assert device_list("all", "cuda:0", 3) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert device_list("all", "cpu", 0) == ["cpu"]  # no GPU: the job's one device
+    assert device_list("cpu,cpu", "cpu", 0) == ["cpu", "cpu"]
+
+
+@pytest.mark.parametrize("bad, message", [("cuda:0,0", "a GPU named twice"), ("cpu,cuda:1", "GPUs and the CPU"),
+                                          ("gpu0", "'gpu0' is not a device")])
+def test_devices_that_name_no_device_list_are_refused(bad, message):
+    from core.job_spec import DevicesError, device_list
+
+    with pytest.raises(DevicesError, match=message):
+        device_list(bad, "cpu", 2)
+
+
+def test_a_spec_keeps_its_devices_and_older_specs_read_without_them(tmp_path):
+    spec = JobSpec(method="fairhuman", base="b", output_file="x.safetensors", output_listed="fairhuman/x.safetensors",
+                   output_dest=str(tmp_path / "x.safetensors"), devices="cuda:0,1")
+    spec.write(tmp_path / "spec.json")
+    assert JobSpec.read(tmp_path / "spec.json").devices == "cuda:0,1"
+    data = spec.to_dict()
+    del data["devices"]
+    assert JobSpec.from_dict(data).devices == ""

@@ -13,6 +13,16 @@ are forwarded with ``stage: "train"``), and exactly one final ``done``, ``error`
 ``cancelled`` event. The trainer keeps its own run directory (``<job dir>/train``) so
 ``report`` and ``--resume`` work on it as on any run.
 
+With validation on, the trainer's best LoRA (``<name>_best.safetensors``) is copied beside the final
+one, under the same rule (never over an existing file unless the spec allows it); the ``done``
+event names both (``best_lora_name`` is the final LoRA's name when there is no best one).
+
+Under a launcher (``torch.distributed.run``, one process per device: the job manager's
+``devices``) every process runs this same command: each stage splits its items over the processes
+(``trainers.shards``: per-rank part files that rank 0 merges), the trainer runs data-parallel,
+and rank 0 alone speaks for the job (its ``events.jsonl``, progress counting every process's part
+file, the copy and the final event); another rank's events go to ``events.rank<r>.jsonl``.
+
 Exit codes: 0 done, 1 failed, 2 refused input, 3 cancelled (SIGTERM/SIGINT; resumable: running
 the same spec again continues every stage where it stopped).
 """
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -35,6 +46,8 @@ from core.job_spec import JobSpec, SpecError
 from core.masks.images import IMAGE_SUFFIXES
 
 from .cli import main as cli_main
+from .shards import Share, ShardedRecords
+from .validation import best_name
 
 TRAIN_DIR = "train"
 ANNOTATIONS_DIR = "dataset"
@@ -110,13 +123,15 @@ class _Watcher(threading.Thread):
 
 def _count_progress(events: EventLog, stage: str, journal: Path, total: int, key: str):
     """A poll emitting ``progress`` (stage, step = distinct finished items, total) when the
-    stage's journal (metadata.jsonl, pairs.jsonl: one appended record per item) grows."""
+    stage's journal (metadata.jsonl, pairs.jsonl: one appended record per item) or one of its
+    part files (``trainers.shards``: one per process under a launcher) grows."""
     seen = {"step": -1}
+    files = ShardedRecords(journal, Share())
 
     def poll():
         try:
-            done = len({r.get(key) for r in read_jsonl(journal)})
-        except Exception:  # being rewritten at this moment: count again next time
+            done = len({r.get(key) for path in [journal, *files.parts()] for r in read_jsonl(path)})
+        except Exception:  # being rewritten or merged at this moment: count again next time
             return
         done = min(done, total)
         if done != seen["step"]:
@@ -124,6 +139,18 @@ def _count_progress(events: EventLog, stage: str, journal: Path, total: int, key
             events.emit(PROGRESS, stage=stage, step=done, total=total)
 
     return poll
+
+
+def _run_counted(argv: list[str], count) -> tuple[int, str | None]:
+    """``run_command`` with ``count`` (a ``_count_progress`` poll) watching it, on rank 0 only."""
+    if not Share.of().reporter:
+        return run_command(argv)
+    watcher = _Watcher(count)
+    watcher.start()
+    try:
+        return run_command(argv)
+    finally:
+        watcher.finish()
 
 
 # ---- stages ----------------------------------------------------------------------------------
@@ -157,15 +184,13 @@ def annotate_stage(spec: JobSpec, job_dir: Path, events: EventLog, pose: bool = 
     if not images:
         raise StageFailed(f"dataset folder {dataset} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})", 2)
     events.emit(STAGE, name="annotate", images=len(images), pose=pose)
-    watcher = _Watcher(_count_progress(events, "annotate", out / METADATA, len(images), "image"))
-    watcher.start()
-    try:
-        code, message = run_command(["annotate", dataset, "--out", out, *(["--pose"] if pose else []),
-                                     "--workers", max(1, min(4, os.cpu_count() or 1))])
-    finally:
-        watcher.finish()
+    code, message = _run_counted(["annotate", dataset, "--out", out, *(["--pose"] if pose else []),
+                                  "--workers", max(1, min(4, os.cpu_count() or 1))],
+                                 _count_progress(events, "annotate", out / METADATA, len(images), "image"))
     if code != 0:
         raise StageFailed(f"annotation failed: {message or f'exit code {code}'}", code)
+    if not Share.of().reporter:
+        return out  # rank 0 merges the records and judges them
     records = read_jsonl(out / METADATA)
     by_status = {}
     for record in records:
@@ -196,12 +221,8 @@ def pairs_stage(spec: JobSpec, job_dir: Path, events: EventLog) -> Path:
     write_text_atomic(prompts_file, "\n".join(prompts) + "\n")
     argv = spec.build_pairs_argv(prompts_file, out)
     events.emit(STAGE, name="build-pairs", prompts=len(prompts))
-    watcher = _Watcher(_count_progress(events, "build-pairs", out / PAIRS, len(set(prompts)), "prompt"))
-    watcher.start()
-    try:
-        code, message = run_command(argv)
-    finally:
-        watcher.finish()
+    code, message = _run_counted(argv, _count_progress(events, "build-pairs", out / PAIRS, len(set(prompts)),
+                                                       "prompt"))
     if code != 0:
         raise StageFailed(f"build-pairs failed: {message or f'exit code {code}'} (queue the job again to "
                           f"retry the failed prompts)", code)
@@ -230,14 +251,17 @@ class _Forwarder:
                 self.events.emit(kind, stage="train", **record)
 
 
-def train_stage(spec: JobSpec, job_dir: Path, events: EventLog, data: Path) -> dict:
+def train_stage(spec: JobSpec, job_dir: Path, events: EventLog, data: Path, resume: bool) -> dict:
+    """``resume``: whether the run directory existed when the job started (decided then, before
+    any process of a group could create it)."""
     run_dir = job_dir / TRAIN_DIR
     argv = spec.train_argv(data, run_dir)
-    if run_dir.exists():
+    if resume:
         argv.append("--resume")  # the same output_name again: continue (a new run if nothing to resume)
-    events.emit(STAGE, name="train", resume=run_dir.exists())
+    events.emit(STAGE, name="train", resume=resume)
     forwarder = _Forwarder(run_dir / EVENTS_FILE, events)
-    watcher = _Watcher(forwarder.poll, interval=0.2)
+    # the trainer's events are written by rank 0: another rank forwards nothing
+    watcher = _Watcher(forwarder.poll if Share.of().reporter else (lambda: None), interval=0.2)
     watcher.start()
     try:
         code, message = run_command(argv)
@@ -254,26 +278,43 @@ def train_stage(spec: JobSpec, job_dir: Path, events: EventLog, data: Path) -> d
     return {"file": run_dir / spec.output_file, "steps": forwarder.last_step, "run_dir": run_dir}
 
 
-def finish_weights(spec: JobSpec, trained: dict) -> Path:
-    """Check the trained file (LoRA or ControlNet) reads as safetensors with tensors, then copy it
-    atomically to where ComfyUI lists it (never over an existing file unless the spec allows it)."""
+def finish_weights(spec: JobSpec, trained: dict) -> dict:
+    """Check the trained file (LoRA or ControlNet) reads as safetensors with tensors, then copy it,
+    and the validation's best LoRA when there is one, atomically to where ComfyUI lists them (never
+    over an existing file unless the spec allows it; with ``overwrite``, a best LoRA of an earlier
+    run that this one did not produce is removed). Returns the done event's file fields."""
+    source = Path(trained["file"])
+    _check_weights(source)
+    dest = Path(spec.output_dest)
+    best_source = source.with_name(best_name(source.name))  # the trainer's validation.best_name
+    best_dest = dest.with_name(best_name(dest.name))
+    copies = [(source, dest)] + ([(best_source, best_dest)] if best_source.is_file() else [])
+    for _, target in copies:
+        if target.exists() and not spec.overwrite:
+            raise StageFailed(f"{target} already exists: choose another output_name or set overwrite to true", 2)
+    if len(copies) > 1:
+        _check_weights(best_source)
+    for origin, target in copies:
+        with atomic_path(target) as tmp:
+            with open(origin, "rb") as src, open(tmp, "wb") as out:
+                while chunk := src.read(1 << 22):
+                    out.write(chunk)
+    if len(copies) == 1 and spec.overwrite:
+        best_dest.unlink(missing_ok=True)  # an earlier run's best, not this LoRA's
+    best = len(copies) > 1
+    return {"lora": str(dest), "best_lora": str(best_dest) if best else None,
+            "best_lora_name": best_name(spec.output_listed) if best else spec.output_listed}
+
+
+def _check_weights(path: Path) -> None:
     from safetensors import safe_open
 
-    source = Path(trained["file"])
     try:
-        with safe_open(str(source), "pt") as handle:
+        with safe_open(str(path), "pt") as handle:
             if not list(handle.keys()):
                 raise ValueError("it holds no tensors")
     except Exception as err:
-        raise StageFailed(f"the trained file {source} does not read: {err}") from None
-    dest = Path(spec.output_dest)
-    if dest.exists() and not spec.overwrite:
-        raise StageFailed(f"{dest} already exists: choose another output_name or set overwrite to true", 2)
-    with atomic_path(dest) as tmp:
-        with open(source, "rb") as src, open(tmp, "wb") as out:
-            while chunk := src.read(1 << 22):
-                out.write(chunk)
-    return dest
+        raise StageFailed(f"the trained file {path} does not read: {err}") from None
 
 
 def plot_job(job_dir: Path) -> Path | None:
@@ -301,25 +342,52 @@ def _raise_cancelled(signum, _frame):
     raise Cancelled(None)
 
 
+def join_group(share: Share) -> None:
+    """Under a launcher: one process group for the whole job, which every stage's barriers and the
+    trainer's collectives use. A group destroyed and created again on the launcher's store would
+    read the old group's addresses there (gloo: "connection refused"). The timeout covers a process
+    waiting at a stage's end for a slower one."""
+    if share.world <= 1:
+        return
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=6))
+
+
 def run_spec(spec: JobSpec, job_dir: Path) -> int:
     """Every stage of the job; its exit code."""
-    events = EventLog(job_dir / EVENTS_FILE)
+    share = Share.of()
+    if share.world > 1:
+        # each process uses cuda:LOCAL_RANK (or the CPU): the trainer refuses --device under a launcher
+        spec = dataclasses.replace(spec, train={k: v for k, v in spec.train.items() if k != "device"})
+        join_group(share)
+    events = EventLog(job_dir / (EVENTS_FILE if share.reporter else f"events.rank{share.rank}.jsonl"),
+                      echo=share.reporter)
     events.emit(START, job=spec.job_id, method=spec.method, base=spec.base, steps=spec.train.get("steps"),
-                run_dir=str(job_dir))
+                run_dir=str(job_dir), processes=share.world)
+    resume = (job_dir / TRAIN_DIR).exists()
     try:
         if spec.method in PHOTO_METHODS:
             data = annotate_stage(spec, job_dir, events, pose=spec.method == CONTROLNET_METHOD)
         else:
             data = pairs_stage(spec, job_dir, events)
-        trained = train_stage(spec, job_dir, events, data)
-        dest = finish_weights(spec, trained)
+        share.barrier()  # rank 0 has merged the records every process trains on
+        trained = train_stage(spec, job_dir, events, data, resume)
+        if not share.reporter:
+            return 0
+        files = finish_weights(spec, trained)
         try:
             plot = plot_job(job_dir)
         except Exception as err:  # a plot is a convenience: the LoRA is what the job owes
             events.emit(WARNING, message=f"no loss plot: {type(err).__name__}: {err}")
             plot = None
         # the done event's keys are the job protocol's (a ControlNet's file is its "lora" too)
-        events.emit(DONE, lora=str(dest), lora_name=spec.output_listed, steps=trained["steps"],
+        events.emit(DONE, **files, lora_name=spec.output_listed, steps=trained["steps"],
                     run_lora=str(trained["file"]), plot=str(plot) if plot else None)
         return 0
     except Cancelled as stop:

@@ -220,6 +220,17 @@ function formatLoss(value) {
   return String(value); // "nan"/"inf" arrive as strings (JSON has no NaN)
 }
 
+// A queued job waits for its device(s): its place among the jobs waiting for them, and the job
+// right ahead of it (running, or queued earlier), named as the panel names jobs.
+function queueText(job) {
+  const position = Number(job.queue_position);
+  const ahead = job.queued_behind ? store.jobs.get(job.queued_behind) : null;
+  const name = ahead ? (ahead.output_name || ahead.id) : job.queued_behind;
+  return [Number.isInteger(position) && position > 0 ? `#${position} in the queue` : "waiting in the queue",
+    name ? `behind ${name}${ahead && ahead.output_name ? ` (job ${job.queued_behind})` : ""}` : ""]
+    .filter(Boolean).join(" · ");
+}
+
 function renderJob(job) {
   const state = STATES.has(job.state) ? job.state : "unknown";
   const row = el("div", `fh-job fh-state-${state}`);
@@ -252,6 +263,14 @@ function renderJob(job) {
   bar.append(fill);
   row.append(bar);
 
+  if (job.state === "queued") row.append(el("div", "fh-job-queue", queueText(job)));
+  const devices = Array.isArray(job.devices) ? job.devices.filter(Boolean) : [];
+  if (devices.length > 1) {
+    const line = el("div", "fh-job-devices", `${devices.length} processes: ${devices.join(", ")}`);
+    line.title = "One job over several devices (one process each); the progress counts them all";
+    row.append(line);
+  }
+
   const eta = isActive(job) ? formatEta(job.eta_s) : "";
   // stage: annotate | build-pairs | train (each counts its own steps)
   const stage = isActive(job) && job.stage ? String(job.stage) : "";
@@ -279,6 +298,11 @@ function renderJob(job) {
     row.append(line);
   }
 
+  if (job.state === "done" && job.best_lora_name && job.best_lora_name !== job.lora_name) {
+    const best = el("div", "fh-job-lora fh-job-best", `best: ${job.best_lora_name}`);
+    best.title = "The LoRA of the best validation step, beside the final one";
+    row.append(best);
+  }
   if (job.error) row.append(el("div", "fh-job-error", job.error));
   const warnings = Array.isArray(job.warnings) ? job.warnings.filter(Boolean) : [];
   if (warnings.length) row.append(el("div", "fh-job-warning", warnings[warnings.length - 1]));
@@ -294,7 +318,9 @@ function renderJob(job) {
     const button = el("button", "fh-cancel", busy ? "Cancelling…" : "Cancel");
     button.type = "button";
     button.disabled = busy;
-    button.title = "Stop this job: the trainer saves a checkpoint, and queueing the same settings resumes it";
+    button.title = job.state === "queued"
+      ? "Take this job out of the queue (nothing of it has run)"
+      : "Stop this job: the trainer saves a checkpoint, and queueing the same settings resumes it";
     button.addEventListener("click", () => cancelJob(job.id));
     row.append(button);
   }
