@@ -119,8 +119,8 @@ class Distributed:
             tensor.div_(self.world)
 
     def all_true(self, flag) -> bool:
-        """Whether ``flag`` (a bool or a 0-dim tensor) holds on every process (so all skip, or
-        all step, together). The one host read of an optimizer step."""
+        """Whether ``flag`` (a bool or a 0-dim tensor) holds on every process (so all skip, step
+        or stop together). A host read: the loop makes two per step (finite losses, no cancel)."""
         if not self.active:
             return bool(flag)
         value = torch.as_tensor(flag).to(self.device, torch.float32).reshape(1)
@@ -354,7 +354,8 @@ class TrainingLoop:
             last, done = result.weights, state.step
             if is_main and (done % cfg.log_every == 0 or done == cfg.steps):
                 self.log(result, start, begin)
-            cancel = stop_requested()
+            # a cancel seen by any process stops every one (else the others wait in a collective)
+            cancel = not self.dist.all_true(not stop_requested())
             periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
             if is_main and (periodic or cancel) and done < cfg.steps:
                 path = state.save(self.run_dir, keep=cfg.keep_checkpoints)
