@@ -57,8 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per weighting and learning rate (default 3)")
     parser.add_argument("--adamw-lrs", default="1e-3,3e-3,1e-2",
                         help="control (a)'s AdamW learning-rate grid (default 1e-3,3e-3,1e-2)")
-    parser.add_argument("--sgd-lrs", default="0.1,0.3,1",
-                        help="control (b)'s SGD grid, swept for ls (default 0.1,0.3,1)")
+    parser.add_argument("--sgd-lrs", default="0.1,0.2,0.4",
+                        help="control (b)'s SGD grid, swept for ls (default 0.1,0.2,0.4)")
     parser.add_argument("--batch", type=int, default=8, help="scenes per step (default 8)")
     parser.add_argument("--held-out", type=int, default=32, help="held-out scenes (default 32)")
     parser.add_argument("--probes", type=int, default=6, help="probe timesteps per held-out scene (default 6)")
@@ -103,7 +103,12 @@ class Bench:
     def best(self, label: str, optimizer: str, grid: list[float], match_norm: bool, tag: str):
         """(lr, runs) of the grid's lr with the highest mean worst-of-three reduction."""
         swept = {lr: self.runs(label, optimizer, lr, match_norm, tag) for lr in grid}
-        lr = max(grid, key=lambda v: statistics.fmean(metrics(r)["worst of three"] for r in swept[v]))
+
+        def score(lr: float) -> float:  # a diverged lr (NaN) is never the best
+            mean = statistics.fmean(metrics(r)["worst of three"] for r in swept[lr])
+            return -math.inf if math.isnan(mean) else mean
+
+        lr = max(grid, key=score)
         return lr, swept[lr]
 
 
@@ -167,12 +172,12 @@ def plot(path: str, tables: dict[str, dict[str, tuple[float, list[dict]]]]) -> N
 
     fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 5), squeeze=False)
     for ax, (title, results) in zip(axes[0], tables.items()):
-        for label, (_, runs) in results.items():
+        for n, (label, (_, runs)) in enumerate(results.items()):  # one colour per weighting in both panels
             (x, xh), (y, yh) = (mean_interval(column(runs, c)) for c in ("global", "worse of face/hand"))
-            ax.errorbar(x, y, xerr=0 if math.isnan(xh) else xh, yerr=0 if math.isnan(yh) else yh, fmt="o", capsize=3)
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
-        low, high = ax.get_xlim()
-        ax.plot([low, high], [low, high], "k--", lw=0.8, label="region gain = global change")
+            ax.errorbar(x, y, xerr=0 if math.isnan(xh) else xh, yerr=0 if math.isnan(yh) else yh, fmt="o",
+                        capsize=3, color=f"C{n}")
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9, color=f"C{n}")
+        ax.axline((0, 0), slope=1, color="k", ls="--", lw=0.8, label="region gain = global change")
         ax.set_xlabel("global objective: error reduction (%)")
         ax.set_ylabel("worse of face / hand: error reduction (%)")
         ax.set_title(title, fontsize=10)

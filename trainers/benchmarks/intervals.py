@@ -37,7 +37,10 @@ def t_quantile(p: float, df: float) -> float:
 
 
 def mean_interval(values: list[float]) -> tuple[float, float]:
-    """(mean, half-width of its 95 % Student-t interval); half-width NaN for one value."""
+    """(mean, half-width of its 95 % Student-t interval); half-width NaN for one value, both
+    NaN if a value is (a diverged run)."""
+    if not all(math.isfinite(v) for v in values):
+        return math.nan, math.nan
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, math.nan
@@ -47,6 +50,8 @@ def mean_interval(values: list[float]) -> tuple[float, float]:
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float]:
     """(mean(a) − mean(b), half-width of Welch's 95 % interval for it); NaN with < 2 values."""
+    if not all(math.isfinite(v) for v in (*a, *b)):
+        return math.nan, math.nan
     diff = statistics.fmean(a) - statistics.fmean(b)
     if len(a) < 2 or len(b) < 2:
         return diff, math.nan
