@@ -121,13 +121,17 @@ def column(runs: list[dict], name: str) -> list[float]:
     return [metrics(r)[name] for r in runs]
 
 
-def print_table(title: str, results: dict[str, tuple[float, list[dict]]]) -> None:
+def print_table(title: str, results: dict[str, tuple[float, list[dict]]], grid: list[float]) -> None:
+    """The control's table; an lr at either end of its grid is starred (the best may lie beyond)."""
     print(f"\n{title}\n")
     print("| weighting | lr | " + " | ".join(COLUMNS) + " | update shares global / face / hand |")
     print("|---" * (len(COLUMNS) + 3) + "|")
     for label, (lr, runs) in results.items():
         shares = " / ".join(f"{statistics.fmean(r['shares'][i] for r in runs):.2f}" for i in range(len(REGIONS)))
-        print(f"| {label} | {lr:g} | " + " | ".join(_cell(column(runs, c)) for c in COLUMNS) + f" | {shares} |")
+        edge = "*" if len(grid) > 2 and lr in (min(grid), max(grid)) else ""
+        print(f"| {label} | {lr:g}{edge} | " + " | ".join(_cell(column(runs, c)) for c in COLUMNS) + f" | {shares} |")
+    if any(lr in (min(grid), max(grid)) for lr, _ in results.values()) and len(grid) > 2:
+        print("\n\\* at an end of the grid: a learning rate beyond it may do better")
     print()
     print(discrimination(results))
     print(significance(results))
@@ -215,8 +219,8 @@ def run(args: argparse.Namespace) -> int:
         f"(a) own best AdamW lr from {{{args.adamw_lrs}}} (best: highest mean worst of three)": own_best,
         f"(b) matched norm (‖d‖ = ‖Σ g_i‖), plain SGD, lr {sgd_lr:g} (best for ls from {{{args.sgd_lrs}}})": matched,
     }
-    for title, results in titles.items():
-        print_table(title, results)
+    for (title, results), grid in zip(titles.items(), (adamw_grid, sgd_grid)):
+        print_table(title, results, grid)
     if args.plot:
         plot(args.plot, titles)
         print(f"\nplot: {args.plot}")
