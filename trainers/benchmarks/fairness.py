@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probes", type=int, default=6, help="probe timesteps per held-out scene (default 6)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help="comma-separated subset of: " + ", ".join(VARIANTS) + " (ls and global-only always run)")
+    parser.add_argument("--controls", default="a,b", help="which controls to run: a, b or a,b (default both)")
     parser.add_argument("--plot", default=None, help="write the scatter of region gain vs global change (PNG) here")
 
 
@@ -204,24 +205,30 @@ def run(args: argparse.Namespace) -> int:
     bench = Bench(args)
     adamw_grid, sgd_grid = _floats(args.adamw_lrs), _floats(args.sgd_lrs)
 
-    print("(a) every weighting at its own best AdamW learning rate", flush=True)
-    own_best = {label: bench.best(label, "adamw", adamw_grid, False, "(a)") for label in labels}
-    print("(b) every update rescaled to the plain sum's norm, plain SGD", flush=True)
-    sgd_lr, ls_runs = bench.best("ls", "sgd", sgd_grid, True, "(b)")
-    matched = {label: (sgd_lr, ls_runs if label == "ls" else bench.runs(label, "sgd", sgd_lr, True, "(b)"))
-               for label in labels}
+    controls = {c.strip() for c in args.controls.split(",")}
+    if not controls or controls - {"a", "b"}:
+        raise SystemExit(f"--controls: a, b or a,b, got {args.controls!r}")
+    tables = []  # (title, results, grid)
+    if "a" in controls:
+        print("(a) every weighting at its own best AdamW learning rate", flush=True)
+        own_best = {label: bench.best(label, "adamw", adamw_grid, False, "(a)") for label in labels}
+        tables.append((f"(a) own best AdamW lr from {{{args.adamw_lrs}}} (best: highest mean worst of three)",
+                       own_best, adamw_grid))
+    if "b" in controls:
+        print("(b) every update rescaled to the plain sum's norm, plain SGD", flush=True)
+        sgd_lr, ls_runs = bench.best("ls", "sgd", sgd_grid, True, "(b)")
+        matched = {label: (sgd_lr, ls_runs if label == "ls" else bench.runs(label, "sgd", sgd_lr, True, "(b)"))
+                   for label in labels}
+        tables.append((f"(b) matched norm (‖d‖ = ‖Σ g_i‖), plain SGD, lr {sgd_lr:g} (best for ls from "
+                       f"{{{args.sgd_lrs}}})", matched, sgd_grid))
 
     print(f"\nbench fairness: tiny denoiser on synthetic scenes (face 6×6, hand 4×4 px of fine texture in "
           f"24×24), {args.steps} steps, batch {args.batch}, seeds 0-{args.seeds - 1}; held-out {args.held_out} "
           f"scenes × {args.probes} probes; relative reduction of each region's denoising error (%, mean ± 95 % "
           f"Student-t half-width over seeds)")
-    titles = {
-        f"(a) own best AdamW lr from {{{args.adamw_lrs}}} (best: highest mean worst of three)": own_best,
-        f"(b) matched norm (‖d‖ = ‖Σ g_i‖), plain SGD, lr {sgd_lr:g} (best for ls from {{{args.sgd_lrs}}})": matched,
-    }
-    for (title, results), grid in zip(titles.items(), (adamw_grid, sgd_grid)):
+    for title, results, grid in tables:
         print_table(title, results, grid)
     if args.plot:
-        plot(args.plot, titles)
+        plot(args.plot, {title: results for title, results, _ in tables})
         print(f"\nplot: {args.plot}")
     return 0
