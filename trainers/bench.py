@@ -11,7 +11,7 @@ import importlib
 BENCHMARKS = {
     "fairhuman": "plain LoRA step vs. MPD step vs. reference-style step (time and memory)",
     "controlnet": "plain ControlNet step vs. MPD step on the tiny SDXL-shaped ControlNet (time and memory)",
-    "fairness": "every weighting, same steps, tiny SD1.5 on real photos: held-out regional error reductions",
+    "fairness": "weightings on a regime that can tell them apart: own best lr, and matched update norm under SGD",
     "dpo": "peak memory of a Diffusion-DPO step vs. a plain LoRA step",
     "lan": "LAN sampling vs. plain sampling (time and peak memory)",
     "annotate": "annotation throughput (images/s) on ~1024 px photos",
