@@ -138,6 +138,33 @@ def test_wait_mode_trains_on_photos_and_the_lora_is_listed_and_applies(setup):
     assert (server.latest_latent("train_wait") == server.latest_latent("train_fhloader")).all()
 
 
+@pytest.mark.heavy
+def test_two_cpu_processes_with_validation_keep_the_best_lora_and_loraloader_lists_both(setup):
+    """``devices`` naming two CPU processes (the job runs under torch.distributed.run, gloo) and
+    ``validate_every``: the job ends done with one combined progress, its validation reaches the
+    jobs route, and both the final and the best LoRA are listed by LoraLoader without a restart."""
+    server, ckpt, _ = setup
+    graph = {
+        "2": train_node(ckpt, "two cpus", devices="cpu,cpu", validate_every=3),
+        "9": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
+        "10": {"class_type": "PreviewAny", "inputs": {"source": ["2", 4]}},
+    }
+    entry = server.run(graph, timeout=2400)
+    name = os.path.join("fairhuman", "two cpus.safetensors")
+    best = os.path.join("fairhuman", "two cpus_best.safetensors")
+    assert entry["outputs"]["9"]["text"][0] == name
+    assert entry["outputs"]["10"]["text"][0] == best
+    job = job_of(server, "two cpus")
+    assert job["state"] == "done" and job["step"] == 3 and job["devices"] == ["cpu", "cpu"], job
+    assert job["validation"] and job["validation"]["step"] == 3, job["validation"]
+    events = [json.loads(line) for line in (runs(server) / "two cpus" / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "progress"][-1] == 3
+    listed = server.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
+    assert name in listed and best in listed
+    assert lora_tensors(loras(server) / "two cpus_best.safetensors").keys() == \
+        lora_tensors(loras(server) / "two cpus.safetensors").keys()
+
+
 # ---- interrupt and resume --------------------------------------------------------------------------
 @pytest.mark.heavy
 def test_interrupt_stops_the_trainer_and_requeueing_resumes_to_the_same_lora(setup):
