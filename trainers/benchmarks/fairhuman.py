@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--fair-every", type=int, nargs="*", default=[4, 8, 16],
                         help="also the mean step cost of --fair-every N for these N (none: skip)")
+    parser.add_argument("--amortized-only", action="store_true",
+                        help="measure only the --fair-every table (plain, mpd and each N)")
 
 
 def add_lora(unet, rank: int) -> list[torch.nn.Parameter]:
@@ -193,26 +195,36 @@ def measure_steps(params, losses, rounds: int) -> tuple[dict, dict, dict]:
 
 
 def amortized_steps(params, losses, every=(4, 8, 16)) -> dict:
-    """``--fair-every N``: N consecutive steps, one solving (the mpd step) and N - 1 backward
-    passes of the weighted sum with the solved weights, as the loop takes them; time / N is the
-    mean step cost."""
-    combiner = FairCombiner(params, get_weighting("mpd"), 3, batched=True)
-
-    def zero():
-        for p in params:
-            p.grad = None
+    """``--fair-every N``: N consecutive steps of the combiner the loop holds (one solve, then
+    N - 1 backward passes of the weighted sum with the solved weights); time / N is the mean
+    step cost."""
+    combiners = {n: FairCombiner(params, get_weighting("mpd"), 3, batched=True, every=n) for n in every}
 
     def run(n):
-        zero()
-        values, active = losses()
-        combiner.add(values, active)
-        weights = combiner.step().weights.detach()
-        for _ in range(n - 1):
-            zero()
-            values, _ = losses()
-            (values * weights).sum().backward()
+        combiner = combiners[n]
+        for step in range(n):
+            for p in params:
+                p.grad = None
+            combiner.begin(step)
+            values, active = losses()
+            combiner.backward(values, active)
+            combiner.finish()
+            combiner.commit()
 
     return {f"fair-every {n}": (lambda n=n: run(n)) for n in every}
+
+
+def _main_table(rank: int, params, losses, rounds: int) -> dict:
+    """The rows of one rank's step table; its steps."""
+    fns, times, peaks = measure_steps(params, losses, rounds)
+    lora_bytes = sum(p.numel() * 4 for p in params)
+    lora_params = sum(p.numel() for p in params)
+    for name in fns:
+        print(f"| {rank} | {lora_params:,} | {name} | {times[name] * 1e3:.0f} | "
+              f"{times[name] / times['plain']:.2f} | {mib(peaks[name])} | "
+              f"{mib(peaks[name] - peaks['plain'])} | {mib(2 * lora_bytes)} |")
+    print_ratios(times, lead="|  |  ", tail=" |")
+    return fns
 
 
 def run(args: argparse.Namespace) -> int:
@@ -220,19 +232,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"tiny SDXL-shaped UNet, batch {args.batch}, {args.latent}x{args.latent} latents, CPU "
           f"{args.threads} threads, median of {args.steps} interleaved rounds after 2 warm-up\n")
     amortized = []
-    header = "| rank | LoRA params | step | time (ms) | / plain | peak MiB | extra MiB vs plain | (K-1) x LoRA MiB |"
-    print(header)
-    print("|" + "---|" * 8)
+    if not args.amortized_only:
+        print("| rank | LoRA params | step | time (ms) | / plain | peak MiB | extra MiB vs plain | (K-1) x LoRA MiB |")
+        print("|" + "---|" * 8)
     for rank in args.ranks:
         unet, params, losses = _setup(rank, args.batch, args.latent)
-        fns, times, peaks = measure_steps(params, losses, args.steps)
-        lora_bytes = sum(p.numel() * 4 for p in params)
-        lora_params = sum(p.numel() for p in params)
-        for name in fns:
-            print(f"| {rank} | {lora_params:,} | {name} | {times[name] * 1e3:.0f} | "
-                  f"{times[name] / times['plain']:.2f} | {mib(peaks[name])} | "
-                  f"{mib(peaks[name] - peaks['plain'])} | {mib(2 * lora_bytes)} |")
-        print_ratios(times, lead="|  |  ", tail=" |")
+        fns = steps_for(params, losses) if args.amortized_only else _main_table(rank, params, losses, args.steps)
         if args.fair_every:  # the amortized mean step, against plain and every-step mpd of the same run
             fns = {"plain": fns["plain"], "mpd": fns["mpd"], **amortized_steps(params, losses, args.fair_every)}
             times = interleaved_medians(fns, max(3, args.steps // 2))
