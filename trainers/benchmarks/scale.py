@@ -86,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
         for processes in args.processes:
             short = timed_build(prompts[:p], Path(tmp) / f"{processes}-short", processes, args)
             long = timed_build(prompts, Path(tmp) / f"{processes}-long", processes, args)
-            marginal = max(long - short, 1e-9)  # P prompts without the start-up
+            marginal = long - short  # P prompts without the start-up
+            if marginal < 0.1 * long:  # start-up and noise dwarf the work: no steady rate to report
+                rows.append(f"| {processes} | {short:.1f} s | {long:.1f} s | too small to measure (raise --prompts "
+                            f"or --steps) | | | {60 * 2 * p / long:.1f} |")
+                print(rows[-1], flush=True)
+                continue
             rate = 60 * p / marginal
             base = base or rate
             rows.append(f"| {processes} | {short:.1f} s | {long:.1f} s | {rate:.1f} | {p * n / marginal:.2f} | "
