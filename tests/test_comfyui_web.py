@@ -183,11 +183,13 @@ def train_prompt(ckpt: str, dataset: str, output_name: str, steps: int) -> dict:
 
 
 def queue_train_node(page, ckpt: str, dataset: str, output_name: str, steps: int) -> int:
-    """A Train FairHuman LoRA node in wait mode on the canvas, queued from the browser as a user
-    does (the frontend builds the prompt); returns its node id."""
+    """A Train FairHuman LoRA node in wait mode alone on the canvas (the template workflow a fresh
+    ComfyUI opens names models this one lacks), queued from the browser as a user does (the
+    frontend builds the prompt); returns its node id."""
     values = {"ckpt_name": ckpt, "dataset": dataset, "output_name": output_name, "steps": steps, "mode": "wait",
               **TRAIN_INPUTS}
     return page.evaluate("""async (values) => {
+        window.app.graph.clear();
         const node = window.LiteGraph.createNode("FairHumanTrainLoRA");
         node.pos = [60, 300];
         window.app.graph.add(node);
@@ -283,7 +285,6 @@ def test_panel_queues_follows_cancels_and_the_node_shows_its_loss_plot(browser, 
 
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     console = open_panel(page, server)
-    add_lora_loader(page)
     stamp = int(time.time())
     long_output, short_output, node_output = f"web_long_{stamp}", f"web_short_{stamp}", f"web_node_{stamp}"
 
@@ -294,6 +295,8 @@ def test_panel_queues_follows_cancels_and_the_node_shows_its_loss_plot(browser, 
     short_id = job_named(server, short_output)
     node_id = queue_train_node(page, ckpt, folder, node_output, steps=2)
     queued_id = job_named(server, node_output, timeout=120)
+    add_lora_loader(page)
+    assert not [name for name in loader_loras(page) if short_output in name]
     jobs = server_jobs(server)
     assert jobs[short_id]["state"] == "queued" and jobs[short_id]["queue_position"] == 1
     assert jobs[short_id]["queued_behind"] == long_id
