@@ -133,7 +133,9 @@ def open_panel(page, server) -> Console:
     page.wait_for_function("() => window.fairhumanJobs && window.fairhumanJobs.store.status !== 'loading'",
                            timeout=120_000)
     page.locator(".p-dialog-mask").wait_for(state="detached", timeout=15_000)
-    page.locator(".pi-chart-line").first.click()  # the tab's icon in the sidebar
+    # the tab's icon in the sidebar; dispatched to it, since a toast or the missing-models dialog of
+    # the template workflow may lie over the sidebar for a moment
+    page.locator(".pi-chart-line").first.dispatch_event("click")
     page.locator(".fh-jobs").wait_for(timeout=15_000)
     return console
 
