@@ -207,6 +207,7 @@ function el(tag, className, text) {
 }
 
 function formatEta(seconds) {
+  if (seconds === null || seconds === undefined) return ""; // not known yet (Number(null) is 0)
   const s = Number(seconds);
   if (!Number.isFinite(s) || s < 0) return "";
   if (s < 60) return `${Math.round(s)} s`;
