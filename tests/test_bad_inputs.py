@@ -89,7 +89,7 @@ def test_resume_below_the_last_checkpoint_is_refused(capsys, earlier_run):
     (["--keep-checkpoints", 0], "--keep-checkpoints 0 must be at least 1"),
     (["--weighting", "fair"], "--weighting 'fair' must be one of"),
     (["--normalization", "none"], "--normalization 'none' must be one of area, reference"),
-    (["--mixed-precision", "fp8"], "--mixed-precision 'fp8' must be one of bf16, fp16, no"),
+    (["--mixed-precision", "fp8"], "--mixed-precision 'fp8' must be one of auto, bf16, fp16, no"),
     (["--lora-name", "../x.safetensors"], "must be a plain file name"),
     (["--base", "missing.safetensors"], "--base 'missing.safetensors' is neither"),
 ])

@@ -225,11 +225,14 @@ def test_background_job_runs_beside_the_queue_and_cancels_within_10_s(setup):
     assert detail["id"] == job["id"] and detail["events"] and detail["events"][-1]["event"] in (
         "progress", "checkpoint", "start", "stage")
 
-    # a second job on the busy device: a clear error naming the running job, and nothing written
+    # a second job on the busy device waits in the queue behind it; cancelled there, it leaves nothing
     before = sorted(p.name for p in runs(server).iterdir())
-    message = error_of(server, {"2": train_node(ckpt, "second job")})
-    assert f"busy with training job {job['id']}" in message and "'background'" in message
+    server.run({"2": train_node(ckpt, "second job", mode="background")}, timeout=120)
+    second = job_of(server, "second job")
+    assert second["state"] == "queued" and second["queue_position"] == 1 and second["queued_behind"] == job["id"]
+    assert server.post(f"/fairhuman/jobs/{second['id']}/cancel", {})["state"] == "cancelled"
     assert sorted(p.name for p in runs(server).iterdir()) == before
+    assert not (loras(server) / "second job.safetensors").exists()
 
     pid = job_pid(server, "background")
     started = time.monotonic()

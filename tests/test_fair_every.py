@@ -164,3 +164,24 @@ def test_a_checkpoint_in_the_old_format_still_resumes_exactly(dataset, tmp_path)
     assert [e["step"] for e in read_events(run / "events.jsonl") if e["event"] == "resume"] == [4]
     again = lora_tensors(run / "fairhuman_sd15.safetensors")
     assert straight.keys() == again.keys() and all(torch.equal(straight[k], again[k]) for k in straight)
+
+
+def test_bench_times_fair_every_n_against_n_plain_steps():
+    """`bench fairhuman`'s amortized table divides N fair-every-N steps by N; its plain baseline
+    must be N plain steps timed the same way (one warm call would favour plain)."""
+    from trainers.benchmarks.fairhuman import amortized_steps
+
+    params, losses = _toy(0)
+    forwards = []
+
+    def counted():
+        forwards.append(1)
+        return losses(), None
+
+    fns = amortized_steps(params, counted, every=(3, 5))
+    assert set(fns) == {"plain 3", "fair-every 3", "plain 5", "fair-every 5"}
+    for name, fn in fns.items():
+        forwards.clear()
+        fn()
+        assert len(forwards) == int(name.split()[-1]), name
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params), name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 from .bench import BENCHMARKS
@@ -61,4 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         _top_parser().parse_args([name])  # prints the usage error, exits 2
     module = load_command(name)
     args = build_parser(name, module).parse_args(rest)
+    # The command as typed, for reports that record how they were made (also when called in-process).
+    args.command_line = "python -m trainers " + " ".join(shlex.quote(str(a)) for a in argv)
     return int(module.run(args) or 0)

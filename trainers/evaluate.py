@@ -19,8 +19,6 @@ one-process output.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,8 +271,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from None
     scores = model_scores(out, items, prompts, args.scorer, folders)
     summary = summarize(out, items, prompts, found, scores)
-    command = "python -m trainers evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-        if sys.argv[1:2] == ["evaluate"] else "python -m trainers evaluate (called from Python)"
+    command = getattr(args, "command_line", "python -m trainers evaluate (called from Python)")
     report = {"command": command, "base": args.base, "models": [{"name": m.name, "lora": str(m.lora)} for m in models],
               "prompts": prompts, "seeds": args.seeds, "strengths": args.strengths,
               "images": [{"model": i.model, "strength": i.strength, "prompt": i.prompt, "seed": i.seed,
