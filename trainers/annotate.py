@@ -83,8 +83,9 @@ class Settings:
     pose: bool = False
 
 
+# One image to annotate (a worker process's unit of work; not a training job).
 @dataclass(frozen=True)
-class Job:
+class ImageTask:
     image: Path  # absolute
     key: str  # the record's "image": path relative to the output folder
     caption: Path | None
@@ -136,21 +137,21 @@ def _relative(path: Path, out: Path) -> str:
     return Path(os.path.relpath(path, out)).as_posix()
 
 
-def annotate_one(job: Job, settings: Settings) -> dict:
+def annotate_one(task: ImageTask, settings: Settings) -> dict:
     """The record of one image; its masks are written (or the user's kept) on the way."""
     from core.masks import boxes_mask, detect, load_rgb
 
-    record = {"image": job.key, "text": "", "width": None, "height": None, "status": "error", "reason": None,
+    record = {"image": task.key, "text": "", "width": None, "height": None, "status": "error", "reason": None,
               "faces": [], "hands": [], "mask_face": None, "mask_hand": None}
     notes = []
     try:
-        record["text"], note = read_caption(job.caption)
+        record["text"], note = read_caption(task.caption)
         if note:
             notes.append(note)
     except OSError as err:
         notes.append(f"caption unreadable: {err}")
     try:
-        rgb = load_rgb(job.image)
+        rgb = load_rgb(task.image)
     except Exception as err:  # corrupt, truncated, empty, not an image: PIL raises many kinds
         record["reason"] = "; ".join([f"unreadable image: {type(err).__name__}: {err}"] + notes)
         return record
@@ -161,7 +162,7 @@ def annotate_one(job: Job, settings: Settings) -> dict:
     record["faces"] = [f.to_json() for f in faces]
     record["hands"] = [h.to_json() for h in hands]
     record["status"] = "ok" if faces or hands else "no_people"
-    for kind, found, path in (("face", faces, job.mask_face), ("hand", hands, job.mask_hand)):
+    for kind, found, path in (("face", faces, task.mask_face), ("hand", hands, task.mask_hand)):
         if path.exists() and not is_our_mask(path):
             from PIL import Image
 
@@ -172,38 +173,38 @@ def annotate_one(job: Job, settings: Settings) -> dict:
                 size, bad = None, f"{type(err).__name__}: {err}"
             if size != (width, height):
                 record["status"] = "error"
-                notes.append(f"user {kind} mask {_relative(path, job.out)} is "
+                notes.append(f"user {kind} mask {_relative(path, task.out)} is "
                              + (f"{size[0]}x{size[1]}" if size else f"unreadable ({bad})")
                              + f", the image is {width}x{height}: fix or remove it")
                 continue
-            notes.append(f"kept the user's {kind} mask {_relative(path, job.out)}")
+            notes.append(f"kept the user's {kind} mask {_relative(path, task.out)}")
         else:
             mask = boxes_mask([d.box for d in found], (height, width), padding=settings.padding,
                               dilation=settings.dilation, feather=settings.feather)
             write_mask(path, mask)
-        record[f"mask_{kind}"] = _relative(path, job.out)
-    add_condition(record, job, settings, rgb, notes)
+        record[f"mask_{kind}"] = _relative(path, task.out)
+    add_condition(record, task, settings, rgb, notes)
     if record["status"] == "error":
         record["mask_face"] = record["mask_hand"] = record["condition"] = None
     record["reason"] = "; ".join(notes) or None
     return record
 
 
-def add_condition(record: dict, job: Job, settings: Settings, rgb, notes: list) -> None:
+def add_condition(record: dict, task: ImageTask, settings: Settings, rgb, notes: list) -> None:
     """The record's ``condition``: the user's ``<stem>_condition.png`` as it is, else (``--pose``)
     our pose render, tagged like our masks; ``pose`` counts what was drawn."""
-    path = job.condition
+    path = task.condition
     if path is None:
         return
     if path.exists() and not is_our_mask(path):
-        record["condition"] = _relative(path, job.out)
+        record["condition"] = _relative(path, task.out)
         notes.append(f"kept the user's condition image {record['condition']}")
     elif settings.pose:
         from core.masks.pose import detect_pose, render_pose
 
         pose = detect_pose(rgb, min_confidence=settings.min_confidence, models_dir=settings.models_dir)
         write_mask(path, render_pose(pose))
-        record["condition"], record["pose"] = _relative(path, job.out), pose.to_json()
+        record["condition"], record["pose"] = _relative(path, task.out), pose.to_json()
 
 
 # ---- the folder ---------------------------------------------------------------------------------
@@ -225,9 +226,9 @@ def list_files(root: Path, out: Path) -> tuple[list[Path], list[Path]]:
     return images, ignored
 
 
-def make_jobs(root: Path, out: Path, images: list[Path]) -> list[Job]:
+def make_tasks(root: Path, out: Path, images: list[Path]) -> list[ImageTask]:
     stems = Counter((p.parent, p.stem) for p in images)
-    jobs = []
+    tasks = []
     for path in images:
         rel = path.relative_to(root)
         # "a.jpg" and "a.png" side by side must not share masks
@@ -236,12 +237,12 @@ def make_jobs(root: Path, out: Path, images: list[Path]) -> list[Job]:
         caption = path.with_suffix(".txt")
         side = {kind: _users_or_ours(root / MASKS / f"{base}_{kind}.png", out / MASKS / f"{base}_{kind}.png")
                 for kind in ("face", "hand", "condition")}
-        jobs.append(Job(
+        tasks.append(ImageTask(
             image=path.resolve(), key=_relative(path.resolve(), out.resolve()),
             caption=caption if caption.is_file() else None,
             mask_face=side["face"], mask_hand=side["hand"], out=out.resolve(), condition=side["condition"],
         ))
-    return jobs
+    return tasks
 
 
 def _users_or_ours(own: Path, target: Path) -> Path:
@@ -265,11 +266,11 @@ def is_done(record: dict | None, out: Path, retry_errors: bool, pose: bool = Fal
     return all((out / m).is_file() for m in masks if m)  # a deleted mask is made again
 
 
-def _results(jobs: list[Job], settings: Settings, workers: int):
+def _results(tasks: list[ImageTask], settings: Settings, workers: int):
     """Yield records as images finish: in this process or in a pool of ``workers``."""
     if workers <= 1:
-        for job in jobs:
-            yield annotate_one(job, settings)
+        for task in tasks:
+            yield annotate_one(task, settings)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -283,14 +284,14 @@ def _results(jobs: list[Job], settings: Settings, workers: int):
     else:
         context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = {pool.submit(annotate_one, job, settings): job for job in jobs}
+        futures = {pool.submit(annotate_one, task, settings): task for task in tasks}
         try:
             for future in as_completed(futures):
                 try:
                     yield future.result()
                 except Exception as err:  # a worker died on this image: record it, go on
-                    job = futures[future]
-                    yield {"image": job.key, "text": "", "width": None, "height": None, "status": "error",
+                    task = futures[future]
+                    yield {"image": task.key, "text": "", "width": None, "height": None, "status": "error",
                            "reason": f"annotation failed: {type(err).__name__}: {err}", "faces": [], "hands": [],
                            "mask_face": None, "mask_hand": None}
         except BaseException:
@@ -334,26 +335,26 @@ def run(args: argparse.Namespace) -> int:
     share = shards.Share.of(args.shard)
     store = shards.ShardedRecords(meta_path, share, key=lambda r: r["image"],
                                   finished=lambda r: r.get("status", "ok") in DONE_STATUS)
-    jobs = make_jobs(root, out, images)
-    keys = [job.key for job in jobs]
+    tasks = make_tasks(root, out, images)
+    keys = [task.key for task in tasks]
     try:
         records = store.load()
     except (JsonlError, shards.ShardError) as err:
         print(f"error: {err}; fix or delete that line (or the file, to annotate everything again)", file=sys.stderr)
         return 2
-    todo = [(k, job.key) for k, job in enumerate(jobs)
-            if not is_done(records.get(job.key), out.resolve(), args.retry_errors, args.pose)]
+    todo = [(k, task.key) for k, task in enumerate(tasks)
+            if not is_done(records.get(task.key), out.resolve(), args.retry_errors, args.pose)]
     start = time.perf_counter()
     try:
         if not args.merge:
             if share.reporter:
-                print(f"annotate {root}: {len(jobs)} images, {len(jobs) - len(todo)} already done, {len(todo)} to do"
+                print(f"annotate {root}: {len(tasks)} images, {len(tasks) - len(todo)} already done, {len(todo)} to do"
                       + (f" ({share.describe()} of them)" if share.count > 1 else "")
                       + f" (models: {files.origin})", flush=True)
 
             def annotated(positions):
                 workers = max(1, min(args.workers or default_workers(), len(positions) or 1))
-                return _results([jobs[k] for k in positions], settings, workers)
+                return _results([tasks[k] for k in positions], settings, workers)
 
             shards.work_share(store, todo, annotated, "annotate", "img", on_record=note)
             records = store.gathered()
@@ -372,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     counts = Counter(records[key]["status"] for _, key in todo)
     print(f"done in {elapsed:.1f} s: ok {counts['ok']}, no_people {counts['no_people']}, error {counts['error']}, "
-          f"skipped as done {len(jobs) - len(todo)}, not images {len(ignored)}")
+          f"skipped as done {len(tasks) - len(todo)}, not images {len(ignored)}")
     if ignored:
         shown = ", ".join(_relative(p, root) for p in ignored[:5])
         print(f"  not images (ignored by suffix): {shown}{' ...' if len(ignored) > 5 else ''}")

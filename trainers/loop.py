@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from core.combine import is_out_of_memory
-from core.fileio import NAN, WARNING, EventLog
+from core.fileio import CHECKPOINT, EVAL, NAN, PROGRESS, RESUME, WARNING, EventLog
 
 from .methods.base import Method
 from .training_state import TrainingState
@@ -261,13 +261,13 @@ class TrainingLoop:
     def resume(self) -> None:
         path = self.state.restore(self.run_dir)
         if path is not None:
-            self.events.emit("resume", step=self.state.step, checkpoint=str(path))
+            self.events.emit(RESUME, step=self.state.step, checkpoint=str(path))
 
     def evaluate(self, done: int) -> None:
         if self.dist.is_main:
             values = self.method.evaluate()
             if values:
-                self.events.emit("eval", step=done, **values)
+                self.events.emit(EVAL, step=done, **values)
 
     def skip(self, step: int, cause: str, **fields) -> None:
         """A skipped optimizer step, counted; too many in a row stop the run."""
@@ -332,7 +332,7 @@ class TrainingLoop:
         rate = (done - start) / elapsed if elapsed > 0 else 0.0
         shares = self.gradients.shares
         self.events.emit(
-            "progress", step=done, total=total, losses=dict(zip(self.names, result.losses.tolist())),
+            PROGRESS, step=done, total=total, losses=dict(zip(self.names, result.losses.tolist())),
             weights=result.weights.float().tolist(), grad_norm=float(result.grad_norm),
             lr=self.state.lr_scheduler.get_last_lr()[0],
             **({"shares": shares.float().tolist()} if shares is not None else {}),
@@ -359,7 +359,7 @@ class TrainingLoop:
             periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
             if is_main and (periodic or cancel) and done < cfg.steps:
                 path = state.save(self.run_dir, keep=cfg.keep_checkpoints)
-                self.events.emit("checkpoint", step=done, path=str(path))
+                self.events.emit(CHECKPOINT, step=done, path=str(path))
             if is_main and after_step is not None:
                 after_step(done)
             if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):

@@ -24,6 +24,11 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:07d}.pt"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a ``checkpoint_path`` file was saved at (its name says it)."""
+    return int(Path(path).stem.split("_")[-1])
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     folder = Path(run_dir) / CHECKPOINT_DIR
     found = sorted(folder.glob("step_*.pt")) if folder.is_dir() else []

@@ -28,7 +28,7 @@ from core.job_spec import MAY_CHANGE_ON_RESUME, settings_differences
 
 from .config import ConfigError, TrainConfig, add_config_arguments, explicit_values, resolve, validate
 from .methods import METHODS, method_module
-from .run_dir import latest_checkpoint
+from .run_dir import checkpoint_step, latest_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +89,7 @@ def plan_run(args) -> RunPlan:
                               "resume, or use --overwrite (or another --output) to train with them")
         cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if k in MAY_CHANGE_ON_RESUME})
         checkpoint = latest_checkpoint(run_dir)
-        done = int(checkpoint.stem.split("_")[-1]) if checkpoint else 0
+        done = checkpoint_step(checkpoint) if checkpoint else 0
         if cfg.steps < done:
             raise ConfigError(f"--steps {cfg.steps} is below the run's last checkpoint (step {done}); "
                               "give at least that many")

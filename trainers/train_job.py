@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from core.fileio import EventLog, atomic_path
+from core.fileio import SAMPLE, EventLog, atomic_path
 from .loop import train
 from .methods import method_module
 from .model import TrainableModel
@@ -95,7 +95,7 @@ def make_sampler(cfg, model: TrainableModel, run_dir: Path, events: EventLog, re
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
             paths.append(str(path))
-        events.emit("sample", step=step, paths=paths)
+        events.emit(SAMPLE, step=step, paths=paths)
 
     return sample
 

@@ -32,6 +32,8 @@ from typing import Callable
 
 from core.fileio import VALIDATION, EventLog, atomic_path, read_events
 
+from .run_dir import checkpoint_step
+
 METRICS = ("face-hand", "face", "hand", "scorer")
 # Prompts of people whose faces and hands show, used when --validation-prompts is not given.
 DEFAULT_PROMPTS = (
@@ -164,7 +166,7 @@ class Validator:
         did not finish it (``load`` puts the checkpoint's weights into the model)."""
         if checkpoint is None:
             return
-        step = int(checkpoint.stem.split("_")[-1])
+        step = checkpoint_step(checkpoint)
         if step % self.cfg.validate_every == 0 and step not in validated_steps(self.events.path):
             load(checkpoint)
             self(step)

@@ -27,6 +27,7 @@ from core.tiny_models import build_tiny_pipeline
 from core.objectives import regional_losses
 from core.weighting import get_weighting
 
+from ..config import LORA_TARGETS
 from .measure import interleaved_medians, mib, peak_bytes
 
 
@@ -50,7 +51,7 @@ def add_lora(unet, rank: int) -> list[torch.nn.Parameter]:
     unet.requires_grad_(False)
     torch.manual_seed(0)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                target_modules=list(LORA_TARGETS)))
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
         p.data = p.data.float()

@@ -12,6 +12,7 @@ import argparse
 
 import torch
 
+from ..config import LORA_TARGETS
 from .measure import interleaved_medians, mib, peak_bytes
 
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = build_tiny_pipeline(args.base)
     torch.manual_seed(0)
     pipe.unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="lora")
+                                     target_modules=list(LORA_TARGETS)), adapter_name="lora")
     common = dict(num_inference_steps=args.steps, height=args.size, width=args.size, output_type="latent")
 
     def plain():
