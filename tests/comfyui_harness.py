@@ -135,8 +135,23 @@ class ComfyServer:
         self.stop()
         raise TimeoutError(f"ComfyUI did not answer within {timeout} s:\n{self.log()[-4000:]}")
 
+    def cancel_jobs(self) -> None:
+        """Cancel the pack's queued and running training jobs: their trainers run in sessions of
+        their own and would outlive the server (and a failed test) otherwise."""
+        try:
+            jobs = self.get("/fairhuman/jobs")["jobs"]
+        except (OSError, ValueError, KeyError):
+            return  # the server is gone, or has no job routes
+        for job in jobs:
+            if job.get("state") in ("queued", "running"):
+                try:
+                    self.post(f"/fairhuman/jobs/{job['id']}/cancel", {})
+                except (OSError, RuntimeError):
+                    pass  # settled meanwhile
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
+            self.cancel_jobs()
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(20)

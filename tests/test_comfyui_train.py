@@ -37,9 +37,7 @@ def setup(comfy_server, comfy_sd15_checkpoint, sample_photos):
     listener = WebSocketListener(server)
     yield server, ckpt, listener
     listener.close()
-    for job in server.get("/fairhuman/jobs")["jobs"]:  # leave no trainer behind
-        if job["state"] in ("queued", "running"):
-            server.post(f"/fairhuman/jobs/{job['id']}/cancel", {})
+    server.cancel_jobs()  # leave no trainer behind
 
 
 def train_node(ckpt, output_name, mode="wait", **overrides):

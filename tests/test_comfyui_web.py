@@ -270,10 +270,6 @@ def job_named(server, output: str, timeout: float = 60) -> str:
 
 
 @pytest.mark.heavy
-# Not yet shown to pass: on 2026-12-04, on a 2-vCPU VM at load 13-24, it timed out waiting for the
-# short job's first step (frontend 1.49.6) and lost the queued wait-mode job's row after the long
-# job was cancelled (1.58.1). Kept running (non-strict) so CI shows XPASS once it holds; issue 23.
-@pytest.mark.xfail(strict=False, reason="the queued wait-mode row after a cancel; unverified on an idle machine")
 def test_panel_queues_follows_cancels_and_the_node_shows_its_loss_plot(browser, web_server, comfy_sd15_checkpoint):
     """Real jobs of the Train FairHuman LoRA node on one device (the CPU): a long background job
     runs, a short one and a wait-mode node queued from the browser wait behind it (the panel shows
