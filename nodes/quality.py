@@ -3,7 +3,8 @@ graphs (a base and a LoRA, two strengths) can be compared side by side in ComfyU
 from __future__ import annotations
 
 from ..core.metrics import confidence_metrics
-from .masks_preview import MODELS_KIND, folder_paths  # importing it registers models/mediapipe
+from .masks_preview import (MODELS_KIND, folder_paths,  # importing it registers models/mediapipe
+                            min_confidence_input, tiles_input)
 from .node_api import io
 
 
@@ -37,11 +38,9 @@ class HandFaceQuality(io.ComfyNode):
                         "own.",
             inputs=[
                 io.Image.Input("images", tooltip="Generated images to score (a batch: one row each, and the means)."),
-                io.Float.Input("min_confidence", default=0.5, min=0.05, max=1.0, step=0.01,
-                               tooltip="Minimum detection confidence for a face or hand to count."),
-                io.Boolean.Input("tiles", default=False,
-                                 tooltip="Also detect on tiles (counts small faces and hands). Off: one whole-image "
-                                         "pass, as in the FairHuman paper's evaluation."),
+                min_confidence_input("Minimum detection confidence for a face or hand to count."),
+                tiles_input(False, "Also detect on tiles (counts small faces and hands). Off: one whole-image pass, "
+                                   "as in the FairHuman paper's evaluation."),
             ],
             outputs=[
                 io.String.Output(display_name="report", tooltip="Per-image faces/hands found and their mean "
