@@ -124,13 +124,14 @@ class FairHumanLoraLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FairHumanLoraLoader", display_name="Load FairHuman LoRA", category="FairHuman",
-            description="Loads a FairHuman LoRA (better hands and faces), with its training metadata and an "
-                        "architecture check.",
-            inputs=[_model_input(), io.Clip.Input("clip", tooltip="The text encoder (FairHuman LoRAs leave it unchanged)."),
+            inputs=[_model_input(),
+                    io.Clip.Input("clip", tooltip="The text encoder (FairHuman LoRAs leave it unchanged)."),
                     *_lora_inputs("A LoRA from models/loras (FairHuman's or any trainer's).", 0.4,
                                   "LoRA strength. The FairHuman paper uses 0.3-0.5.")],
             outputs=[_model_output(), io.Clip.Output(display_name="clip", tooltip="The text encoder with the LoRA."),
-                     _info_output("What the file is (training metadata), how much of it was applied, warnings.")])
+                     _info_output("What the file is (training metadata), how much of it was applied, warnings.")],
+            description="Loads a FairHuman LoRA (better hands and faces), with its training metadata and an "
+                        "architecture check.")
 
     @classmethod
     def execute(cls, model, clip, lora_name, strength):
@@ -142,11 +143,11 @@ class HGDPOLoraLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HGDPOLoraLoader", display_name="Load HG-DPO LoRA", category="HG-DPO",
-            description="Loads an HG-DPO LoRA (UNet only), with its training metadata and an architecture check.",
             inputs=[_model_input(), *_lora_inputs(
                 "An HG-DPO LoRA from models/loras.", 0.5, "LoRA strength. HG-DPO recommends 0.5; pair with the LAN "
                 "Sampler (reference = the model without the LoRA) at higher strengths.")],
-            outputs=[_model_output(), _info_output("Training metadata, what was applied, warnings.")])
+            outputs=[_model_output(), _info_output("Training metadata, what was applied, warnings.")],
+            description="Loads an HG-DPO LoRA (UNet only), with its training metadata and an architecture check.")
 
     @classmethod
     def execute(cls, model, lora_name, strength):
@@ -161,11 +162,11 @@ class FairHumanControlNetLoader(io.ComfyNode):
 
         return io.Schema(
             node_id="FairHumanControlNetLoader", display_name="Load FairHuman ControlNet", category="FairHuman",
-            description="Loads a FairHuman ControlNet (diffusers layout) for Apply ControlNet.",
             inputs=[io.Combo.Input("control_net_name", options=folder_paths.get_filename_list("controlnet"),
                                    tooltip="A diffusers-layout ControlNet from models/controlnet.")],
             outputs=[io.ControlNet.Output(display_name="control_net", tooltip="Use with Apply ControlNet."),
-                     _info_output("The file's training metadata.")])
+                     _info_output("The file's training metadata.")],
+            description="Loads a FairHuman ControlNet (diffusers layout) for Apply ControlNet.")
 
     @classmethod
     def execute(cls, control_net_name):

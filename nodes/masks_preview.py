@@ -35,11 +35,7 @@ class HandFaceMasks(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FairHumanHandFaceMasks", display_name="Hand/Face Masks", category="FairHuman",
-            description="Face and hand masks from mediapipe detection (FairHuman's regions), with a preview. Model "
-                        "files: run `python -m trainers models` in the pack's folder once (it puts them in "
-                        f"models/mediapipe/), or put the official {FACE_FILE} and {HAND_FILE} there.",
-            inputs=[
+            node_id="FairHumanHandFaceMasks", display_name="Hand/Face Masks", category="FairHuman", inputs=[
                 io.Image.Input("images", tooltip="Images to detect faces and hands in (a batch works; an image "
                                                  "without people gives empty masks)."),
                 min_confidence_input("Minimum detection confidence (face score, palm and hand presence). Lower "
@@ -61,7 +57,10 @@ class HandFaceMasks(io.ComfyNode):
                 io.Mask.Output(display_name="hand_mask", tooltip="1 on hands, 0 elsewhere."),
                 io.Image.Output(display_name="preview", tooltip="The images with the masks tinted (faces orange, "
                                                                 "hands cyan), boxes and scores."),
-            ])
+            ],
+            description="Face and hand masks from mediapipe detection (FairHuman's regions), with a preview. Model "
+                        "files: run `python -m trainers models` in the pack's folder once (it puts them in "
+                        f"models/mediapipe/), or put the official {FACE_FILE} and {HAND_FILE} there.")
 
     @classmethod
     def execute(cls, images, min_confidence, padding, dilation, feather, faces, hands, tiles):
