@@ -144,8 +144,9 @@ class HGDPOLoraLoader(io.ComfyNode):
         return io.Schema(
             node_id="HGDPOLoraLoader", display_name="Load HG-DPO LoRA", category="HG-DPO",
             inputs=[_model_input(), *_lora_inputs(
-                "An HG-DPO LoRA from models/loras.", 0.5, "LoRA strength. HG-DPO recommends 0.5; pair with the LAN "
-                "Sampler (reference = the model without the LoRA) at higher strengths.")],
+                "An HG-DPO LoRA from models/loras.", 0.5,
+                "LoRA strength. HG-DPO recommends 0.5; pair with the LAN Sampler (reference = the model without the "
+                "LoRA) at higher strengths.")],
             outputs=[_model_output(), _info_output("Training metadata, what was applied, warnings.")],
             description="Loads an HG-DPO LoRA (UNet only), with its training metadata and an architecture check.")
 
