@@ -68,11 +68,7 @@ class LANSampler(io.ComfyNode):
         import comfy.samplers
 
         return io.Schema(
-            node_id="FairHumanLANSampler", display_name="LAN Sampler", category="HG-DPO",
-            description="KSampler with Latent Adaptive Normalization (HG-DPO): samples the reference model first, "
-                        "then the tuned model from the same noise, matching its per-channel latent statistics to the "
-                        "reference's after every step. Costs about two samplings; one model in memory at a time.",
-            inputs=[
+            node_id="FairHumanLANSampler", display_name="LAN Sampler", category="HG-DPO", inputs=[
                 io.Model.Input("model", tooltip="The tuned model (e.g. with an HG-DPO LoRA applied)."),
                 io.Model.Input("reference_model", tooltip="The reference model, usually the same checkpoint without "
                                                           "the LoRA. Its trajectory sets the statistics."),
@@ -93,7 +89,10 @@ class LANSampler(io.ComfyNode):
                                        "step (HG-DPO's LAN); 0: plain KSampler."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The denoised latent of the tuned model, "
-                                                                    "normalized along the reference's trajectory.")])
+                                                                    "normalized along the reference's trajectory.")],
+            description="KSampler with Latent Adaptive Normalization (HG-DPO): samples the reference model first, "
+                        "then the tuned model from the same noise, matching its per-channel latent statistics to the "
+                        "reference's after every step. Costs about two samplings; one model in memory at a time.")
 
     @classmethod
     def execute(cls, model, reference_model, seed, steps, cfg, sampler_name, scheduler, positive, negative,

@@ -97,10 +97,26 @@ def apply_lora(model, clip, path: str, strength_model: float, strength_clip: flo
     return new_model, new_clip, "\n".join(lines)
 
 
-def _lora_choices():
+def _lora_inputs(tooltip: str, strength: float, strength_tooltip: str) -> list:
+    """lora_name and strength, as both LoRA loaders take them."""
     import folder_paths
 
-    return folder_paths.get_filename_list("loras")
+    return [io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"), tooltip=tooltip),
+            io.Float.Input("strength", default=strength, min=-4.0, max=4.0, step=0.01, tooltip=strength_tooltip)]
+
+
+# what both LoRA loaders take and give: the model, and the model with the LoRA
+def _model_input():
+    return io.Model.Input("model", tooltip="The diffusion model to apply the LoRA to.")
+
+
+def _model_output():
+    return io.Model.Output(display_name="model", tooltip="The model with the LoRA.")
+
+
+def _info_output(tooltip: str):
+    """Every loader's last output: what the file is and what was applied."""
+    return io.String.Output(display_name="info", tooltip=tooltip)
 
 
 class FairHumanLoraLoader(io.ComfyNode):
@@ -108,22 +124,14 @@ class FairHumanLoraLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FairHumanLoraLoader", display_name="Load FairHuman LoRA", category="FairHuman",
+            inputs=[_model_input(),
+                    io.Clip.Input("clip", tooltip="The text encoder (FairHuman LoRAs leave it unchanged)."),
+                    *_lora_inputs("A LoRA from models/loras (FairHuman's or any trainer's).", 0.4,
+                                  "LoRA strength. The FairHuman paper uses 0.3-0.5.")],
+            outputs=[_model_output(), io.Clip.Output(display_name="clip", tooltip="The text encoder with the LoRA."),
+                     _info_output("What the file is (training metadata), how much of it was applied, warnings.")],
             description="Loads a FairHuman LoRA (better hands and faces), with its training metadata and an "
-                        "architecture check.",
-            inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to apply the LoRA to."),
-                io.Clip.Input("clip", tooltip="The text encoder (FairHuman LoRAs leave it unchanged)."),
-                io.Combo.Input("lora_name", options=_lora_choices(),
-                               tooltip="A LoRA from models/loras (FairHuman's or any trainer's)."),
-                io.Float.Input("strength", default=0.4, min=-4.0, max=4.0, step=0.01,
-                               tooltip="LoRA strength. The FairHuman paper uses 0.3-0.5."),
-            ],
-            outputs=[
-                io.Model.Output(display_name="model", tooltip="The model with the LoRA."),
-                io.Clip.Output(display_name="clip", tooltip="The text encoder with the LoRA."),
-                io.String.Output(display_name="info", tooltip="What the file is (training metadata), how much of "
-                                                              "it was applied, warnings."),
-            ])
+                        "architecture check.")
 
     @classmethod
     def execute(cls, model, clip, lora_name, strength):
@@ -135,18 +143,12 @@ class HGDPOLoraLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="HGDPOLoraLoader", display_name="Load HG-DPO LoRA", category="HG-DPO",
-            description="Loads an HG-DPO LoRA (UNet only), with its training metadata and an architecture check.",
-            inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to apply the LoRA to."),
-                io.Combo.Input("lora_name", options=_lora_choices(), tooltip="An HG-DPO LoRA from models/loras."),
-                io.Float.Input("strength", default=0.5, min=-4.0, max=4.0, step=0.01,
-                               tooltip="LoRA strength. HG-DPO recommends 0.5; pair with the LAN Sampler (reference "
-                                       "= the model without the LoRA) at higher strengths."),
-            ],
-            outputs=[
-                io.Model.Output(display_name="model", tooltip="The model with the LoRA."),
-                io.String.Output(display_name="info", tooltip="Training metadata, what was applied, warnings."),
-            ])
+            inputs=[_model_input(), *_lora_inputs(
+                "An HG-DPO LoRA from models/loras.", 0.5,
+                "LoRA strength. HG-DPO recommends 0.5; pair with the LAN Sampler (reference = the model without the "
+                "LoRA) at higher strengths.")],
+            outputs=[_model_output(), _info_output("Training metadata, what was applied, warnings.")],
+            description="Loads an HG-DPO LoRA (UNet only), with its training metadata and an architecture check.")
 
     @classmethod
     def execute(cls, model, lora_name, strength):
@@ -161,11 +163,11 @@ class FairHumanControlNetLoader(io.ComfyNode):
 
         return io.Schema(
             node_id="FairHumanControlNetLoader", display_name="Load FairHuman ControlNet", category="FairHuman",
-            description="Loads a FairHuman ControlNet (diffusers layout) for Apply ControlNet.",
             inputs=[io.Combo.Input("control_net_name", options=folder_paths.get_filename_list("controlnet"),
                                    tooltip="A diffusers-layout ControlNet from models/controlnet.")],
             outputs=[io.ControlNet.Output(display_name="control_net", tooltip="Use with Apply ControlNet."),
-                     io.String.Output(display_name="info", tooltip="The file's training metadata.")])
+                     _info_output("The file's training metadata.")],
+            description="Loads a FairHuman ControlNet (diffusers layout) for Apply ControlNet.")
 
     @classmethod
     def execute(cls, control_net_name):

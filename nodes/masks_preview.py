@@ -20,22 +20,26 @@ folder_paths.add_model_folder_path(MODELS_KIND, os.path.join(folder_paths.models
 os.environ[FOLDERS_ENV] = os.pathsep.join(folder_paths.get_folder_paths(MODELS_KIND))
 
 
+# The detection settings of core.masks.detect, as both Hand/Face nodes (masks, quality) take them.
+def min_confidence_input(tooltip: str):
+    return io.Float.Input("min_confidence", default=0.5, min=0.05, max=1.0, step=0.01, tooltip=tooltip)
+
+
+def tiles_input(default: bool, tooltip: str):
+    return io.Boolean.Input("tiles", default=default, tooltip=tooltip)
+
+
 class HandFaceMasks(io.ComfyNode):
     """Detects faces and hands (mediapipe, tiled for small ones) and returns their masks."""
 
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FairHumanHandFaceMasks", display_name="Hand/Face Masks", category="FairHuman",
-            description="Face and hand masks from mediapipe detection (FairHuman's regions), with a preview. Model "
-                        "files: run `python -m trainers models` in the pack's folder once (it puts them in "
-                        f"models/mediapipe/), or put the official {FACE_FILE} and {HAND_FILE} there.",
-            inputs=[
+            node_id="FairHumanHandFaceMasks", display_name="Hand/Face Masks", category="FairHuman", inputs=[
                 io.Image.Input("images", tooltip="Images to detect faces and hands in (a batch works; an image "
                                                  "without people gives empty masks)."),
-                io.Float.Input("min_confidence", default=0.5, min=0.05, max=1.0, step=0.01,
-                               tooltip="Minimum detection confidence (face score, palm and hand presence). Lower "
-                                       "finds more, including false ones."),
+                min_confidence_input("Minimum detection confidence (face score, palm and hand presence). Lower "
+                                     "finds more, including false ones."),
                 io.Float.Input("padding", default=0.1, min=0.0, max=2.0, step=0.01,
                                tooltip="Grow each box by this fraction of its width/height on every side."),
                 io.Int.Input("dilation", default=0, min=0, max=512, step=1,
@@ -45,16 +49,18 @@ class HandFaceMasks(io.ComfyNode):
                                      "regions."),
                 io.Boolean.Input("faces", default=True, tooltip="Detect faces (off: the face mask is empty)."),
                 io.Boolean.Input("hands", default=True, tooltip="Detect hands (off: the hand mask is empty)."),
-                io.Boolean.Input("tiles", default=True,
-                                 tooltip="Also detect on overlapping tiles: finds small faces and hands in group "
-                                         "photos; about 3x slower than one whole-image pass."),
+                tiles_input(True, "Also detect on overlapping tiles: finds small faces and hands in group photos; "
+                                  "about 3x slower than one whole-image pass."),
             ],
             outputs=[
                 io.Mask.Output(display_name="face_mask", tooltip="1 on faces, 0 elsewhere."),
                 io.Mask.Output(display_name="hand_mask", tooltip="1 on hands, 0 elsewhere."),
                 io.Image.Output(display_name="preview", tooltip="The images with the masks tinted (faces orange, "
                                                                 "hands cyan), boxes and scores."),
-            ])
+            ],
+            description="Face and hand masks from mediapipe detection (FairHuman's regions), with a preview. Model "
+                        "files: run `python -m trainers models` in the pack's folder once (it puts them in "
+                        f"models/mediapipe/), or put the official {FACE_FILE} and {HAND_FILE} there.")
 
     @classmethod
     def execute(cls, images, min_confidence, padding, dilation, feather, faces, hands, tiles):

@@ -3,7 +3,8 @@ graphs (a base and a LoRA, two strengths) can be compared side by side in ComfyU
 from __future__ import annotations
 
 from ..core.metrics import confidence_metrics
-from .masks_preview import MODELS_KIND, folder_paths  # importing it registers models/mediapipe
+from .masks_preview import (MODELS_KIND, folder_paths,  # importing it registers models/mediapipe
+                            min_confidence_input, tiles_input)
 from .node_api import io
 
 
@@ -31,17 +32,12 @@ class HandFaceQuality(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FairHumanQuality", display_name="Hand/Face Quality", category="FairHuman",
-            description="FairHuman's Face Confi. and Hand Confi. (mediapipe) of an image batch, with detection rates: "
-                        "compare a base model and a LoRA on the same prompts and seeds. Each image is scored on its "
-                        "own.",
-            inputs=[
-                io.Image.Input("images", tooltip="Generated images to score (a batch: one row each, and the means)."),
-                io.Float.Input("min_confidence", default=0.5, min=0.05, max=1.0, step=0.01,
-                               tooltip="Minimum detection confidence for a face or hand to count."),
-                io.Boolean.Input("tiles", default=False,
-                                 tooltip="Also detect on tiles (counts small faces and hands). Off: one whole-image "
-                                         "pass, as in the FairHuman paper's evaluation."),
+            node_id="FairHumanQuality", display_name="Hand/Face Quality", category="FairHuman", inputs=[
+                io.Image.Input("images",
+                               tooltip="Generated images to score (a batch: one row each, and the means)."),
+                min_confidence_input("Minimum detection confidence for a face or hand to count."),
+                tiles_input(False, "Also detect on tiles (counts small faces and hands). Off: one whole-image pass, "
+                                   "as in the FairHuman paper's evaluation."),
             ],
             outputs=[
                 io.String.Output(display_name="report", tooltip="Per-image faces/hands found and their mean "
@@ -55,7 +51,10 @@ class HandFaceQuality(io.ComfyNode):
                                 tooltip="Share of images in which at least one face was found."),
                 io.Float.Output(display_name="hand_detection_rate",
                                 tooltip="Share of images in which at least one hand was found."),
-            ])
+            ],
+            description="FairHuman's Face Confi. and Hand Confi. (mediapipe) of an image batch, with detection rates: "
+                        "compare a base model and a LoRA on the same prompts and seeds. Each image is scored on its "
+                        "own.")
 
     @classmethod
     def execute(cls, images, min_confidence, tiles):
