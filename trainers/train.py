@@ -149,26 +149,39 @@ def _init_distributed() -> None:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def run(args: argparse.Namespace) -> int:
+    # The process group first: under a launcher every process plans on the folder as it was, and
+    # only the main one writes (else a second process finds the first one's config.json and
+    # refuses it as "an earlier run").
+    _init_distributed()
     try:
         plan = plan_run(args)
     except ConfigError as err:  # refused: nothing was written, an earlier run is untouched
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cfg = plan.cfg
+    from .train_job import is_main_process, run_job
+
+    cfg, main = plan.cfg, is_main_process()
     run_dir = Path(cfg.output)
-    if args.overwrite:
-        clear_run(run_dir)
+    _barrier()  # every process has planned
     events = EventLog(run_dir / EVENTS_FILE)
     try:
-        write_json_atomic(run_dir / "config.json", cfg.to_dict())
-        events.emit(START, method=cfg.method, base=cfg.base, steps=cfg.steps, run_dir=str(run_dir),
-                    resume=plan.resume)
-        for message in plan.warnings:
-            events.emit(WARNING, message=message)
-        _init_distributed()
-        from .train_job import run_job
-
+        if main:
+            if args.overwrite:
+                clear_run(run_dir)
+            write_json_atomic(run_dir / "config.json", cfg.to_dict())
+            events.emit(START, method=cfg.method, base=cfg.base, steps=cfg.steps, run_dir=str(run_dir),
+                        resume=plan.resume)
+            for message in plan.warnings:
+                events.emit(WARNING, message=message)
+        _barrier()  # the folder is ready before any process writes into it
         result = run_job(cfg, run_dir, events, resume=plan.resume, stop_requested=_StopFlag().install())
     except Exception as err:  # the job's contract: every failure ends in an error event
         events.emit(ERROR, message=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-4000:])
