@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick test-fast venv clean
+.PHONY: demo test test-all test-fast venv clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,16 +21,20 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m trainers demo
 
-# Everything, what CI runs (about 17 minutes here). test-quick leaves out the heavy tests (full-size
-# training in a real ComfyUI, a fresh-venv install: minutes each on a loaded machine).
+# What CI runs (.ci/run): every test not marked slow (the ComfyUI ones included: the pack loads and
+# every workflow loads on each tree found), about ten minutes on a 2-core machine. test-all is the
+# whole suite: the pack's own tests on two workers (pytest-xdist; whole files to a worker, so a
+# file's fixtures are built once), then the ComfyUI tests one at a time (one server per tree,
+# full-size models in memory). docs/testing.md says what each takes.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow" -n 2 --dist loadfile
 
-test-quick: $(STAMP)
-	$(PY) -m pytest -m "not heavy"
+test-all: $(STAMP)
+	$(PY) -m pytest -m "not comfyui" -n 2 --dist loadfile; pack=$$?; \
+	$(PY) -m pytest -m comfyui; comfy=$$?; exit $$(( pack || comfy ))
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow and not comfyui"
+	$(PY) -m pytest -m "not slow and not comfyui" -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
