@@ -135,3 +135,18 @@ def test_lora_keys_are_flux_keys_that_comfyui_and_diffusers_load(dataset, tmp_pa
         base_out = family_of(build_tiny_pipeline("tiny-flux")).predict(noisy, sigma, cond, None, None, None)
     assert (got - expected_out).abs().max() <= 1e-4
     assert (base_out - expected_out).abs().max() > 1e-3  # the LoRA really changes the output
+
+
+def test_tokens_and_positions_are_the_flux_pipelines():
+    """Training packs latents and numbers tokens exactly as FluxPipeline samples them, so a LoRA
+    trained here sees at inference the token layout it was trained on."""
+    from diffusers import FluxPipeline
+
+    from core.families.flux import image_ids, pack, unpack
+
+    latents = torch.randn(2, 16, 6, 10)
+    packed = pack(latents)
+    assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 16, 6, 10))
+    assert torch.equal(unpack(packed, 6, 10), latents)
+    reference = FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32)
+    assert torch.equal(image_ids(6, 10, "cpu", torch.float32), reference.reshape(-1, 3)[: 3 * 5])

@@ -76,6 +76,10 @@ class ModelFamily:
         return latent_masks
 
     # ---- the denoiser call ------------------------------------------------------------------
+    def added_conditions(self, cond: Conditioning, time_ids, dtype) -> dict | None:
+        """A UNet's ``added_cond_kwargs`` (SDXL's text_time); None where the family has none."""
+        return None
+
     def predict(self, noisy, timesteps, cond: Conditioning, time_ids, trainable, condition) -> torch.Tensor:
         """The denoiser's output on the latent grid (B, C, h, w) for ``noisy`` in the compute
         dtype, called under the caller's autocast. ``time_ids``: SDXL's size/crop numbers;

@@ -1,12 +1,13 @@
 """Flux.1 (dev and schnell): a rectified-flow transformer on 16-channel latents, packed into
 2×2-patch tokens.
 
-The objective follows the reference Flux trainers (diffusers' ``train_dreambooth_lora_flux.py``,
-kohya's ``flux_shift`` sampling): x_t = (1 − σ)·x0 + σ·noise, the transformer predicts the
-velocity noise − x0, σ is logit-normal (sigmoid of a standard normal) and then shifted toward
-noise the way the scheduler shifts Flux's sampling schedule — by a resolution-dependent shift
-where the scheduler config says ``use_dynamic_shifting`` (dev), by its fixed ``shift`` otherwise
-(schnell: 1, none). Flux.1-dev's guidance-distilled transformer also takes a guidance scale.
+The objective is the reference Flux trainers': x_t = (1 − σ)·x0 + σ·noise and the target
+velocity noise − x0 as in diffusers' ``train_dreambooth_lora_flux.py``; σ drawn as kohya's
+sd-scripts ``--timestep_sampling flux_shift`` draws it, logit-normal (sigmoid of a standard
+normal) then shifted toward noise as the scheduler shifts Flux's sampling schedule — by a
+resolution-dependent shift where the scheduler config says ``use_dynamic_shifting`` (dev), by its
+fixed ``shift`` otherwise (schnell: 1, none). Flux.1-dev's guidance-distilled transformer also
+takes a guidance scale.
 """
 from __future__ import annotations
 
