@@ -6,6 +6,9 @@ One safetensors file; for each adapted UNet module (its diffusers path with ``.`
     lora_unet_<module>.lora_up.weight     (out, rank)   = peft lora_B
     lora_unet_<module>.alpha              scalar        update = up @ down * alpha / rank
 
+A Flux transformer's LoRA has the same layout with the prefix ``lora_transformer_`` (the model
+family's ``lora_prefix``), which both ComfyUI's Flux key map and diffusers' Flux loader take.
+
 Diffusers module names are understood by ComfyUI (``comfy.utils.unet_to_diffusers`` maps them to
 its own UNet for SD1.5 and SDXL) and by diffusers' ``load_lora_weights``. The header metadata is
 str -> str: kohya's ``ss_*`` keys for kohya-aware tools, and this pack's ``fairhuman.*`` keys whose
@@ -22,6 +25,7 @@ from typing import Mapping
 
 import torch
 
+from .families import LORA_PREFIXES, denoiser_architecture
 from .fileio import atomic_path
 
 PREFIX = "lora_unet_"
@@ -32,12 +36,13 @@ _KOHYA_KEY = re.compile(r"^lora_unet_(?P<name>[^.]+)\.(?P<part>lora_down\.weight
 _ARCH_NAMES = {  # ss_base_model_version / modelspec.architecture, as kohya's sd-scripts write them
     "sd15": ("sd_v1", "stable-diffusion-v1/lora"),
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    "flux": ("flux1", "flux-1-dev/lora"),
 }
 
 
-def kohya_name(module: str) -> str:
+def kohya_name(module: str, prefix: str = PREFIX) -> str:
     """``down_blocks.1.attentions.0...to_q`` -> ``lora_unet_down_blocks_1_attentions_0_..._to_q``."""
-    return PREFIX + module.replace(".", "_")
+    return prefix + module.replace(".", "_")
 
 
 def _split_peft(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -63,14 +68,15 @@ def _split_peft(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, t
 
 
 def peft_state_to_kohya(state_dict: Mapping[str, torch.Tensor], *,
-                        alpha: float | Mapping[str, float]) -> dict[str, torch.Tensor]:
+                        alpha: float | Mapping[str, float], prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     """Kohya tensors of a peft LoRA state dict (names as in ``unet.named_parameters()`` or
     ``get_peft_model_state_dict``; an optional ``unet.`` prefix is dropped). ``alpha``: peft's
-    ``lora_alpha`` (scale alpha / rank, as in kohya), one number or one per module name."""
+    ``lora_alpha`` (scale alpha / rank, as in kohya), one number or one per module name;
+    ``prefix``: the model family's (``lora_unet_``, Flux: ``lora_transformer_``)."""
     out = {}
     for module, pair in _split_peft(state_dict).items():
         a = alpha[module] if isinstance(alpha, Mapping) else alpha
-        name = kohya_name(module)
+        name = kohya_name(module, prefix)
         out[f"{name}.lora_down.weight"] = pair["A"]
         out[f"{name}.lora_up.weight"] = pair["B"]
         out[f"{name}.alpha"] = torch.tensor(float(a))
@@ -173,13 +179,6 @@ def _metadata(tensors: dict[str, torch.Tensor], metadata: Mapping, arch: str | N
     return out
 
 
-def _arch_of(unet) -> str | None:
-    config = getattr(unet, "config", None)
-    if config is None:
-        return None
-    return "sdxl" if getattr(config, "addition_embed_type", None) == "text_time" else "sd15"
-
-
 def write_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                              metadata: dict[str, str] | None = None) -> Path:
     """Write a safetensors file so that ``path`` is either the old file or the complete new one."""
@@ -203,13 +202,13 @@ def save_lora(path: str | os.PathLike, unet_or_state, *, metadata: Mapping | Non
     metadata = dict(metadata or {})
     if isinstance(unet_or_state, torch.nn.Module):
         state, alphas = _from_model(unet_or_state, adapter)
-        arch = metadata.get("base_arch") or _arch_of(unet_or_state)
+        arch = metadata.get("base_arch") or denoiser_architecture(unet_or_state)
     else:
         if alpha is None:
             raise ValueError("save_lora(state_dict) needs alpha= (peft's lora_alpha)")
         state, alphas, arch = unet_or_state, alpha, metadata.get("base_arch")
     tensors = {}
-    for key, tensor in peft_state_to_kohya(state, alpha=alphas).items():
+    for key, tensor in peft_state_to_kohya(state, alpha=alphas, prefix=LORA_PREFIXES.get(arch, PREFIX)).items():
         tensor = tensor.detach().to("cpu")
         if dtype is not None and not key.endswith(".alpha"):
             tensor = tensor.to(dtype)

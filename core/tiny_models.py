@@ -1,10 +1,16 @@
-"""Tiny SD1.5- and SDXL-shaped diffusers models built from config, offline and seeded.
+"""Tiny SD1.5-, SDXL- and Flux.1-shaped diffusers models built from config, offline and seeded.
 
 They keep the block structure of the real architectures (SD1.5: three cross-attention levels
 and a plain one, one text encoder; SDXL: a plain level then cross-attention levels with a
 transformer depth above one, two text encoders whose hidden states are concatenated, and the
 ``text_time`` added conditioning), so code that runs on them runs on the real models. Only the
 widths are small. Building one takes well under a second on a CPU.
+
+``tiny-flux`` is Flux.1-dev at small widths: double-stream blocks (separate image and text
+weights, joint attention) then single-stream blocks, 3-axis RoPE, the guidance embedding of the
+guidance-distilled dev model; CLIP-L's pooled embedding and T5's token embeddings as the two
+text encoders (T5 v1.1's gated-GELU feed-forward); a 16-channel VAE with Flux's scaling and shift
+factors and no quant convs; Flux-dev's flow-matching scheduler config (dynamic shifting).
 """
 from __future__ import annotations
 
@@ -13,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .tiny_tokenizer import tiny_clip_tokenizer
+from .families import architecture_of  # noqa: F401  (where callers have always found it)
+from .tiny_tokenizer import t5_pieces, tiny_clip_tokenizer, tiny_t5_tokenizer
 
-TINY_BASES = ("tiny-sd15", "tiny-sdxl")
+TINY_BASES = ("tiny-sd15", "tiny-sdxl", "tiny-flux")
 
 # Noise schedule of SD1.5 and SDXL (scaled-linear betas over 1000 steps).
 SD_SCHEDULE = dict(
@@ -54,7 +61,9 @@ def _clip_config(hidden: int, layers: int, projection: int | None = None):
     )
 
 
-def _vae(channels: tuple[int, ...], scaling_factor: float):
+def _vae(channels: tuple[int, ...], scaling_factor: float, **family_options):
+    """``family_options``: what sets a family's VAE apart (Flux: 16 latent channels, a shift
+    factor, no quant convs)."""
     from diffusers import AutoencoderKL
 
     # Four levels: three downsamplings, the /8 latent of the real VAEs.
@@ -65,10 +74,10 @@ def _vae(channels: tuple[int, ...], scaling_factor: float):
         up_block_types=("UpDecoderBlock2D",) * len(channels),
         block_out_channels=channels,
         layers_per_block=1,
-        latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=scaling_factor,
+        **{"latent_channels": 4, **family_options},
     )
     return _calibrate_posterior(vae)
 
@@ -79,15 +88,21 @@ POSTERIOR_STD = 0.02
 @torch.no_grad()
 def _calibrate_posterior(vae):
     """Give a random VAE the latent statistics of a trained one: posterior means with a std of
-    1 / scaling_factor (what the factor is defined from) and a narrow posterior. Randomly
-    initialised, the means sit near 0 and the posterior std near 1, so every sampled latent is
-    mostly sampling noise and no image could be told from another in training."""
+    1 / scaling_factor (what the factor is defined from), a mean of shift_factor where the VAE
+    has one (Flux), and a narrow posterior. Randomly initialised, the means sit near 0 and the
+    posterior std near 1, so every sampled latent is mostly sampling noise and no image could be
+    told from another in training."""
     probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    means = vae.quant_conv(vae.encoder(probe))[:, : vae.config.latent_channels]
+    # the last layer that writes the moments: quant_conv, or the encoder's output conv without it
+    conv = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    moments = conv(vae.encoder(probe)) if vae.quant_conv is not None else vae.encoder(probe)
+    half = vae.config.latent_channels
+    means = moments[:, :half]
     gain = (1.0 / vae.config.scaling_factor) / means.std()
-    conv, half = vae.quant_conv, vae.config.latent_channels
     conv.weight[:half] *= gain
     conv.bias[:half] *= gain
+    if vae.config.shift_factor is not None:
+        conv.bias[:half] += vae.config.shift_factor - means.mean() * gain
     conv.weight[half:] = 0.0
     conv.bias[half:] = 2.0 * math.log(POSTERIOR_STD)  # log-variance
     return vae
@@ -171,21 +186,67 @@ def tiny_sdxl_components(seed: int = 0, spec: TinySpec = TinySpec()) -> dict:
     )
 
 
+# Flux.1's VAE latent format (its ae.safetensors config).
+FLUX_LATENT = dict(latent_channels=16, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+FLUX_SCALING_FACTOR = 0.3611
+# Flux.1-dev's scheduler config.
+FLUX_SCHEDULE = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                     max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+T5_TOKENS = 32  # the tiny T5's sequence length (Flux.1-dev: 512)
+
+
+def _t5(hidden: int, layers: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(t5_pieces()), d_model=hidden, d_kv=hidden // 4, d_ff=hidden * 2, num_layers=layers,
+        num_heads=4, feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+        relative_attention_max_distance=T5_TOKENS, pad_token_id=0, eos_token_id=1,
+    ))
+
+
+def tiny_flux_components(seed: int = 0, spec: TinySpec = TinySpec()) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    heads, head_dim = 2, 16
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=FLUX_LATENT["latent_channels"] * 4,  # a token is a 2×2 patch of latent cells
+        num_layers=2,  # double-stream blocks
+        num_single_layers=2,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=spec.text_hidden,  # T5's width
+        pooled_projection_dim=spec.text_hidden,  # CLIP's width
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),  # sums to the head dim, as (16, 56, 56) does for 128
+    )
+    vae = _vae(spec.vae_channels, scaling_factor=FLUX_SCALING_FACTOR, **FLUX_LATENT)
+    return dict(
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        text_encoder=CLIPTextModel(_clip_config(spec.text_hidden, spec.text_layers)).eval(),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=_t5(spec.text_hidden, spec.text_layers).eval(),
+        tokenizer_2=tiny_t5_tokenizer(T5_TOKENS),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE),
+    )
+
+
 def build_tiny_pipeline(base: str, seed: int = 0):
-    """A working StableDiffusionPipeline (``tiny-sd15``) or StableDiffusionXLPipeline
-    (``tiny-sdxl``) with seeded random weights."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A working StableDiffusionPipeline (``tiny-sd15``), StableDiffusionXLPipeline (``tiny-sdxl``)
+    or FluxPipeline (``tiny-flux``) with seeded random weights."""
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if base == "tiny-sd15":
         pipe = StableDiffusionPipeline(**tiny_sd15_components(seed))
     elif base == "tiny-sdxl":
         pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed))
+    elif base == "tiny-flux":
+        pipe = FluxPipeline(**tiny_flux_components(seed))
     else:
         raise ValueError(f"unknown tiny base {base!r}; expected one of {', '.join(TINY_BASES)}")
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def architecture_of(pipe) -> str:
-    """'sdxl' or 'sd15', read from the pipeline's UNet config."""
-    return "sdxl" if pipe.unet.config.addition_embed_type == "text_time" else "sd15"

@@ -1,4 +1,5 @@
-"""A real CLIP byte-level BPE tokenizer over a small vocabulary written in code.
+"""Real tokenizers over small vocabularies written in code: CLIP byte-level BPE, and T5 Unigram
+(``tiny_t5_tokenizer``, for tiny-flux).
 
 The tiny models must not touch a hub or a file, yet the pipelines call a real ``CLIPTokenizer``.
 The vocabulary holds every byte symbol (alone and word-final), the two specials, and the merges
@@ -58,3 +59,39 @@ def tiny_clip_tokenizer(max_length: int = 77):
 
     vocab, merges = vocabulary()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
+
+
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2
+
+
+@lru_cache(maxsize=1)
+def t5_pieces() -> tuple[tuple[str, float], ...]:
+    """(piece, log-probability) of the tiny T5 vocabulary: the specials, the words above as whole
+    pieces (▁ marks a word start, as in sentencepiece), then single characters so any prompt of
+    ASCII letters and digits still spells out."""
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,'-"
+    pieces = dict.fromkeys(T5_SPECIALS, 0.0)
+    pieces["▁"] = -2.0
+    for word in _WORDS:
+        pieces.setdefault("▁" + word, -1.0)
+    for char in chars:
+        pieces.setdefault("▁" + char, -5.0)
+        pieces.setdefault(char, -6.0)
+    return tuple(pieces.items())
+
+
+def tiny_t5_tokenizer(max_length: int = 32):
+    """A real sentencepiece-style Unigram tokenizer (what Flux's T5 uses) over ``t5_pieces``,
+    built in code: lower-cased input, ``</s>`` appended, padding with ``<pad>``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = list(t5_pieces())
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=T5_SPECIALS.index("<unk>")))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", T5_SPECIALS.index("</s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", model_max_length=max_length)

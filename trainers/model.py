@@ -1,42 +1,28 @@
-"""The model being trained: a diffusers pipeline, its UNet frozen, and a trainable
-(``trainers.trainables``: a LoRA adapter on the UNet, or a ControlNet beside it).
+"""The model being trained: a diffusers pipeline, its denoiser (a UNet, or a Flux transformer)
+frozen, and a trainable (``trainers.trainables``: a LoRA adapter on the denoiser, or a ControlNet
+beside a UNet).
 
 Both methods see the same small surface: encode prompts and images, noise latents, predict, the
-prediction target, and ``reference()`` — the same UNet with the trainable switched off, which is the
-frozen base model without a second copy in memory (HG-DPO's reference; LAN's reference).
+prediction target, and ``reference()`` — the same denoiser with the trainable switched off, which is
+the frozen base model without a second copy in memory (HG-DPO's reference; LAN's reference). What
+differs between model families (latent format, objective, timestep sampling, the denoiser call)
+is the family's (``core.families``); this class adds the dtype policy, the trainable and caching.
 
-Dtype policy (``trainers.precision``, applied in ``__init__`` and ``predict``): the UNet forward
-under autocast in the compute dtype, the frozen UNet and text encoders stored in it, the VAE in
+Dtype policy (``trainers.precision``, applied in ``__init__`` and ``predict``): the denoiser forward
+under autocast in the compute dtype, the frozen denoiser and text encoders stored in it, the VAE in
 fp32, the trainable parameters in fp32 whatever the compute dtype.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 
-from core.tiny_models import architecture_of
+from core.families import Conditioning, family_of
 
 from .precision import Precision
 from .config import LORA_TARGETS
 from .trainables import LoraTrainable, Trainable
-
-
-@dataclass
-class Conditioning:
-    """Text conditioning of a batch. ``pooled`` is SDXL's pooled text_encoder_2 embedding."""
-
-    hidden: torch.Tensor
-    pooled: torch.Tensor | None = None
-
-    def to(self, device) -> "Conditioning":
-        return Conditioning(self.hidden.to(device), None if self.pooled is None else self.pooled.to(device))
-
-    def repeat(self, n: int) -> "Conditioning":
-        return Conditioning(
-            self.hidden.repeat(n, 1, 1), None if self.pooled is None else self.pooled.repeat(n, 1)
-        )
 
 
 class TrainableModel:
@@ -53,30 +39,38 @@ class TrainableModel:
         gradient_checkpointing: bool = False,
         init_seed: int = 0,
     ):
-        from diffusers import DDPMScheduler
-
         self.pipe = pipe
-        self.arch = architecture_of(pipe)
         self.device = torch.device(device)
+        self.family = family = family_of(pipe, self.device)
+        self.arch = family.name
         self.dtype = dtype  # the compute dtype
         self.precision = Precision(dtype, self.device)
         self.precision.check()
         # default: a LoRA (rank, alpha, target_modules); a ControlNet comes as ``trainable``
         self.trainable = trainable or LoraTrainable(rank, alpha, target_modules, init_seed)
+        if self.trainable.kind == "controlnet" and family.denoiser_attribute != "unet":
+            raise ValueError(f"a ControlNet is trained beside a UNet; {family.name} has a transformer")
         pipe.to(self.device)
         for module in self._frozen_modules():
             module.requires_grad_(False)
-        self.unet = unet = pipe.unet
-        unet.requires_grad_(False)
+        self.denoiser = denoiser = family.denoiser
+        denoiser.requires_grad_(False)
         self.precision.apply(pipe)
-        self.trainable.attach(unet, dtype, gradient_checkpointing)
+        self.trainable.attach(denoiser, dtype, gradient_checkpointing, targets_for=family.lora_targets)
         if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.train()
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
-        self._alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+            denoiser.enable_gradient_checkpointing()
+        denoiser.train()
         self._text_cache: dict[str, tuple] = {}
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser under the UNet families' name (what HG-DPO and the ControlNet call it)."""
+        return self.denoiser
+
+    @property
+    def noise_scheduler(self):
+        """The DDPM schedule of a UNet family (HG-DPO's statistic step reads it)."""
+        return self.family.noise_scheduler
 
     # ---- parameters -----------------------------------------------------------------------
     def _frozen_modules(self):
@@ -84,13 +78,13 @@ class TrainableModel:
         return [getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None]
 
     def train(self, mode: bool = True) -> None:
-        """Training or eval mode of what runs in a step: the UNet (dropout) and the trainable."""
-        self.unet.train(mode)
+        """Training or eval mode of what runs in a step: the denoiser (dropout) and the trainable."""
+        self.denoiser.train(mode)
         self.trainable.train(mode)
 
     @contextlib.contextmanager
     def reference(self):
-        """The frozen base model: the same UNet with the trainable switched off."""
+        """The frozen base model: the same denoiser with the trainable switched off."""
         with self.trainable.disabled():
             yield self
 
@@ -105,80 +99,52 @@ class TrainableModel:
             for i, text in enumerate(missing):
                 cache[text] = (encoded.hidden[i], None if encoded.pooled is None else encoded.pooled[i])
         hidden = torch.stack([cache[t][0] for t in texts])
-        pooled = torch.stack([cache[t][1] for t in texts]) if self.arch == "sdxl" else None
+        pooled = None if cache[texts[0]][1] is None else torch.stack([cache[t][1] for t in texts])
         return Conditioning(hidden, pooled)
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        if self.arch == "sdxl":
-            hidden, _, pooled, _ = self.pipe.encode_prompt(
-                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
-            return Conditioning(hidden.to(self.dtype), pooled.to(self.dtype))
-        hidden, _ = self.pipe.encode_prompt(
-            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        return Conditioning(hidden.to(self.dtype))
+        return self.family.encode_prompts(prompts, self.dtype)
 
     @torch.no_grad()
     def latent_moments(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The VAE posterior of pixels in [-1, 1] (B,3,H,W) as (B,2,4,h,w): mean and std, fp32.
+        """The VAE posterior of pixels in [-1, 1] (B,3,H,W) as (B,2,C,h,w): mean and std, fp32.
         Deterministic, so it can be cached; ``sample_latents`` draws from it."""
         dist = self.pipe.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
         return torch.stack([dist.mean, dist.std], dim=1)
 
     def sample_latents(self, moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Scaled latents drawn from posterior moments with the step's generator."""
+        """Normalized latents (the family's scaling and shift) drawn from posterior moments with
+        the step's generator."""
         mean, std = moments[:, 0], moments[:, 1]
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        return (mean + std * noise) * self.pipe.vae.config.scaling_factor
+        return self.family.normalize_latents(mean + std * noise)
 
-    # ---- diffusion --------------------------------------------------------------------------
+    # ---- diffusion (the family's objective) ------------------------------------------------
     def sample_noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator):
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
-        return noise, timesteps
+        return self.family.sample_noise_and_timesteps(latents, generator)
 
     def add_noise(self, latents, noise, timesteps) -> torch.Tensor:
-        return self.noise_scheduler.add_noise(latents, noise, timesteps)
+        return self.family.add_noise(latents, noise, timesteps)
 
     def target(self, latents, noise, timesteps) -> torch.Tensor:
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "v_prediction":
-            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+        return self.family.target(latents, noise, timesteps)
+
+    def loss_masks(self, latent_masks: torch.Tensor) -> torch.Tensor:
+        return self.family.loss_masks(latent_masks)
 
     def added_conditions(self, cond: Conditioning, time_ids: torch.Tensor | None) -> dict | None:
-        """SDXL's text_time conditioning: pooled text embedding and the six size/crop numbers
-        (original h, w, crop top, left, target h, w) per sample."""
-        if self.arch != "sdxl":
-            return None
-        return {"text_embeds": cond.pooled, "time_ids": time_ids.to(self.device, self.dtype)}
+        """SDXL's text_time conditioning of a UNet family (None for SD1.5)."""
+        return self.family.added_conditions(cond, time_ids, self.dtype)
 
     def predict(self, noisy, timesteps, cond: Conditioning, time_ids: torch.Tensor | None = None,
                 condition: torch.Tensor | None = None):
-        """The UNet's output; ``condition`` (B,3,H,W in [0, 1]) is the ControlNet's image."""
-        noisy, added = noisy.to(self.dtype), self.added_conditions(cond, time_ids)
+        """The denoiser's output on the latent grid; ``condition`` (B,3,H,W in [0, 1]) is the
+        ControlNet's image."""
+        noisy = noisy.to(self.dtype)
         with self.precision.autocast():
-            out = self.unet(
-                noisy,
-                timesteps,
-                encoder_hidden_states=cond.hidden,
-                added_cond_kwargs=added,
-                return_dict=False,
-                **self.trainable.unet_kwargs(noisy, timesteps, cond.hidden, added, condition),
-            )[0]
+            out = self.family.predict(noisy, timesteps, cond, time_ids, self.trainable, condition)
         return out.float()
 
     def predicted_x0_and_eps(self, noisy, timesteps, pred):
         """(x0, eps) implied by a model output at the given timesteps."""
-        a = self._alphas_cumprod[timesteps].view(-1, 1, 1, 1).float()
-        if self.prediction_type == "epsilon":
-            eps = pred
-            x0 = (noisy - (1 - a).sqrt() * eps) / a.sqrt()
-        else:  # v-prediction
-            x0 = a.sqrt() * noisy - (1 - a).sqrt() * pred
-            eps = (1 - a).sqrt() * noisy + a.sqrt() * pred
-        return x0, eps
+        return self.family.predicted_x0_and_eps(noisy, timesteps, pred)

@@ -86,11 +86,11 @@ class Precision:
                              f"on {self.device.type}; use --mixed-precision no")
 
     def apply(self, pipe) -> None:
-        """Cast the frozen modules: VAE fp32, text encoders and UNet in the compute dtype (the
-        trainable is attached afterwards and keeps fp32)."""
+        """Cast the frozen modules: VAE fp32, text encoders and the denoiser (UNet or transformer)
+        in the compute dtype (the trainable is attached afterwards and keeps fp32)."""
         if getattr(pipe, "vae", None) is not None and pipe.vae.dtype != torch.float32:
             pipe.vae.to(dtype=torch.float32)
-        for name in ("text_encoder", "text_encoder_2", "unet"):
+        for name in ("text_encoder", "text_encoder_2", "unet", "transformer"):
             module = getattr(pipe, name, None)
             if module is not None and module.dtype != self.dtype:
                 module.to(dtype=self.dtype)

@@ -1,11 +1,13 @@
-"""What is trained: a LoRA adapter on the UNet, or a ControlNet beside it.
+"""What is trained: a LoRA adapter on the denoiser (a UNet or a Flux transformer), or a ControlNet
+beside a UNet.
 
 One loop serves both. A trainable owns its parameters (fp32, whatever the compute dtype), its
 checkpoint state, how it changes the UNet call (``unet_kwargs``: nothing for a LoRA, whose
 layers sit inside the UNet; the down/mid residuals for a ControlNet), how to switch itself off
 (``disabled``: the frozen base model, HG-DPO's and LAN's reference) and its export file.
 
-``attach(unet, dtype)`` is called once by ``TrainableModel`` after the base is frozen.
+``attach(unet, dtype, ...)`` is called once by ``TrainableModel`` after the base is frozen, with
+the model family's ``lora_targets`` as ``targets_for`` (the modules a requested name means there).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .config import LORA_TARGETS
 class Trainable:
     kind: str = ""
 
-    def attach(self, unet, dtype: torch.dtype, gradient_checkpointing: bool) -> None:
+    def attach(self, unet, dtype: torch.dtype, gradient_checkpointing: bool, targets_for=list) -> None:
         raise NotImplementedError
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -63,7 +65,7 @@ class Trainable:
 
 
 class LoraTrainable(Trainable):
-    """A peft LoRA adapter on the UNet's ``target_modules``, exported in the kohya layout."""
+    """A peft LoRA adapter on the denoiser's ``target_modules``, exported in the kohya layout."""
 
     kind = "lora"
 
@@ -72,12 +74,12 @@ class LoraTrainable(Trainable):
         self.target_modules, self.init_seed = list(target_modules), init_seed
         self.unet = None
 
-    def attach(self, unet, dtype, gradient_checkpointing) -> None:
+    def attach(self, unet, dtype, gradient_checkpointing, targets_for=list) -> None:
         from peft import LoraConfig
 
         self.unet = unet
         torch.manual_seed(self.init_seed)  # peft draws LoRA A from the global generator
-        unet.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.target_modules,
+        unet.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=targets_for(self.target_modules),
                                     init_lora_weights=True))
         for param in self.parameters():
             param.data = param.data.float()
@@ -115,7 +117,7 @@ class ControlNetTrainable(Trainable):
         self.controlnet = None
         self._off = False
 
-    def attach(self, unet, dtype, gradient_checkpointing) -> None:
+    def attach(self, unet, dtype, gradient_checkpointing, targets_for=list) -> None:
         from diffusers import ControlNetModel
 
         self.controlnet = ControlNetModel.from_unet(unet).to(unet.device, torch.float32)

@@ -1,5 +1,6 @@
-"""FairHuman: global, face-masked and hand-masked diffusion losses from one UNet forward,
-combined by a fairness weighting of their gradients (MPD by default)."""
+"""FairHuman: global, face-masked and hand-masked diffusion losses from one denoiser forward,
+combined by a fairness weighting of their gradients (MPD by default). The prediction, its target
+and the grid the masks are pooled to are the model family's (``core.families``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -63,7 +64,7 @@ class FairHuman(Method):
         pred = model.predict(noisy, timesteps, model.conditioning(batch["text"]), batch["time_ids"],
                              self.condition(batch, generator))
         target = model.target(latents, noise, timesteps)
-        masks = batch["latent_masks"].to(pred.device)
+        masks = model.loss_masks(batch["latent_masks"].to(pred.device))
         losses, active = regional_losses(
             pred, target, masks[:, 0:1], masks[:, 1:2], normalization=self.cfg.normalization,
             local_scale=self.cfg.local_scale,

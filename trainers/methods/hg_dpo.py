@@ -156,6 +156,8 @@ class HGDPO(Method):
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
+        if not hasattr(model.family, "noise_scheduler"):  # its statistic step is a DDPM step
+            raise ValueError(f"{cfg.method} trains UNet bases (SD1.5, SDXL); on {model.arch} it is not supported yet")
         self.folder = Path(cfg.data)
         self.pairs = read_pairs(self.folder)
         self.beta = cfg.beta if cfg.beta is not None else (5000.0 if model.arch == "sdxl" else 2500.0)

@@ -1,0 +1,101 @@
+"""What the training code asks of a model family, and the text conditioning it gets back.
+
+A family (``unet.py``: SD1.5 / SDXL; ``flux.py``: Flux.1) is bound to one loaded diffusers
+pipeline and answers, for that pipeline: which module is the denoiser (it gets the LoRA), how
+prompts become conditioning, how VAE samples become the latents it is trained on, how noise and
+timesteps are drawn and mixed in, what its output should equal, and how the denoiser is called.
+Everything that differs between families lives behind these methods, so the training loop and
+the methods carry no ``if family`` branches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch: ``hidden`` the per-token embedding the denoiser attends to,
+    ``pooled`` one vector per prompt where the family has one (SDXL: text_encoder_2's; Flux:
+    CLIP's)."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def to(self, device) -> "Conditioning":
+        return Conditioning(self.hidden.to(device), None if self.pooled is None else self.pooled.to(device))
+
+    def repeat(self, n: int) -> "Conditioning":
+        return Conditioning(
+            self.hidden.repeat(n, 1, 1), None if self.pooled is None else self.pooled.repeat(n, 1)
+        )
+
+
+class ModelFamily:
+    """One family's training interface. ``name`` is the architecture written into LoRA metadata
+    and file names; ``lora_prefix`` the kohya key prefix ComfyUI maps for this family."""
+
+    name: str = ""
+    denoiser_attribute: str = ""  # the pipeline attribute of the denoiser: "unet" or "transformer"
+    lora_prefix: str = "lora_unet_"
+
+    def __init__(self, pipe, device: torch.device):
+        self.pipe, self.device = pipe, device
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_attribute)
+
+    # ---- conditioning and latents -----------------------------------------------------------
+    def encode_prompts(self, prompts: list[str], dtype: torch.dtype) -> Conditioning:
+        raise NotImplementedError
+
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE samples as the denoiser sees them (the VAE config's scaling and shift factors)."""
+        raise NotImplementedError
+
+    # ---- the training objective -------------------------------------------------------------
+    def sample_noise_and_timesteps(self, latents: torch.Tensor, generator: torch.Generator):
+        raise NotImplementedError
+
+    def add_noise(self, latents, noise, timesteps) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target(self, latents, noise, timesteps) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predicted_x0_and_eps(self, noisy, timesteps, pred):
+        """(x0, eps) implied by a denoiser output at the given timesteps."""
+        raise NotImplementedError
+
+    def loss_masks(self, latent_masks: torch.Tensor) -> torch.Tensor:
+        """Region masks (B, R, h, w) on the latent grid as the masked losses weigh them: each
+        denoiser input unit (a latent cell, or a transformer token) takes the largest value it
+        covers, so a region smaller than a unit still owns that unit."""
+        return latent_masks
+
+    # ---- the denoiser call ------------------------------------------------------------------
+    def added_conditions(self, cond: Conditioning, time_ids, dtype) -> dict | None:
+        """A UNet's ``added_cond_kwargs`` (SDXL's text_time); None where the family has none."""
+        return None
+
+    def predict(self, noisy, timesteps, cond: Conditioning, time_ids, trainable, condition) -> torch.Tensor:
+        """The denoiser's output on the latent grid (B, C, h, w) for ``noisy`` in the compute
+        dtype, called under the caller's autocast. ``time_ids``: SDXL's size/crop numbers;
+        ``trainable`` and ``condition``: a ControlNet's extra inputs (UNet families only)."""
+        raise NotImplementedError
+
+    def lora_targets(self, names: list[str]) -> list[str]:
+        """The denoiser modules that get LoRA for the requested ``--target-modules`` names."""
+        return list(names)
+
+
+def denoiser_architecture(denoiser) -> str | None:
+    """'sd15', 'sdxl' or 'flux' of a denoiser module from its config; None without one."""
+    config = getattr(denoiser, "config", None)
+    if config is None:
+        return None
+    if "guidance_embeds" in config:
+        return "flux"
+    return "sdxl" if getattr(config, "addition_embed_type", None) == "text_time" else "sd15"

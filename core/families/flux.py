@@ -1,0 +1,133 @@
+"""Flux.1 (dev and schnell): a rectified-flow transformer on 16-channel latents, packed into
+2×2-patch tokens.
+
+The objective is the reference Flux trainers': x_t = (1 − σ)·x0 + σ·noise and the target
+velocity noise − x0 as in diffusers' ``train_dreambooth_lora_flux.py``; σ drawn as kohya's
+sd-scripts ``--timestep_sampling flux_shift`` draws it, logit-normal (sigmoid of a standard
+normal) then shifted toward noise as the scheduler shifts Flux's sampling schedule — by a
+resolution-dependent shift where the scheduler config says ``use_dynamic_shifting`` (dev), by its
+fixed ``shift`` otherwise (schnell: 1, none). Flux.1-dev's guidance-distilled transformer also
+takes a guidance scale.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .base import Conditioning, ModelFamily
+
+PATCH = 2  # a transformer token is a 2×2 patch of latent cells
+# The guidance scale the dev transformer is trained with (diffusers' and kohya's Flux LoRA default).
+TRAIN_GUIDANCE = 3.5
+MAX_T5_TOKENS = 512  # Flux.1-dev's T5 sequence length; a smaller tokenizer limit wins
+# Joint attention: each image-stream projection has a text-stream twin; a LoRA on one covers both.
+TEXT_STREAM_TWINS = {"to_q": "add_q_proj", "to_k": "add_k_proj", "to_v": "add_v_proj", "to_out.0": "to_add_out"}
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 · w/2, 4C): one token per 2×2 patch, row-major."""
+    b, c, h, w = latents.shape
+    if h % PATCH or w % PATCH:
+        raise ValueError(f"Flux packs 2×2 latent patches: the latent grid {h}×{w} must have even sides "
+                         "(image sides multiples of 16)")
+    x = latents.view(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of ``pack`` for a latent grid of h×w cells."""
+    b, _, d = tokens.shape
+    c = d // (PATCH * PATCH)
+    x = tokens.view(b, h // PATCH, w // PATCH, c, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """Flux's RoPE positions of the image tokens: (unused axis, row, column) per token."""
+    rows = torch.arange(h // PATCH, device=device, dtype=dtype)[:, None].expand(h // PATCH, w // PATCH)
+    cols = torch.arange(w // PATCH, device=device, dtype=dtype)[None, :].expand(h // PATCH, w // PATCH)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+
+
+class FluxFamily(ModelFamily):
+    name = "flux"
+    denoiser_attribute = "transformer"
+    lora_prefix = "lora_transformer_"  # the kohya-style Flux prefix ComfyUI and diffusers both map
+
+    def __init__(self, pipe, device):
+        super().__init__(pipe, device)
+        self.schedule = pipe.scheduler.config
+        self.max_sequence_length = min(MAX_T5_TOKENS, pipe.tokenizer_2.model_max_length)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts, dtype):
+        hidden, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return Conditioning(hidden.to(dtype), pooled.to(dtype))
+
+    def normalize_latents(self, latents):
+        config = self.pipe.vae.config
+        return (latents - config.shift_factor) * config.scaling_factor
+
+    def shift(self, sigmas: torch.Tensor, tokens: int) -> torch.Tensor:
+        """σ moved toward noise as the scheduler moves Flux's sampling schedule: exp(μ) with μ
+        linear in the image's token count (dynamic shifting), or the config's fixed shift."""
+        cfg = self.schedule
+        if cfg.get("use_dynamic_shifting"):
+            slope = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
+            shift = math.exp(cfg["base_shift"] + slope * (tokens - cfg["base_image_seq_len"]))
+        else:
+            shift = float(cfg.get("shift", 1.0))
+        return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+    def sample_noise_and_timesteps(self, latents, generator):
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        logit_normal = torch.sigmoid(torch.randn(latents.shape[0], generator=generator))
+        tokens = (latents.shape[-2] // PATCH) * (latents.shape[-1] // PATCH)
+        return noise, self.shift(logit_normal, tokens).to(latents.device)
+
+    @staticmethod
+    def _sigma(timesteps, like):
+        return timesteps.to(like).view(-1, *([1] * (like.ndim - 1)))
+
+    def add_noise(self, latents, noise, timesteps):
+        sigma = self._sigma(timesteps, latents)
+        return (1 - sigma) * latents + sigma * noise
+
+    def target(self, latents, noise, timesteps):
+        return noise - latents
+
+    def predicted_x0_and_eps(self, noisy, timesteps, pred):
+        sigma = self._sigma(timesteps, pred).float()
+        return noisy - sigma * pred, noisy + (1 - sigma) * pred
+
+    def loss_masks(self, latent_masks):
+        tokens = F.max_pool2d(latent_masks, PATCH)
+        return tokens.repeat_interleave(PATCH, dim=-2).repeat_interleave(PATCH, dim=-1)
+
+    def predict(self, noisy, timesteps, cond, time_ids, trainable, condition):
+        transformer = self.denoiser
+        b, _, h, w = noisy.shape
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((b,), TRAIN_GUIDANCE, device=noisy.device, dtype=noisy.dtype)
+        tokens = transformer(
+            hidden_states=pack(noisy),
+            timestep=timesteps.to(noisy.dtype),  # σ in [0, 1]; the transformer scales it by 1000
+            guidance=guidance,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.hidden,
+            txt_ids=torch.zeros(cond.hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+            img_ids=image_ids(h, w, noisy.device, noisy.dtype),
+            return_dict=False,
+        )[0]
+        return unpack(tokens, h, w)
+
+    def lora_targets(self, names):
+        out = list(names)
+        out += [TEXT_STREAM_TWINS[n] for n in names if n in TEXT_STREAM_TWINS and TEXT_STREAM_TWINS[n] not in out]
+        return out
