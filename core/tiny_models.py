@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .families import architecture_of  # noqa: F401  (where callers have always found it)
 from .tiny_tokenizer import t5_pieces, tiny_clip_tokenizer, tiny_t5_tokenizer
 
 TINY_BASES = ("tiny-sd15", "tiny-sdxl", "tiny-flux")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.tiny_models import architecture_of, build_tiny_pipeline
+from core.families import architecture_of
+from core.tiny_models import build_tiny_pipeline
 from core.tiny_tokenizer import tiny_clip_tokenizer, vocabulary
 
 

@@ -136,7 +136,7 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
 
     from core.checkpoints import load_pipeline
     from core.lora_format import lora_architecture
-    from core.tiny_models import architecture_of
+    from core.families import architecture_of
 
     pipe = load_pipeline(args.base, tokenizer=args.tokenizer).to(shards.Share.device())
     arch = architecture_of(pipe)

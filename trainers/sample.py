@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.base, tokenizer=args.tokenizer)
     if args.lora is not None:
         from core.lora_format import lora_architecture
-        from core.tiny_models import architecture_of
+        from core.families import architecture_of
 
         base_arch = architecture_of(pipe)
         try:
