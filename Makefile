@@ -21,13 +21,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m trainers demo
 
-# What CI runs (.ci/run): every test not marked slow (the ComfyUI ones included: the pack loads and
-# every workflow loads on each tree found), about ten minutes on a 2-core machine. test-all is the
-# whole suite: the pack's own tests on two workers (pytest-xdist; whole files to a worker, so a
-# file's fixtures are built once), then the ComfyUI tests one at a time (one server per tree,
-# full-size models in memory). docs/testing.md says what each takes.
+# What CI runs (.ci/run): every test not marked slow, on two workers (pytest-xdist; whole files to
+# a worker, so a file's fixtures are built once), then the slow ComfyUI tests but the heavy ones,
+# one at a time (one server per tree, full-size models in memory): about 20 minutes on two
+# cores. test-all is the whole suite (an hour or more); docs/testing.md says what each holds.
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -n 2 --dist loadfile
+	$(PY) -m pytest -m "not slow" -n 2 --dist loadfile; quick=$$?; \
+	$(PY) -m pytest -m "comfyui and slow and not heavy"; comfy=$$?; exit $$(( quick || comfy ))
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m "not comfyui" -n 2 --dist loadfile; pack=$$?; \
