@@ -382,3 +382,20 @@ def test_two_processes_train_what_one_trains_at_the_same_global_batch(trained, m
     update = sum(float(a[key].double().pow(2).sum()) for key in grown) ** 0.5
     diff = sum(float((a[key] - b[key]).double().pow(2).sum()) for key in grown) ** 0.5
     assert update > 0 and diff <= 1e-3 * update, (diff, update)
+
+
+def test_bench_scale_reports_steady_rates_and_refuses_a_run_start_up_dominates():
+    """`bench scale`: the rate is P prompts over the extra wall time of 2P (start-up cancels); a
+    pair of runs whose difference is under a tenth of the longer is too small to measure."""
+    from trainers.benchmarks.scale import expectation, rate_row
+
+    row, rate = rate_row(1, short=30.0, long=50.0, p=4, n=2, base=None)
+    assert rate == pytest.approx(12.0)  # 4 prompts in 20 s
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:7] == ["12.0", "0.40", "1.00", "9.6"]  # pairs/min, images/s, speedup, with start-up
+    _, faster = rate_row(2, short=20.0, long=30.0, p=4, n=2, base=rate)
+    assert faster == pytest.approx(24.0)
+    row, none = rate_row(2, short=20.3, long=19.7, p=4, n=2, base=rate)
+    assert none is None and "too small to measure" in row
+    lines = expectation(2.5, [1, 4], n=20)  # a pair is 20 images of 2.5 s: 50 s on one GPU
+    assert "| 1 | 72 | 0.40 | 138.9 h |" in lines and "| 4 | 288 | 1.60 | 34.7 h |" in lines

@@ -76,6 +76,20 @@ def expectation(seconds_per_image: float, gpus: list[int], n: int = PAPER_N) -> 
     return lines
 
 
+def rate_row(processes: int, short: float, long: float, p: int, n: int, base: float | None):
+    """(table row, pairs per minute or None) of a configuration whose P-prompt run took ``short``
+    and 2P-prompt run ``long`` seconds; ``base``: the first configuration's rate (the speedup's 1)."""
+    marginal = long - short  # P prompts without the start-up
+    with_startup = 60 * 2 * p / long
+    if marginal < 0.1 * long:  # start-up and noise dwarf the work: no steady rate to report
+        return (f"| {processes} | {short:.1f} s | {long:.1f} s | too small to measure (raise --prompts or --steps) "
+                f"| | | {with_startup:.1f} |"), None
+    rate = 60 * p / marginal
+    speedup = rate / (base or rate)
+    return (f"| {processes} | {short:.1f} s | {long:.1f} s | {rate:.1f} | {p * n / marginal:.2f} | {speedup:.2f} | "
+            f"{with_startup:.1f} |"), rate
+
+
 def run(args: argparse.Namespace) -> int:
     p, n = args.prompts, args.images_per_prompt
     prompts = [f"a photo of person {k} waving" for k in range(2 * p)]
@@ -86,17 +100,10 @@ def run(args: argparse.Namespace) -> int:
         for processes in args.processes:
             short = timed_build(prompts[:p], Path(tmp) / f"{processes}-short", processes, args)
             long = timed_build(prompts, Path(tmp) / f"{processes}-long", processes, args)
-            marginal = long - short  # P prompts without the start-up
-            if marginal < 0.1 * long:  # start-up and noise dwarf the work: no steady rate to report
-                rows.append(f"| {processes} | {short:.1f} s | {long:.1f} s | too small to measure (raise --prompts "
-                            f"or --steps) | | | {60 * 2 * p / long:.1f} |")
-                print(rows[-1], flush=True)
-                continue
-            rate = 60 * p / marginal
+            row, rate = rate_row(processes, short, long, p, n, base)
             base = base or rate
-            rows.append(f"| {processes} | {short:.1f} s | {long:.1f} s | {rate:.1f} | {p * n / marginal:.2f} | "
-                        f"{rate / base:.2f} | {60 * 2 * p / long:.1f} |")
-            print(rows[-1], flush=True)
+            rows.append(row)
+            print(row, flush=True)
     print()
     print("| processes | wall, P prompts | wall, 2P prompts | pairs per minute | images per second | speedup | "
           "pairs per minute with start-up (2P) |")
