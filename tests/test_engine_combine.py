@@ -1,4 +1,5 @@
 """The fair gradient combination on the tiny SDXL-shaped UNet with a LoRA."""
+import copy
 import socket
 import subprocess
 import sys
@@ -16,7 +17,9 @@ from train_helpers import ROOT, make_region_dataset
 def lora_unet(tiny_sdxl):
     from peft import LoraConfig
 
-    unet = tiny_sdxl.unet
+    # a copy: the adapter wraps the modules (peft's base_layer stays after delete_adapters), and the
+    # session's pipeline is shared with other files (one exports it as a checkpoint)
+    unet = copy.deepcopy(tiny_sdxl.unet)
     unet.requires_grad_(False)
     torch.manual_seed(0)
     # gaussian init: B != 0, so every LoRA tensor gets a gradient
@@ -30,7 +33,6 @@ def lora_unet(tiny_sdxl):
                 p.normal_(0, 0.05)  # B = 0 would leave every A without gradient
     params = [p for p in unet.parameters() if p.requires_grad]
     yield unet, params
-    unet.delete_adapters("combine")
 
 
 def _batch(n=2, seed=0, empty_hand=False):
