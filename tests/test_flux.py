@@ -45,6 +45,15 @@ def test_sigkill_then_resume_equals_uninterrupted(dataset, tmp_path):
     assert_killed_run_resumes_exactly(args, tmp_path, kill_at=8)
 
 
+
+def test_sampling_during_training_is_refused_on_flux_not_rendered_wrong(dataset, tmp_path):
+    """Rendering (--sample-every, --validate-every) is UNet-only so far: a Flux run that asks for
+    it fails before its first step with a message saying what to set, never with wrong images."""
+    result = train_cli(*COMMON, "--data", dataset, "--output", tmp_path, "--steps", 2, "--validate-every", 1)
+    assert result.returncode == 1
+    assert "cannot render flux images yet" in result.stdout + result.stderr
+    assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "checkpoints").exists()
+
 def one_pixel_face_dataset(folder, pixel_yx):
     """One 80×64 image (wider than the 64² crop, so random crops move it; never resized) whose
     face mask is the single pixel ``pixel_yx``."""

@@ -64,6 +64,9 @@ def build_model(cfg) -> TrainableModel:
 def make_renderer(cfg, model: TrainableModel):
     """``render(pairs)``: PIL images of (prompt, seed) pairs with the current weights, LoRA on —
     the one rendering of ``--sample-every`` and ``--validate-every``."""
+    if (cfg.sample_every or cfg.validate_every) and not model.family.renders_samples:
+        raise ValueError(f"--sample-every and --validate-every cannot render {model.arch} images yet "
+                         "(docs/families.md): set them to 0")
 
     def render(pairs: list[tuple[str, int]]) -> list:
         model.unet.eval()

@@ -39,6 +39,7 @@ class ModelFamily:
     name: str = ""
     denoiser_attribute: str = ""  # the pipeline attribute of the denoiser: "unet" or "transformer"
     lora_prefix: str = "lora_unet_"
+    renders_samples: bool = True  # the trainer's --sample-every / --validate-every rendering works
 
     def __init__(self, pipe, device: torch.device):
         self.pipe, self.device = pipe, device

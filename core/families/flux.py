@@ -55,6 +55,7 @@ class FluxFamily(ModelFamily):
     name = "flux"
     denoiser_attribute = "transformer"
     lora_prefix = "lora_transformer_"  # the kohya-style Flux prefix ComfyUI and diffusers both map
+    renders_samples = False  # packed latents and the shift factor: not in Precision.generate yet
 
     def __init__(self, pipe, device):
         super().__init__(pipe, device)
