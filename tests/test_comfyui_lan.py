@@ -6,7 +6,11 @@ from comfyui_harness import sampler_inputs, save_latent, txt2img_nodes
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
-SAMPLERS = ["euler", "euler_ancestral", "dpmpp_2m", "ddim"]
+# a first-order, an ancestral (noise between steps), a multistep and ComfyUI's DDIM sampler; two of
+# them heavy: each takes about a minute on a 2-vCPU VM, and CI keeps one sampler of each kind of
+# state (none, a multistep history)
+SAMPLERS = ["euler", pytest.param("euler_ancestral", marks=pytest.mark.heavy), "dpmpp_2m",
+            pytest.param("ddim", marks=pytest.mark.heavy)]
 
 
 def _graph(ckpt, lora, sampler_name, strength):
