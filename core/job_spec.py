@@ -25,7 +25,7 @@ SPEC_VERSION = 2  # 1: the untyped dict of before (lora_file / lora_dest / lora_
 # trains. The trainer's --resume and the job manager's check before a job starts both read it.
 MAY_CHANGE_ON_RESUME = frozenset({
     "steps", "output", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "sample_prompts",
-    "sample_steps", "eval_every", "max_nan_steps", "lora_name", "tokenizer", "device",
+    "sample_steps", "eval_every", "max_nan_steps", "output_file", "tokenizer", "device",
 })
 
 
@@ -128,7 +128,7 @@ class JobSpec:
     def train_argv(self, data: Path, run_dir: Path) -> list[str]:
         """``python -m trainers train`` arguments: the spec's own, then each trainer option."""
         fixed = {"method": self.method, "base": self.base, "data": str(data), "output": str(run_dir),
-                 "lora_name": self.output_file, "tokenizer": self.tokenizer or None}
+                 "output_file": self.output_file, "tokenizer": self.tokenizer or None}
         overlap = sorted(set(fixed) & set(self.train))
         if overlap:
             raise SpecError(f"job spec: train options {overlap} are the spec's own fields")

@@ -180,3 +180,23 @@ def test_sample_with_a_lora_of_another_architecture_names_both(capsys, earlier_r
     message = str(exit_info.value.code)
     assert message.count("\n") == 0
     assert "is a LoRA for sd15" in message and "is sdxl" in message
+
+
+def test_a_run_saved_under_the_former_option_name_resumes_with_its_file_name(dataset, earlier_run, tmp_path):
+    """``lora_name`` became ``output_file`` (it names a ControlNet's file too): a run folder whose
+    config.json says ``lora_name``, and the ``--lora-name`` flag, keep working."""
+    run = tmp_path / "former"
+    shutil.copytree(earlier_run, run)
+    saved = json.loads((run / "config.json").read_text())
+    saved["lora_name"] = saved.pop("output_file") or "kept name.safetensors"
+    (run / "config.json").write_text(json.dumps(saved))
+    result = train_cli("--resume", "--output", run, "--steps", 3, "--checkpoint-every", 0)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run / "kept name.safetensors").is_file()
+    assert json.loads((run / "config.json").read_text())["output_file"] == "kept name.safetensors"
+
+    renamed = tmp_path / "flag"
+    result = train_cli(*RECIPE, "--data", dataset, "--output", renamed, "--steps", 1, "--checkpoint-every", 0,
+                       "--lora-name", "by former flag.safetensors")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (renamed / "by former flag.safetensors").is_file()

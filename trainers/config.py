@@ -80,7 +80,7 @@ class TrainConfig:
     validation_metric: str = "face-hand"  # face-hand | face | hand | scorer
     validation_scorer: str = ""
     validation_scorer_model: str = ""
-    lora_name: str = ""  # file name of the exported LoRA; default <method>_<base arch>.safetensors
+    output_file: str = ""  # file name of the trained LoRA or ControlNet; default <method>_<base arch>.safetensors
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,7 +147,7 @@ HELP = {
     "sample_prompts": "sample prompts (repeat the flag or use the config file)",
     "sample_steps": "sampler steps of sample and validation images",
     "max_nan_steps": "stop after this many consecutive non-finite losses",
-    "lora_name": "file name of the exported LoRA",
+    "output_file": "file name of the trained LoRA (or ControlNet) in --output (--lora-name: its former name)",
     "validate_every": "every N steps and at the end, render the validation prompts with the current LoRA, score them "
                       "(Face/Hand Confi.) and keep the best LoRA as <lora name>_best.safetensors (0: never)",
     "validation_prompts": "validation prompts (repeat the flag or use the config file; default: four prompts of "
@@ -246,6 +246,15 @@ def _argparse_type(name: str):
     return convert
 
 
+# Options renamed since runs were saved: config files and run folders that use the old name still read.
+FORMER_NAMES = {"lora_name": "output_file"}
+
+
+def current_names(values: dict) -> dict:
+    """A saved or written configuration's keys under today's option names."""
+    return {FORMER_NAMES.get(k, k): v for k, v in values.items()}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML or JSON file with any of the options below")
     parser.add_argument("--resume", action="store_true",
@@ -261,7 +270,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["metavar"] = "BOOL"
         if name in ("sample_prompts", "validation_prompts"):
             kwargs.update(action="append", type=str)
-        parser.add_argument(flag(name), **kwargs)
+        former = [flag(old) for old, new in FORMER_NAMES.items() if new == name]
+        parser.add_argument(flag(name), *former, **kwargs)
 
 
 def read_config_file(path: Path) -> dict:
@@ -274,7 +284,7 @@ def read_config_file(path: Path) -> dict:
         data = json.loads(text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values")
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data = current_names({k.replace("-", "_"): v for k, v in data.items()})
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ConfigError(f"{path}: unknown options {unknown}; known: {sorted(FIELDS)}")
@@ -397,7 +407,7 @@ RULES = {
     "eval_every": at_least(0),
     "sample_steps": at_least(1),
     "max_nan_steps": at_least(1),
-    "lora_name": _file_name,
+    "output_file": _file_name,
     "validate_every": at_least(0),
     "validation_seeds": at_least(1),
     "validation_metric": one_of(_validation_metrics),

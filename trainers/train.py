@@ -26,7 +26,8 @@ from core.fileio import (CANCELLED, DONE, ERROR, EVENTS_FILE, PROGRESS, START, W
                          write_json_atomic)
 from core.job_spec import MAY_CHANGE_ON_RESUME, settings_differences
 
-from .config import ConfigError, TrainConfig, add_config_arguments, explicit_values, resolve, validate
+from .config import (ConfigError, TrainConfig, add_config_arguments, current_names, explicit_values, resolve,
+                     validate)
 from .methods import METHODS, method_module
 from .run_dir import checkpoint_step, latest_checkpoint
 
@@ -65,7 +66,7 @@ def _saved_config(path: Path) -> TrainConfig:
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path} is unreadable ({err}); use --overwrite to start the run over") from None
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in known})
+    return TrainConfig(**{k: v for k, v in current_names(values).items() if k in known})
 
 
 def plan_run(args) -> RunPlan:

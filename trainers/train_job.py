@@ -111,7 +111,7 @@ def make_validator(cfg, model: TrainableModel, method, run_dir: Path, events: Ev
         model.trainable.export(path, {**export_metadata(cfg, model, method, {"steps": validation["validation_step"]}),
                                       **validation})
 
-    return Validator(cfg, run_dir, events, lora_file_name(cfg, model), render, export)
+    return Validator(cfg, run_dir, events, output_file_name(cfg, model), render, export)
 
 
 def after_step_callback(cfg, sample, validate):
@@ -129,8 +129,8 @@ def after_step_callback(cfg, sample, validate):
     return after_step
 
 
-def lora_file_name(cfg, model: TrainableModel) -> str:
-    return cfg.lora_name or f"{cfg.method.replace('-', '')}_{model.arch}.safetensors"
+def output_file_name(cfg, model: TrainableModel) -> str:
+    return cfg.output_file or f"{cfg.method.replace('-', '')}_{model.arch}.safetensors"
 
 
 def is_main_process() -> bool:
@@ -175,7 +175,7 @@ def run_job(cfg, run_dir: Path, events: EventLog, *, resume: bool, stop_requeste
     if result["status"] == "done":
         if validator is not None and main and cfg.steps % cfg.validate_every:
             validator(cfg.steps)  # the final LoRA is always a candidate
-        path = run_dir / lora_file_name(cfg, model)
+        path = run_dir / output_file_name(cfg, model)
         model.trainable.export(path, export_metadata(cfg, model, method, result))
         result["lora"] = str(path)
         if validator is not None and validator.path.is_file():

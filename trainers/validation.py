@@ -53,10 +53,10 @@ def renders_of(cfg) -> list[tuple[str, int]]:
     return [(prompt, cfg.seed + k) for prompt in prompts_of(cfg) for k in range(cfg.validation_seeds)]
 
 
-def best_name(lora_name: str) -> str:
+def best_name(output_file: str) -> str:
     """``fairhuman_sdxl.safetensors`` -> ``fairhuman_sdxl_best.safetensors`` (a folder in the name,
     as in ComfyUI's LoRA names, is kept)."""
-    path = Path(lora_name)
+    path = Path(output_file)
     return str(path.with_name(f"{path.stem}_best{path.suffix}"))
 
 
@@ -124,12 +124,12 @@ class Validator:
     ``render(pairs)`` gives PIL images of (prompt, seed) pairs with the current weights;
     ``export(path, metadata)`` writes the current LoRA with ``metadata`` added to its own."""
 
-    def __init__(self, cfg, run_dir: Path, events: EventLog, lora_name: str,
+    def __init__(self, cfg, run_dir: Path, events: EventLog, output_file: str,
                  render: Callable[[list[tuple[str, int]]], list], export: Callable[[Path, dict], object]):
         self.cfg, self.run_dir, self.events = cfg, Path(run_dir), events
         self.render, self.export = render, export
         self.pairs = renders_of(cfg)
-        self.path = self.run_dir / best_name(lora_name)
+        self.path = self.run_dir / best_name(output_file)
         self.scorer = None
         if cfg.validation_scorer:  # loaded now: a bad weights folder fails before training
             from core.scorers import get_scorer
