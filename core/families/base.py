@@ -87,8 +87,10 @@ class ModelFamily:
         ``trainable`` and ``condition``: a ControlNet's extra inputs (UNet families only)."""
         raise NotImplementedError
 
-    def lora_targets(self, names: list[str]) -> list[str]:
-        """The denoiser modules that get LoRA for the requested ``--target-modules`` names."""
+    @classmethod
+    def lora_targets(cls, names: list[str]) -> list[str]:
+        """The denoiser modules that get LoRA for the requested ``--target-modules`` names (the
+        architecture's alone: no loaded pipeline needed)."""
         return list(names)
 
 

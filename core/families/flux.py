@@ -128,7 +128,8 @@ class FluxFamily(ModelFamily):
         )[0]
         return unpack(tokens, h, w)
 
-    def lora_targets(self, names):
+    @classmethod
+    def lora_targets(cls, names):
         out = list(names)
         out += [TEXT_STREAM_TWINS[n] for n in names if n in TEXT_STREAM_TWINS and TEXT_STREAM_TWINS[n] not in out]
         return out
