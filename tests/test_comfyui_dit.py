@@ -1,12 +1,13 @@
-"""Flow-matching DiT bases in a real ComfyUI: a Flux.1 diffusion model built with ComfyUI's own
-classes (small widths that ComfyUI's detection still reads as Flux.1-dev) loads through
-UNETLoader; a LoRA written by this pack's exporter applies with every key (none "not loaded",
-each on a weight of its shape), changes the sample, and the LAN Sampler runs the graph.
+"""Flow-matching DiT bases in a real ComfyUI: a Flux.1 and an SD3.5 diffusion model built with
+ComfyUI's own classes (small widths that ComfyUI's detection still reads as that family) load
+through UNETLoader; a LoRA written by this pack's exporter applies with every key (none "not
+loaded", each on a weight of its shape), changes the sample, and the LAN Sampler runs the graph.
 
-The full-size key check builds Flux.1-dev on the meta device on both sides: the pack's LoRA on
-diffusers' transformer (the trainer's own targets), ComfyUI's model from its detection.
+The full-size key checks build Flux.1-dev, SD3.5 Medium and SD3.5 Large on the meta device on
+both sides: the pack's LoRA on diffusers' transformer (the trainer's own targets for that
+family), ComfyUI's model from its detection.
 
-Text encoders are left out: Flux's T5-XXL alone has 4.7 B parameters. A test-only node
+Text encoders are left out: T5-XXL alone has 4.7 B parameters. A test-only node
 (``tests/comfy_test_nodes/seeded_conditioning.py``) gives the graphs seeded conditioning of the
 model's width instead; what is tested is the diffusion model, its LoRA and the samplers."""
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,10 +30,61 @@ HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "comfy_scripts" / "dit_models.py"
 TEST_NODES = HERE / "comfy_test_nodes"
 
-# Small Flux.1-dev: 2 heads of 128 (ComfyUI derives the heads from the width and Flux's RoPE axes,
-# 16+56+56), one double- and one single-stream block, a 64-wide context, CLIP-L's pooled width.
-SMALL_FLUX = {"hidden_size": 256, "depth": 1, "depth_single_blocks": 1, "context_in_dim": 64, "vec_in_dim": 768}
-FULL_FLUX = {"hidden_size": 3072, "depth": 19, "depth_single_blocks": 38, "context_in_dim": 4096, "vec_in_dim": 768}
+
+@dataclass(frozen=True)
+class DiT:
+    """One family as both sides build it: ComfyUI's widths (what its detection reads) and the
+    diffusers transformer of the same shape, on which the pack's trainer puts its LoRA."""
+
+    family: str  # the pack's (core.families.FAMILIES) and the ComfyUI script's name
+    comfy_model: str  # ComfyUI's supported-model class
+    widths: dict
+    context_width: int  # the conditioning the graph feeds it: tokens of this width ...
+    pooled_width: int  # ... and a pooled vector
+
+    def diffusers_model(self, device="cpu"):
+        w = self.widths
+        with torch.device(device):
+            if self.family == "flux":  # Flux.1-dev: RoPE axes 16+56+56 (so 128-wide heads), guidance
+                from diffusers import FluxTransformer2DModel
+
+                return FluxTransformer2DModel(
+                    in_channels=64, num_layers=w["depth"], num_single_layers=w["depth_single_blocks"],
+                    attention_head_dim=128, num_attention_heads=w["hidden_size"] // 128,
+                    joint_attention_dim=w["context_in_dim"], pooled_projection_dim=w["vec_in_dim"],
+                    guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+            from diffusers import SD3Transformer2DModel  # SD3.5: 64-wide heads, RMS q/k norm
+
+            depth = w["hidden_size"] // 64
+            return SD3Transformer2DModel(
+                sample_size=w["pos_embed_max_size"], patch_size=2, in_channels=16, out_channels=16,
+                num_layers=depth, attention_head_dim=64, num_attention_heads=depth,
+                joint_attention_dim=w["context_in_dim"], caption_projection_dim=w["hidden_size"],
+                pooled_projection_dim=w["adm_in_channels"], pos_embed_max_size=w["pos_embed_max_size"],
+                dual_attention_layers=tuple(w["x_block_self_attn_layers"]), qk_norm="rms_norm")
+
+
+def _flux(depth, single, hidden=3072, context=4096):
+    return {"hidden_size": hidden, "depth": depth, "depth_single_blocks": single, "context_in_dim": context,
+            "vec_in_dim": 768}
+
+
+def _sd3(hidden, max_size, dual_layers, context=4096):
+    return {"hidden_size": hidden, "adm_in_channels": 2048, "context_in_dim": context,
+            "pos_embed_max_size": max_size, "x_block_self_attn_layers": list(dual_layers)}
+
+
+FULL_SIZE = {
+    "flux.1-dev": DiT("flux", "Flux", _flux(19, 38), 4096, 768),
+    "sd3.5-medium": DiT("sd3", "SD3", _sd3(1536, 384, range(13)), 4096, 2048),
+    "sd3.5-large": DiT("sd3", "SD3", _sd3(2432, 192, []), 4096, 2048),
+}
+# Small: Flux with 2 heads of 128 and one block of each kind; SD3.5 Medium-shaped with 2 joint
+# blocks of 64-wide heads, the first with MMDiT-X's second self-attention; 64-wide context.
+SMALL = {
+    "flux": DiT("flux", "Flux", _flux(1, 1, hidden=256, context=64), 64, 768),
+    "sd3": DiT("sd3", "SD3", _sd3(128, 16, [0], context=64), 64, 2048),
+}
 
 
 def comfy_script(tree: Path, *args) -> dict:
@@ -43,90 +96,78 @@ def comfy_script(tree: Path, *args) -> dict:
     return json.loads(line[len("REPORT"):])
 
 
-def diffusers_flux(widths: dict, device="cpu"):
-    """diffusers' Flux transformer of the same shape as ComfyUI's ``widths`` (Flux.1-dev's RoPE axes
-    and guidance embedding)."""
-    from diffusers import FluxTransformer2DModel
-
-    with torch.device(device):
-        return FluxTransformer2DModel(
-            in_channels=64, num_layers=widths["depth"], num_single_layers=widths["depth_single_blocks"],
-            attention_head_dim=128, num_attention_heads=widths["hidden_size"] // 128,
-            joint_attention_dim=widths["context_in_dim"], pooled_projection_dim=widths["vec_in_dim"],
-            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-
-
-def pack_lora(transformer, path: Path, rank: int = 4, seed: int = 0) -> Path:
-    """The trainer's LoRA (its targets on Flux, its exporter), with random up weights so it acts."""
-    from core.families.flux import FluxFamily
+def attach_pack_lora(dit: DiT, transformer, rank: int = 4):
+    """The trainer's LoRA on ``transformer``: its default targets as the family maps them."""
+    from core.families import FAMILIES
     from trainers.config import LORA_TARGETS
     from trainers.trainables import LoraTrainable
 
     lora = LoraTrainable(rank=rank, target_modules=LORA_TARGETS)
-    lora.attach(transformer, torch.float32, False, targets_for=FluxFamily.lora_targets)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in lora.named_parameters():
-            if param.device.type != "meta" and "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.05)
-    return lora.export(path, {"method": "test"})
+    lora.attach(transformer, torch.float32, False, targets_for=FAMILIES[dit.family].lora_targets)
+    return lora
 
 
-def test_full_size_flux_lora_keys_all_load_in_comfyui(tmp_path):
-    """Every key of the pack's Flux.1-dev LoRA (rank 4 on the trainer's targets) lands in
-    ComfyUI's Flux model on a weight of its shape: no "lora key not loaded"."""
+@pytest.mark.parametrize("name", list(FULL_SIZE))
+def test_full_size_lora_keys_all_load_in_comfyui(name, tmp_path):
+    """Every key of the pack's full-size LoRA (rank 4 on the trainer's targets) lands in ComfyUI's
+    model of that family on a weight of its shape: no "lora key not loaded"."""
+    from core.families import FAMILIES
     from core.lora_format import peft_state_to_kohya
 
     tree = comfyui_harness.comfyui_tree()
     if tree is None:
         pytest.skip(comfyui_harness.missing_reason())
-    from core.families.flux import FluxFamily
-    from trainers.config import LORA_TARGETS
-    from trainers.trainables import LoraTrainable
-
-    transformer = diffusers_flux(FULL_FLUX, device="meta")
-    lora = LoraTrainable(rank=4, target_modules=LORA_TARGETS)
-    lora.attach(transformer, torch.float32, False, targets_for=FluxFamily.lora_targets)
-    kohya = peft_state_to_kohya(dict(lora.named_parameters()), alpha=4.0, prefix=FluxFamily.lora_prefix)
+    dit = FULL_SIZE[name]
+    lora = attach_pack_lora(dit, dit.diffusers_model(device="meta"))
+    kohya = peft_state_to_kohya(dict(lora.named_parameters()), alpha=4.0, prefix=FAMILIES[dit.family].lora_prefix)
     shapes = tmp_path / "shapes.json"
     shapes.write_text(json.dumps({k: list(v.shape) for k, v in kohya.items()}))
-    report = comfy_script(tree, "check", "flux", json.dumps(FULL_FLUX), shapes)
-    assert report["model"] == "Flux" and report["detected"] == FULL_FLUX
+    report = comfy_script(tree, "check", dit.family, json.dumps(dit.widths), shapes)
+    assert report["model"] == dit.comfy_model and report["detected"] == dit.widths
     assert report["unloaded"] == [] and report["mismatched"] == [], report
-    assert report["patches"] == len(kohya) // 3 == 19 * 8 + 38 * 3  # double: 4 + 4 twins; single: q, k, v
+    assert report["patches"] == len(kohya) // 3 > 0
 
 
 @pytest.fixture(scope="module")
-def flux_server(tmp_path_factory):
-    """The newest ComfyUI tree, with the small Flux built by its own classes and the test-only
-    conditioning node; skips where that tree's detection reads no Flux width from the weights."""
+def dit_server(tmp_path_factory):
+    """The newest ComfyUI tree with the test-only conditioning node; models are built per test."""
     trees = comfyui_harness.comfyui_trees()
     if not trees:
         pytest.skip(comfyui_harness.missing_reason())
     tree = trees[-1]
     base = tmp_path_factory.mktemp(f"dit-{comfyui_harness.version_label(tree)}")
-    model = base / "small-flux-dev.safetensors"
-    report = comfy_script(tree, "build", "flux", json.dumps(SMALL_FLUX), model)
-    if report["detected"] != SMALL_FLUX:
-        pytest.skip(f"ComfyUI {comfyui_harness.version_label(tree)} detects Flux only at Flux.1's own width "
-                    f"({report['detected']})")
     server = comfyui_harness.ComfyServer(base, tree=tree)
     shutil.copy(TEST_NODES / "seeded_conditioning.py", base / "custom_nodes" / "seeded_conditioning.py")
     server.start()
-    lora = pack_lora(diffusers_flux(SMALL_FLUX), base / "small-flux-lora.safetensors")
-    yield server, server.add_model("diffusion_models", model), server.add_model("loras", lora)
+    yield server
     server.stop()
 
 
-def test_flux_unet_loader_lora_and_lan_sampler_run_a_graph(flux_server):
-    server, model, lora = flux_server
+@pytest.mark.parametrize("family", list(SMALL))
+def test_unet_loader_lora_and_lan_sampler_run_a_graph(dit_server, family):
+    """The small model (ComfyUI's classes, seeded weights) through UNETLoader, the pack's LoRA
+    through LoraLoaderModelOnly, KSampler with and without it, and the LAN Sampler."""
+    server, dit = dit_server, SMALL[family]
+    model_file = server.base_dir / f"small-{family}.safetensors"
+    report = comfy_script(server.tree, "build", family, json.dumps(dit.widths), model_file)
+    if report["detected"] != dit.widths:  # feature-detected: older trees assume the full width
+        pytest.skip(f"ComfyUI {comfyui_harness.version_label(server.tree)} reads no {family} width from the "
+                    f"weights ({report['detected']})")
+    lora = attach_pack_lora(dit, dit.diffusers_model())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random up weights, so the LoRA acts
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+    lora_file = lora.export(server.base_dir / f"small-{family}-lora.safetensors", {"method": "test"})
+    model, lora_name = server.add_model("diffusion_models", model_file), server.add_model("loras", lora_file)
+
     common = {"seed": 5, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
               "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0]}
-    conditioning = {"tokens": 8, "width": SMALL_FLUX["context_in_dim"], "pooled_width": SMALL_FLUX["vec_in_dim"],
-                    "guidance": 3.5}
+    conditioning = {"tokens": 8, "width": dit.context_width, "pooled_width": dit.pooled_width, "guidance": 3.5}
     graph = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": model, "weight_dtype": "default"}},
-        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": lora,
+        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": lora_name,
                                                               "strength_model": 1.0}},
         "3": {"class_type": "TestSeededConditioning", "inputs": {"seed": 1, **conditioning}},
         "4": {"class_type": "TestSeededConditioning", "inputs": {"seed": 2, **conditioning}},
@@ -135,13 +176,14 @@ def test_flux_unet_loader_lora_and_lan_sampler_run_a_graph(flux_server):
         "7": {"class_type": "KSampler", "inputs": {"model": ["2", 0], **common}},
         "8": {"class_type": "FairHumanLANSampler", "inputs": {"model": ["2", 0], "reference_model": ["1", 0],
                                                               "lan_strength": 1.0, **common}},
-        "9": save_latent("6", "flux_base"), "10": save_latent("7", "flux_lora"), "11": save_latent("8", "flux_lan"),
+        "9": save_latent("6", f"{family}_base"), "10": save_latent("7", f"{family}_lora"),
+        "11": save_latent("8", f"{family}_lan"),
     }
     before = len(server.log())
     server.run(graph, timeout=900)
     log = server.log()[before:]
     assert "lora key not loaded" not in log and "ERROR lora" not in log, log[-3000:]
-    base, tuned, lan = (server.latest_latent(p) for p in ("flux_base", "flux_lora", "flux_lan"))
+    base, tuned, lan = (server.latest_latent(f"{family}_{p}") for p in ("base", "lora", "lan"))
     assert base.shape == tuned.shape == lan.shape == (1, 16, 8, 8)
     assert torch.isfinite(tuned).all() and torch.isfinite(lan).all()
     assert (tuned - base).abs().max() > 1e-3  # the LoRA acts on the sample

@@ -38,6 +38,16 @@ def detection_keys(family: str, w: dict) -> dict:
             shapes[f"double_blocks.{i}.img_attn.norm.key_norm.scale"] = [128]
         for i in range(w["depth_single_blocks"]):
             shapes[f"single_blocks.{i}.norm.key_norm.scale"] = [128]
+    elif family == "sd3":  # MMDiT: 64-wide heads, as many joint blocks as heads
+        shapes = {"x_embedder.proj.weight": [h, 16, 2, 2], "final_layer.linear.weight": [2 * 2 * 16, h],
+                  "y_embedder.mlp.0.weight": [h, w["adm_in_channels"]],
+                  "context_embedder.weight": [h, w["context_in_dim"]],
+                  "pos_embed": [1, w["pos_embed_max_size"] ** 2, h]}
+        for i in range(h // 64):
+            shapes[f"joint_blocks.{i}.context_block.attn.qkv.weight"] = [3 * h, h]
+            shapes[f"joint_blocks.{i}.context_block.attn.ln_q.weight"] = [64]
+        for i in w["x_block_self_attn_layers"]:
+            shapes[f"joint_blocks.{i}.x_block.attn2.qkv.weight"] = [3 * h, h]
     else:
         raise SystemExit(f"unknown family {family}")
     return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
@@ -52,14 +62,23 @@ def model_for(family: str, w: dict, device):
     return config, config.get_model({}, device=device), unet_config
 
 
+def detected(unet_config: dict, w: dict) -> dict:
+    """What detection read, under the names of ``w`` (MMDiT's width is 64 × its depth)."""
+    flat = dict(unet_config)
+    if "context_embedder_config" in flat:
+        flat["context_in_dim"] = flat["context_embedder_config"]["params"]["in_features"]
+    flat.setdefault("hidden_size", 64 * flat.get("depth", 0))
+    return {k: flat.get(k) for k in w}
+
+
 def build():
     config, model, unet_config = model_for(family, widths, "cpu")
-    report = {"model": type(config).__name__, "detected": {k: unet_config.get(k) for k in widths}}
+    report = {"model": type(config).__name__, "detected": detected(unet_config, widths)}
     if report["detected"] == widths:  # else this ComfyUI would build another size: nothing written
         g = torch.Generator().manual_seed(0)
         state = {}
         for name, tensor in model.diffusion_model.state_dict().items():
-            scale = 1.0 if name.endswith((".scale", "norm.weight")) else 0.02
+            scale = 1.0 if name.endswith((".scale", "norm.weight", "ln_q.weight", "ln_k.weight")) else 0.02
             state[name] = (torch.ones(tensor.shape) if scale == 1.0 else torch.randn(tensor.shape, generator=g) * scale)
         from safetensors.torch import save_file
 
@@ -100,7 +119,7 @@ def check():
             mismatched.append(name)
     print("REPORT" + json.dumps({"model": type(config).__name__, "patches": len(patches), "unloaded": unloaded,
                                  "mismatched": mismatched,
-                                 "detected": {k: unet_config.get(k) for k in widths}}))
+                                 "detected": detected(unet_config, widths)}))
 
 
 {"build": build, "check": check}[command]()
