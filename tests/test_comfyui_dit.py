@@ -87,10 +87,13 @@ SMALL = {
 }
 
 
-def comfy_script(tree: Path, *args) -> dict:
+def comfy_script(tree: Path, command: str, cases: dict, folder: Path) -> dict:
+    """``comfy_scripts/dit_models.py`` in the tree's own Python: a report per case."""
+    spec = folder / f"{command}-cases.json"
+    spec.write_text(json.dumps(cases))
     python = comfyui_harness.comfyui_python(tree)
-    result = subprocess.run([str(python), str(SCRIPT), *map(str, args)], cwd=tree, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run([str(python), str(SCRIPT), command, str(spec)], cwd=tree, capture_output=True,
+                            text=True, timeout=900)
     line = next((l for l in result.stdout.splitlines() if l.startswith("REPORT")), None)
     assert result.returncode == 0 and line, result.stdout[-2000:] + result.stderr[-3000:]
     return json.loads(line[len("REPORT"):])
@@ -107,52 +110,68 @@ def attach_pack_lora(dit: DiT, transformer, rank: int = 4):
     return lora
 
 
-@pytest.mark.parametrize("name", list(FULL_SIZE))
-def test_full_size_lora_keys_all_load_in_comfyui(name, tmp_path):
-    """Every key of the pack's full-size LoRA (rank 4 on the trainer's targets) lands in ComfyUI's
-    model of that family on a weight of its shape: no "lora key not loaded"."""
+@pytest.fixture(scope="module")
+def full_size_reports(tmp_path_factory):
+    """ComfyUI's verdict on the pack's full-size LoRA of each family (one ComfyUI process)."""
     from core.families import FAMILIES
     from core.lora_format import peft_state_to_kohya
 
     tree = comfyui_harness.comfyui_tree()
     if tree is None:
         pytest.skip(comfyui_harness.missing_reason())
-    dit = FULL_SIZE[name]
-    lora = attach_pack_lora(dit, dit.diffusers_model(device="meta"))
-    kohya = peft_state_to_kohya(dict(lora.named_parameters()), alpha=4.0, prefix=FAMILIES[dit.family].lora_prefix)
-    shapes = tmp_path / "shapes.json"
-    shapes.write_text(json.dumps({k: list(v.shape) for k, v in kohya.items()}))
-    report = comfy_script(tree, "check", dit.family, json.dumps(dit.widths), shapes)
+    cases, key_counts = {}, {}
+    for name, dit in FULL_SIZE.items():
+        lora = attach_pack_lora(dit, dit.diffusers_model(device="meta"))
+        kohya = peft_state_to_kohya(dict(lora.named_parameters()), alpha=4.0,
+                                    prefix=FAMILIES[dit.family].lora_prefix)
+        cases[name] = {"family": dit.family, "widths": dit.widths,
+                       "lora_shapes": {k: list(v.shape) for k, v in kohya.items()}}
+        key_counts[name] = len(kohya)
+    return comfy_script(tree, "check", cases, tmp_path_factory.mktemp("dit-check")), key_counts
+
+
+@pytest.mark.parametrize("name", list(FULL_SIZE))
+def test_full_size_lora_keys_all_load_in_comfyui(full_size_reports, name):
+    """Every key of the pack's full-size LoRA (rank 4 on the trainer's targets) lands in ComfyUI's
+    model of that family on a weight of its shape: no "lora key not loaded"."""
+    reports, key_counts = full_size_reports
+    report, dit = reports[name], FULL_SIZE[name]
     assert report["model"] == dit.comfy_model and report["detected"] == dit.widths
     assert report["unloaded"] == [] and report["mismatched"] == [], report
-    assert report["patches"] == len(kohya) // 3 > 0
+    assert report["patches"] == key_counts[name] // 3 > 0
 
 
 @pytest.fixture(scope="module")
 def dit_server(tmp_path_factory):
-    """The newest ComfyUI tree with the test-only conditioning node; models are built per test."""
+    """The newest ComfyUI tree with the test-only conditioning node and the small models, built
+    by its own classes (a report per family: what its detection read)."""
     trees = comfyui_harness.comfyui_trees()
     if not trees:
         pytest.skip(comfyui_harness.missing_reason())
     tree = trees[-1]
     base = tmp_path_factory.mktemp(f"dit-{comfyui_harness.version_label(tree)}")
+    cases = {family: {"family": family, "widths": dit.widths, "out": str(base / f"small-{family}.safetensors")}
+             for family, dit in SMALL.items()}
+    built = comfy_script(tree, "build", cases, base)
     server = comfyui_harness.ComfyServer(base, tree=tree)
     shutil.copy(TEST_NODES / "seeded_conditioning.py", base / "custom_nodes" / "seeded_conditioning.py")
     server.start()
-    yield server
+    yield server, built
     server.stop()
 
 
+# heavy: a ComfyUI server of its own and two samplings per family (about 2 min on a 2-vCPU VM);
+# CI runs the full-size key checks above
+@pytest.mark.heavy
 @pytest.mark.parametrize("family", list(SMALL))
 def test_unet_loader_lora_and_lan_sampler_run_a_graph(dit_server, family):
     """The small model (ComfyUI's classes, seeded weights) through UNETLoader, the pack's LoRA
     through LoraLoaderModelOnly, KSampler with and without it, and the LAN Sampler."""
-    server, dit = dit_server, SMALL[family]
+    (server, built), dit = dit_server, SMALL[family]
     model_file = server.base_dir / f"small-{family}.safetensors"
-    report = comfy_script(server.tree, "build", family, json.dumps(dit.widths), model_file)
-    if report["detected"] != dit.widths:  # feature-detected: older trees assume the full width
+    if built[family]["detected"] != dit.widths:  # feature-detected: older trees assume the full width
         pytest.skip(f"ComfyUI {comfyui_harness.version_label(server.tree)} reads no {family} width from the "
-                    f"weights ({report['detected']})")
+                    f"weights ({built[family]['detected']})")
     lora = attach_pack_lora(dit, dit.diffusers_model())
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # random up weights, so the LoRA acts

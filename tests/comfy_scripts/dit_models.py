@@ -1,10 +1,11 @@
 """Run by a ComfyUI tree's own Python (cwd: the tree), never imported by the pack: builds DiT
 diffusion models with ComfyUI's own classes and checks LoRA files against ComfyUI's key map.
 
-    python dit_models.py build  <family> <json widths> <out.safetensors>
-    python dit_models.py check  <family> <json widths> <lora shapes .json>
+    python dit_models.py build  <cases.json>   # {name: {family, widths, out}}
+    python dit_models.py check  <cases.json>   # {name: {family, widths, lora_shapes}}
 
-Both print one line ``REPORT{json}``. ``build`` makes ComfyUI's model detection pick the config
+Both print one line ``REPORT{json}``, a report per case name (one process: importing ComfyUI
+takes most of the time). ``build`` makes ComfyUI's model detection pick the config
 (from a state dict holding only the tensors detection reads), builds that model with seeded random
 weights and saves its diffusion-model state dict, as UNETLoader reads it from
 models/diffusion_models. ``check`` builds the model on the meta device and loads the LoRA's
@@ -16,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.getcwd())
-command, family, widths, path = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+command, cases = sys.argv[1], json.load(open(sys.argv[2]))
 sys.argv = [sys.argv[0], "--cpu"]
 import comfy.options  # noqa: E402
 
@@ -71,7 +72,7 @@ def detected(unet_config: dict, w: dict) -> dict:
     return {k: flat.get(k) for k in w}
 
 
-def build():
+def build(family, widths, out):
     config, model, unet_config = model_for(family, widths, "cpu")
     report = {"model": type(config).__name__, "detected": detected(unet_config, widths)}
     if report["detected"] == widths:  # else this ComfyUI would build another size: nothing written
@@ -82,23 +83,29 @@ def build():
             state[name] = (torch.ones(tensor.shape) if scale == 1.0 else torch.randn(tensor.shape, generator=g) * scale)
         from safetensors.torch import save_file
 
-        save_file(state, path)
+        save_file(state, out)
         report["tensors"] = len(state)
-    print("REPORT" + json.dumps(report))
+    return report
 
 
-def check():
-    unloaded = []
+class Unloaded(logging.Handler):
+    """The keys ComfyUI's LoRA loader reports as not loaded."""
 
-    class Catch(logging.Handler):
-        def emit(self, record):
-            if "lora key not loaded" in record.getMessage():
-                unloaded.append(record.getMessage())
+    def __init__(self):
+        super().__init__()
+        self.messages = []
 
-    logging.getLogger().addHandler(Catch())
+    def emit(self, record):
+        if "lora key not loaded" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+def check(family, widths, lora_shapes):
+    unloaded = Unloaded()
+    logging.getLogger().addHandler(unloaded)
     config, model, unet_config = model_for(family, widths, "meta")
     key_map = comfy.lora.model_lora_keys_unet(model, {})
-    shapes = json.load(open(path))
+    shapes = lora_shapes
     lora = {k: torch.tensor(4.0) if k.endswith(".alpha") else torch.empty(s, device="meta") for k, s in shapes.items()}
     patches = comfy.lora.load_lora(lora, key_map)
     weights = {k: list(v.shape) for k, v in model.state_dict().items()}
@@ -117,9 +124,10 @@ def check():
             shape = weights.get(target)
         if not shape or shape[:2] != [up[0], down[1]]:
             mismatched.append(name)
-    print("REPORT" + json.dumps({"model": type(config).__name__, "patches": len(patches), "unloaded": unloaded,
-                                 "mismatched": mismatched,
-                                 "detected": detected(unet_config, widths)}))
+    logging.getLogger().removeHandler(unloaded)
+    return {"model": type(config).__name__, "patches": len(patches), "unloaded": unloaded.messages,
+            "mismatched": mismatched, "detected": detected(unet_config, widths)}
 
 
-{"build": build, "check": check}[command]()
+run = {"build": build, "check": check}[command]
+print("REPORT" + json.dumps({name: run(**case) for name, case in cases.items()}))
