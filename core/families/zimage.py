@@ -23,9 +23,12 @@ MAX_QWEN_TOKENS = 512  # ZImagePipeline's max_sequence_length; a smaller tokeniz
 
 class ZImageFamily(FlowMatchingFamily):
     name = "zimage"
-    # ComfyUI 0.33 maps Z-Image LoRA keys by the diffusers module path under "transformer."
-    # (comfy/lora.py, its Lumina2 branch); it maps neither lora_unet_ nor lora_transformer_.
-    lora_prefix = "transformer."
+    # ComfyUI 0.33 maps Z-Image LoRA keys by the diffusers module path, bare or under
+    # "diffusion_model.", "transformer." or "lycoris_" (comfy/lora.py, its Lumina2 branch), and
+    # neither lora_unet_ nor lora_transformer_. Of those, diffusers 0.42's Z-Image loader reads
+    # kohya-style down/up/alpha keys only under "diffusion_model." (or bare): under "transformer."
+    # it prefixes them a second time.
+    lora_prefix = "diffusion_model."
     VELOCITY_SIGN = -1  # the transformer predicts x0 − noise
 
     def __init__(self, pipe, device):
