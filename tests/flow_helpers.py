@@ -102,3 +102,22 @@ def assert_diffusers_loader_reproduces(result: dict, base: str) -> None:
         base_out = family_of(build_tiny_pipeline(base)).predict(noisy, sigma, cond, None, None, None)
     assert (got - expected).abs().max() <= 1e-4
     assert (base_out - expected).abs().max() > 1e-3  # the LoRA really changes the output
+
+
+def fairhuman_args(base: str) -> list:
+    """The ``train`` arguments the flow-transformer tests share: FairHuman at 64², rank 8, lr 1e-2."""
+    return ["--method", "fairhuman", "--base", base, "--resolution", "64", "--rank", "8", "--lr", "1e-2",
+            "--seed", "0"]
+
+
+def assert_mpd_training_lowers_all_three_losses(base: str, dataset, folder) -> None:
+    """30 MPD steps of ``train`` on ``base`` (batch 4): each loss falls (assert_all_losses_fall),
+    every weight stays positive, and the LoRA file is named after the family."""
+    from train_helpers import assert_all_losses_fall, train_cli
+
+    result = train_cli(*fairhuman_args(base), "--data", dataset, "--output", folder, "--steps", 30, "--batch-size", 4,
+                       "--weighting", "mpd", "--checkpoint-every", 0)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    progress = assert_all_losses_fall(folder, 30, f"{base} ")
+    assert all(w > 0 for w in progress[-1]["weights"])
+    assert (folder / f"fairhuman_{base.removeprefix('tiny-')}.safetensors").is_file()  # tiny-flux: fairhuman_flux
