@@ -2,20 +2,13 @@
 resume, masks on the token grid, and the LoRA file's key format."""
 from __future__ import annotations
 
-import json
-
-import numpy as np
-import pytest
 import torch
-from PIL import Image
 
-from train_helpers import (assert_all_losses_fall, assert_killed_run_resumes_exactly, lora_tensors, make_region_dataset,
-                           train_cli)
+from flow_helpers import (assert_diffusers_loader_reproduces, assert_mpd_training_lowers_all_three_losses,
+                          assert_one_pixel_face_owns_its_token, fairhuman_args, lora_module_names, train_lora_in_process)
+from train_helpers import assert_killed_run_resumes_exactly, lora_tensors, train_cli
 
-# Not marked slow: the whole file takes about 30 s on two cores, so CI runs it.
-
-COMMON = ["--method", "fairhuman", "--base", "tiny-flux", "--resolution", "64", "--rank", "8", "--lr", "1e-2",
-          "--seed", "0"]
+COMMON = fairhuman_args("tiny-flux")
 # The diffusers module paths of a Flux transformer that ComfyUI 0.33's Flux LoRA key map takes
 # (comfy/utils.py flux_to_diffusers, prefixed "lora_transformer_" with dots as "_" in comfy/lora.py):
 # the joint attention of the double-stream blocks, both streams, and the single blocks' q, k, v.
@@ -26,124 +19,54 @@ COMFYUI_FLUX_ATTENTION = {
 }
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_region_dataset(tmp_path_factory.mktemp("regions"), size=64)
+def test_mpd_training_lowers_all_three_losses(region_dataset_64, tmp_path):
+    assert_mpd_training_lowers_all_three_losses("tiny-flux", region_dataset_64, tmp_path)
 
 
-def test_mpd_training_lowers_all_three_losses(dataset, tmp_path):
-    result = train_cli(*COMMON, "--data", dataset, "--output", tmp_path, "--steps", 30, "--batch-size", 4,
-                       "--weighting", "mpd", "--checkpoint-every", 0)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    progress = assert_all_losses_fall(tmp_path, 30, "tiny-flux ")
-    assert all(w > 0 for w in progress[-1]["weights"])
-    assert (tmp_path / "fairhuman_flux.safetensors").is_file()
-
-
-def test_sigkill_then_resume_equals_uninterrupted(dataset, tmp_path):
-    args = [*COMMON, "--batch-size", 2, "--steps", 12, "--checkpoint-every", 4, "--data", dataset]
+def test_sigkill_then_resume_equals_uninterrupted(region_dataset_64, tmp_path):
+    args = [*COMMON, "--batch-size", 2, "--steps", 12, "--checkpoint-every", 4, "--data", region_dataset_64]
     assert_killed_run_resumes_exactly(args, tmp_path, kill_at=8)
 
 
 
-def test_sampling_during_training_is_refused_on_flux_not_rendered_wrong(dataset, tmp_path):
+def test_sampling_during_training_is_refused_on_flux_not_rendered_wrong(region_dataset_64, tmp_path):
     """Rendering (--sample-every, --validate-every) is UNet-only so far: a Flux run that asks for
     it fails before its first step with a message saying what to set, never with wrong images."""
-    result = train_cli(*COMMON, "--data", dataset, "--output", tmp_path, "--steps", 2, "--validate-every", 1)
+    result = train_cli(*COMMON, "--data", region_dataset_64, "--output", tmp_path, "--steps", 2, "--validate-every", 1)
     assert result.returncode == 1
     assert "cannot render flux images yet" in result.stdout + result.stderr
     assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "checkpoints").exists()
-
-def one_pixel_face_dataset(folder, pixel_yx):
-    """One 80×64 image (wider than the 64² crop, so random crops move it; never resized) whose
-    face mask is the single pixel ``pixel_yx``."""
-    folder.mkdir(parents=True)
-    (folder / "masks").mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / "img.png")
-    face = np.zeros((64, 80), np.uint8)
-    face[pixel_yx] = 255
-    Image.fromarray(face).save(folder / "masks" / "img_face.png")
-    Image.fromarray(np.zeros_like(face)).save(folder / "masks" / "img_hand.png")
-    row = {"image": "img.png", "text": "a photo of a person", "width": 80, "height": 64,
-           "mask_face": "masks/img_face.png", "mask_hand": "masks/img_hand.png", "status": "ok"}
-    (folder / "metadata.jsonl").write_text(json.dumps(row) + "\n")
-    return folder
 
 
 def test_one_pixel_face_owns_exactly_its_token_after_flip_and_crop(tmp_path):
     """The face loss's gradient reaches the transformer's output only at the token (2×2 latent
     cells, 16×16 pixels) holding the face pixel, and at all of that token's features: the mask
     is max-pooled to the token grid, through every crop and flip the data pipeline draws."""
-    from core.tiny_models import build_tiny_pipeline
-    from trainers.config import TrainConfig
-    from trainers.data import collate
-    from trainers.methods.fairhuman import FairHuman
-    from trainers.model import TrainableModel
+    def packed_tokens(transformer):  # FluxTransformer2DModel returns its (B, tokens, 64) output
+        outputs = []
+        transformer.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
+        return outputs
 
-    y, x = 21, 37  # inside every 64-wide crop of the 80-wide image (left offset 0..16)
-    cfg = TrainConfig(data=str(one_pixel_face_dataset(tmp_path / "data", (y, x))), resolution=64, bucketing=False,
-                      random_crop=True, flip_p=0.5, batch_size=1, rank=4)
-    model = TrainableModel(build_tiny_pipeline("tiny-flux"), rank=4)
-    method = FairHuman(cfg, model)
-    outputs = []
-    model.denoiser.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
-    seen = set()
-    for epoch in range(8):
-        batch = collate([method.dataset.item(0, epoch)])
-        top, left = (int(v) for v in batch["time_ids"][0, 2:4])
-        flipped = batch["view"][0].endswith("flip")
-        col = x - left
-        col = 63 - col if flipped else col
-        token = ((y - top) // 16) * 4 + col // 16  # 4×4 tokens of 16×16 pixels, row-major
-        outputs.clear()
-        losses = method.losses(batch, torch.Generator().manual_seed(epoch)).losses
-        tokens = outputs[0]  # (1, 16 tokens, 64 features)
-        (grad,) = torch.autograd.grad(losses[1], tokens)
-        owned = grad[0].ne(0)
-        assert owned.any(dim=1).nonzero().flatten().tolist() == [token], (epoch, top, left, flipped)
-        assert owned[token].all(), "every latent cell of the face's token counts"
-        seen.add((left, flipped))
-    assert {f for _, f in seen} == {True, False} and len({left for left, _ in seen}) > 1
+    assert_one_pixel_face_owns_its_token("tiny-flux", tmp_path / "data", packed_tokens)
 
 
-def test_lora_keys_are_flux_keys_that_comfyui_and_diffusers_load(dataset, tmp_path):
+def test_lora_keys_are_flux_keys_that_comfyui_and_diffusers_load(region_dataset_64, tmp_path):
     """Every key of the exported LoRA is a kohya-style ``lora_transformer_`` key of an attention
     projection ComfyUI's Flux map names, and diffusers' Flux loader, given the file, reproduces the
     trained transformer's output."""
-    from core.families import family_of
-    from core.fileio import EventLog
     from core.lora_format import read_lora_metadata
-    from core.tiny_models import build_tiny_pipeline
-    from trainers.config import TrainConfig
-    from trainers.train_job import run_job
 
-    cfg = TrainConfig(method="fairhuman", base="tiny-flux", data=str(dataset), output=str(tmp_path), steps=3,
-                      resolution=64, rank=4, alpha=2.0, lr=1e-2, batch_size=2, checkpoint_every=0)
-    result = run_job(cfg, tmp_path, EventLog(tmp_path / "events.jsonl", echo=False), resume=False,
-                     stop_requested=lambda: False, keep_model=True)
+    result = train_lora_in_process("tiny-flux", region_dataset_64, tmp_path)
     tensors = lora_tensors(result["lora"])
     expected = {f"lora_transformer_{block}_{i}_{module}".replace(".", "_")
                 for block, modules in COMFYUI_FLUX_ATTENTION.items() for i in range(2) for module in modules}
-    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
+    names = lora_module_names(tensors)
     assert names == expected
     assert len(tensors) == 3 * len(expected)  # lora_down, lora_up and alpha of each
     assert all(float(tensors[f"{n}.alpha"]) == 2.0 for n in names)
     meta = read_lora_metadata(result["lora"])
     assert meta["fairhuman.base_arch"] == "flux" and meta["ss_base_model_version"] == "flux1"
-
-    trained = result["model"]
-    trained.train(False)
-    fresh = build_tiny_pipeline("tiny-flux")
-    fresh.load_lora_weights(result["lora"])
-    noisy = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
-    sigma = torch.tensor([0.6])
-    cond = trained.encode_prompts(["a photo of hands"])
-    with torch.no_grad():
-        expected_out = trained.predict(noisy, sigma, cond)
-        got = family_of(fresh).predict(noisy, sigma, cond, None, None, None)
-        base_out = family_of(build_tiny_pipeline("tiny-flux")).predict(noisy, sigma, cond, None, None, None)
-    assert (got - expected_out).abs().max() <= 1e-4
-    assert (base_out - expected_out).abs().max() > 1e-3  # the LoRA really changes the output
+    assert_diffusers_loader_reproduces(result, "tiny-flux")
 
 
 def test_tokens_and_positions_are_the_flux_pipelines():
