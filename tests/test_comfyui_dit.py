@@ -3,9 +3,10 @@ ComfyUI's own classes (small widths that ComfyUI's detection still reads as that
 through UNETLoader; a LoRA written by this pack's exporter applies with every key (none "not
 loaded", each on a weight of its shape), changes the sample, and the LAN Sampler runs the graph.
 
-The full-size key checks build Flux.1-dev, SD3.5 Medium and SD3.5 Large on the meta device on
-both sides: the pack's LoRA on diffusers' transformer (the trainer's own targets for that
-family), ComfyUI's model from its detection.
+The full-size key checks build Flux.1-dev, SD3.5 Medium, SD3.5 Large and Z-Image on the meta
+device on both sides: the pack's LoRA on diffusers' transformer (the trainer's own targets for
+that family), ComfyUI's model from its detection. (ComfyUI reads Z-Image only at its own 3840
+width, so Z-Image has no small-model graph.)
 
 Text encoders are left out: T5-XXL alone has 4.7 B parameters. A test-only node
 (``tests/comfy_test_nodes/seeded_conditioning.py``) gives the graphs seeded conditioning of the
@@ -53,6 +54,10 @@ class DiT:
                     attention_head_dim=128, num_attention_heads=w["hidden_size"] // 128,
                     joint_attention_dim=w["context_in_dim"], pooled_projection_dim=w["vec_in_dim"],
                     guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+            if self.family == "zimage":  # Z-Image: diffusers' defaults are its shape
+                from diffusers import ZImageTransformer2DModel
+
+                return ZImageTransformer2DModel(dim=w["dim"], n_layers=w["n_layers"], cap_feat_dim=w["cap_feat_dim"])
             from diffusers import SD3Transformer2DModel  # SD3.5: 64-wide heads, RMS q/k norm
 
             depth = w["hidden_size"] // 64
@@ -78,6 +83,7 @@ FULL_SIZE = {
     "flux.1-dev": DiT("flux", "Flux", _flux(19, 38), 4096, 768),
     "sd3.5-medium": DiT("sd3", "SD3", _sd3(1536, 384, range(13)), 4096, 2048),
     "sd3.5-large": DiT("sd3", "SD3", _sd3(2432, 192, []), 4096, 2048),
+    "z-image": DiT("zimage", "ZImage", {"dim": 3840, "n_layers": 30, "cap_feat_dim": 2560}, 2560, 0),
 }
 # Small: Flux with 2 heads of 128 and one block of each kind; SD3.5 Medium-shaped with 2 joint
 # blocks of 64-wide heads, the first with MMDiT-X's second self-attention; 64-wide context.

@@ -30,7 +30,7 @@ import comfy.model_detection  # noqa: E402
 
 def detection_keys(family: str, w: dict) -> dict:
     """The tensors (meta) from which ComfyUI's detection reads the family and its widths."""
-    h = w["hidden_size"]
+    h = w.get("hidden_size") or w["dim"]
     shapes = {}
     if family == "flux":
         shapes = {"img_in.weight": [h, 64], "txt_in.weight": [h, w["context_in_dim"]],
@@ -49,6 +49,11 @@ def detection_keys(family: str, w: dict) -> dict:
             shapes[f"joint_blocks.{i}.context_block.attn.ln_q.weight"] = [64]
         for i in w["x_block_self_attn_layers"]:
             shapes[f"joint_blocks.{i}.x_block.attn2.qkv.weight"] = [3 * h, h]
+    elif family == "zimage":  # Lumina2's NextDiT; ComfyUI reads Z-Image from its 3840 width
+        shapes = {"cap_embedder.1.weight": [h, w["cap_feat_dim"]], "noise_refiner.0.attention.k_norm.weight": [128],
+                  "cap_pad_token": [1, h]}
+        for i in range(w["n_layers"]):
+            shapes[f"layers.{i}.attention_norm1.weight"] = [h]
     else:
         raise SystemExit(f"unknown family {family}")
     return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
