@@ -114,7 +114,7 @@ def test_evaluate_writes_a_report_that_a_browser_shows_whole(loras, tmp_path):
     assert "--strengths 0.3,0.4,0.5" in report["command"]
 
     again = evaluate(*argv)  # resumable: nothing is rendered or detected twice
-    assert again.returncode == 0 and "56 already rendered" in again.stdout
+    assert again.returncode == 0 and "56 already done" in again.stdout
     assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
 
     if not CHROMIUM.exists():
