@@ -46,13 +46,46 @@ def test_sigkill_then_resume_equals_uninterrupted(dataset, tmp_path):
 
 
 
-def test_sampling_during_training_is_refused_on_flux_not_rendered_wrong(dataset, tmp_path):
-    """Rendering (--sample-every, --validate-every) is UNet-only so far: a Flux run that asks for
-    it fails before its first step with a message saying what to set, never with wrong images."""
-    result = train_cli(*COMMON, "--data", dataset, "--output", tmp_path, "--steps", 2, "--validate-every", 1)
-    assert result.returncode == 1
-    assert "cannot render flux images yet" in result.stdout + result.stderr
-    assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "checkpoints").exists()
+def test_sampling_and_validation_during_training_render_flux_images(dataset, tmp_path):
+    """--sample-every and --validate-every render through the Flux family's pipeline: the sample
+    and validation images exist, are of the training size, and are not flat (packed latents decoded
+    with the wrong layout or without the shift factor would still be images; the equality with
+    FluxPipeline's own decoding is ``test_render_under_autocast_decodes_as_flux_pipeline``)."""
+    from core.fileio import read_events
+
+    result = train_cli(*COMMON, "--data", dataset, "--output", tmp_path, "--steps", 2, "--sample-every", 2,
+                       "--sample-prompts", "a photo of hands", "--sample-steps", 2, "--validate-every", 2,
+                       "--validation-prompts", "a person waving", "--validation-seeds", 1, "--checkpoint-every", 0)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    events = read_events(tmp_path / "events.jsonl")
+    paths = [p for e in events if e["event"] in ("sample", "validation") for p in e["paths"]]
+    assert len(paths) == 2 and {e["event"] for e in events} >= {"sample", "validation"}
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.size == (64, 64) and np.asarray(image).std() > 1
+    assert (tmp_path / "fairhuman_flux_best.safetensors").is_file()
+
+
+def test_render_under_autocast_decodes_as_flux_pipeline():
+    """The mixed-precision rendering path (denoise under autocast, then unpack, unscale, unshift
+    and decode in fp32 itself) gives FluxPipeline's own image when the autocast is a no-op, and
+    sampling takes the dev transformer's distilled guidance 3.5 (the guidance it trains with)."""
+    import contextlib
+
+    from core.families import family_of
+    from core.families.flux import TRAIN_GUIDANCE
+    from core.tiny_models import build_tiny_pipeline
+
+    family = family_of(build_tiny_pipeline("tiny-flux"))
+    common = dict(num_inference_steps=3, height=64, width=48)
+    plain = family.render("a person", torch.Generator().manual_seed(3), **common)[0]
+    decoded = family.render("a person", torch.Generator().manual_seed(3), autocast=contextlib.nullcontext(),
+                            **common)[0]
+    assert plain.size == (48, 64) and np.array_equal(np.asarray(plain), np.asarray(decoded))
+    assert family.guidance_kwargs(7.0)["guidance_scale"] == TRAIN_GUIDANCE
+    other = family.render("a person", torch.Generator().manual_seed(3), guidance_scale=1.0, **common)[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(other))  # the guidance is an input
+
 
 def one_pixel_face_dataset(folder, pixel_yx):
     """One 80×64 image (wider than the 64² crop, so random crops move it; never resized) whose

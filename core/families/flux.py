@@ -55,7 +55,6 @@ class FluxFamily(ModelFamily):
     name = "flux"
     denoiser_attribute = "transformer"
     lora_prefix = "lora_transformer_"  # the kohya-style Flux prefix ComfyUI and diffusers both map
-    renders_samples = False  # packed latents and the shift factor: not in Precision.generate yet
 
     def __init__(self, pipe, device):
         super().__init__(pipe, device)
@@ -73,6 +72,10 @@ class FluxFamily(ModelFamily):
     def normalize_latents(self, latents):
         config = self.pipe.vae.config
         return (latents - config.shift_factor) * config.scaling_factor
+
+    def denormalize_latents(self, latents):
+        config = self.pipe.vae.config
+        return latents / config.scaling_factor + config.shift_factor
 
     def shift(self, sigmas: torch.Tensor, tokens: int) -> torch.Tensor:
         """σ moved toward noise as the scheduler moves Flux's sampling schedule: exp(μ) with μ
@@ -106,6 +109,15 @@ class FluxFamily(ModelFamily):
         sigma = self._sigma(timesteps, pred).float()
         return noisy - sigma * pred, noisy + (1 - sigma) * pred
 
+    def stat_latent(self, noisy, timesteps, pred):
+        """The one-step sample of a flow: the Euler step from σ to 0, x0 = x_t − σ·v. ``pred`` is
+        already unpacked onto the (B, 16, h, w) grid (``predict``), so the statistics taken of it
+        are the 16 VAE channels', not the 64 features of a packed token (4 cells per channel)."""
+        return self.predicted_x0_and_eps(noisy, timesteps, pred)[0]
+
+    def probe_timesteps(self, n):
+        return ((torch.arange(n) + 0.5) / n).to(self.device)  # σ evenly over (0, 1)
+
     def loss_masks(self, latent_masks):
         tokens = F.max_pool2d(latent_masks, PATCH)
         return tokens.repeat_interleave(PATCH, dim=-2).repeat_interleave(PATCH, dim=-1)
@@ -127,6 +139,25 @@ class FluxFamily(ModelFamily):
             return_dict=False,
         )[0]
         return unpack(tokens, h, w)
+
+    def guidance_kwargs(self, cfg=None, negative=None):
+        """Flux.1-dev is guidance-distilled: its transformer takes the guidance scale it was trained
+        with (3.5) as an input, and ``cfg`` is classifier-free guidance proper (FluxPipeline's
+        ``true_cfg_scale``), which runs only against a negative prompt. The T5 sequence is as long
+        as in training."""
+        out = {"guidance_scale": TRAIN_GUIDANCE, "max_sequence_length": self.max_sequence_length}
+        if negative:
+            out.update(negative_prompt=negative, true_cfg_scale=1.0 if cfg is None else cfg)
+        return out
+
+    def pipeline_latents_to_grid(self, latents, height, width):
+        scale = self.pipe.vae_scale_factor * PATCH  # pixels per token side
+        height = height or self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        width = width or self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return unpack(latents, PATCH * (height // scale), PATCH * (width // scale))
+
+    def grid_to_pipeline_latents(self, grid):
+        return pack(grid)
 
     def lora_targets(self, names):
         out = list(names)
