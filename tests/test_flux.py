@@ -139,21 +139,29 @@ def test_one_pixel_face_owns_exactly_its_token_after_flip_and_crop(tmp_path):
     assert {f for _, f in seen} == {True, False} and len({left for left, _ in seen}) > 1
 
 
-def test_lora_keys_are_flux_keys_that_comfyui_and_diffusers_load(dataset, tmp_path):
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    """A FairHuman LoRA trained 3 steps on tiny-flux, with the trained model kept."""
+    from core.fileio import EventLog
+    from trainers.config import TrainConfig
+    from trainers.train_job import run_job
+
+    out = tmp_path_factory.mktemp("flux_lora")
+    cfg = TrainConfig(method="fairhuman", base="tiny-flux", data=str(dataset), output=str(out), steps=3,
+                      resolution=64, rank=4, alpha=2.0, lr=1e-2, batch_size=2, checkpoint_every=0)
+    return run_job(cfg, out, EventLog(out / "events.jsonl", echo=False), resume=False,
+                   stop_requested=lambda: False, keep_model=True)
+
+
+def test_lora_keys_are_flux_keys_that_comfyui_and_diffusers_load(trained):
     """Every key of the exported LoRA is a kohya-style ``lora_transformer_`` key of an attention
     projection ComfyUI's Flux map names, and diffusers' Flux loader, given the file, reproduces the
     trained transformer's output."""
     from core.families import family_of
-    from core.fileio import EventLog
     from core.lora_format import read_lora_metadata
     from core.tiny_models import build_tiny_pipeline
-    from trainers.config import TrainConfig
-    from trainers.train_job import run_job
 
-    cfg = TrainConfig(method="fairhuman", base="tiny-flux", data=str(dataset), output=str(tmp_path), steps=3,
-                      resolution=64, rank=4, alpha=2.0, lr=1e-2, batch_size=2, checkpoint_every=0)
-    result = run_job(cfg, tmp_path, EventLog(tmp_path / "events.jsonl", echo=False), resume=False,
-                     stop_requested=lambda: False, keep_model=True)
+    result = trained
     tensors = lora_tensors(result["lora"])
     expected = {f"lora_transformer_{block}_{i}_{module}".replace(".", "_")
                 for block, modules in COMFYUI_FLUX_ATTENTION.items() for i in range(2) for module in modules}
@@ -164,15 +172,15 @@ def test_lora_keys_are_flux_keys_that_comfyui_and_diffusers_load(dataset, tmp_pa
     meta = read_lora_metadata(result["lora"])
     assert meta["fairhuman.base_arch"] == "flux" and meta["ss_base_model_version"] == "flux1"
 
-    trained = result["model"]
-    trained.train(False)
+    model = result["model"]
+    model.train(False)
     fresh = build_tiny_pipeline("tiny-flux")
     fresh.load_lora_weights(result["lora"])
     noisy = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.6])
-    cond = trained.encode_prompts(["a photo of hands"])
+    cond = model.encode_prompts(["a photo of hands"])
     with torch.no_grad():
-        expected_out = trained.predict(noisy, sigma, cond)
+        expected_out = model.predict(noisy, sigma, cond)
         got = family_of(fresh).predict(noisy, sigma, cond, None, None, None)
         base_out = family_of(build_tiny_pipeline("tiny-flux")).predict(noisy, sigma, cond, None, None, None)
     assert (got - expected_out).abs().max() <= 1e-4
@@ -192,3 +200,37 @@ def test_tokens_and_positions_are_the_flux_pipelines():
     assert torch.equal(unpack(packed, 6, 10), latents)
     reference = FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32)
     assert torch.equal(image_ids(6, 10, "cpu", torch.float32), reference.reshape(-1, 3)[: 3 * 5])
+
+
+def test_sample_reads_a_flux_lora_back_and_refuses_a_unet_one(trained, tmp_path):
+    """``sample --lora`` on the Flux base loads the trained file (the images change with it) and
+    refuses a UNet LoRA, with or without metadata, naming both architectures; the pack's own
+    reader maps the file's keys back onto the transformer's modules with the trained tensors."""
+    from safetensors.torch import save_file
+
+    from core.lora_format import kohya_to_peft_state, load_lora_state
+    from core.tiny_models import build_tiny_pipeline
+    from train_helpers import run_trainers
+
+    common = ["sample", "--base", "tiny-flux", "--prompt", "a photo of hands", "--steps", 2, "--size", 64]
+    plain = run_trainers(*common, "--output", tmp_path / "plain")
+    tuned = run_trainers(*common, "--lora", trained["lora"], "--lan", "--output", tmp_path / "lora")
+    assert plain.returncode == 0 and tuned.returncode == 0, plain.stderr[-2000:] + tuned.stderr[-2000:]
+    without = np.asarray(Image.open(tmp_path / "plain" / "000_seed0.png"), dtype=int)
+    lan = np.asarray(Image.open(tmp_path / "lora" / "000_seed0_lan.png"), dtype=int)
+    assert np.abs(without - lan).max() > 0  # LAN matches statistics, not images: the LoRA shows
+
+    unet_lora = tmp_path / "unet_lora.safetensors"  # another trainer's: no metadata, lora_unet_ keys
+    save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(unet_lora))
+    refused = run_trainers(*common, "--lora", unet_lora, "--output", tmp_path / "bad")
+    assert refused.returncode != 0
+    assert "is a LoRA for sd15/sdxl" in refused.stderr and "is flux" in refused.stderr
+
+    state, alphas = kohya_to_peft_state(load_lora_state(trained["lora"]))  # dots restored by name rules
+    modules = dict(build_tiny_pipeline("tiny-flux").transformer.named_modules())
+    assert set(alphas) <= set(modules) and set(alphas.values()) == {2.0}
+    trained_layers = {n: p for n, p in trained["model"].denoiser.named_parameters() if "lora_" in n}
+    for name, tensor in state.items():
+        module, ab = name.rsplit(".lora_", 1)
+        assert torch.equal(tensor, trained_layers[f"{module}.lora_{ab[0]}.default.weight"])

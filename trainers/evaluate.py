@@ -137,7 +137,7 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
     from tqdm import tqdm
 
     from core.checkpoints import load_pipeline
-    from core.lora_format import lora_architecture
+    from core.lora_format import lora_architecture, lora_fits
     from core.families import family_of
 
     pipe = load_pipeline(args.base, tokenizer=args.tokenizer).to(shards.Share.device())
@@ -145,7 +145,7 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
     arch = family.name
     for model in models:
         trained_for = lora_architecture(model.lora)
-        if trained_for not in (None, arch):
+        if not lora_fits(trained_for, arch):
             raise SystemExit(f"{model.lora.name} is a LoRA for {trained_for}, the base {args.base} is {arch}")
         pipe.load_lora_weights(str(model.lora), adapter_name=model.name)
     common = dict(num_inference_steps=args.steps, cfg=args.cfg)

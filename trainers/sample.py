@@ -86,14 +86,14 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.base, tokenizer=args.tokenizer)
     family = family_of(pipe)
     if args.lora is not None:
-        from core.lora_format import lora_architecture
+        from core.lora_format import lora_architecture, lora_fits
 
         base_arch = family.name
         try:
             lora_arch = lora_architecture(args.lora)
         except ValueError as err:  # not a safetensors file
             raise SystemExit(str(err)) from None
-        if lora_arch is not None and lora_arch != base_arch:
+        if not lora_fits(lora_arch, base_arch):
             raise SystemExit(f"{args.lora.name} is a LoRA for {lora_arch}, the base {args.base} is {base_arch}: "
                              f"use a {lora_arch} base or a LoRA trained on {base_arch}")
         try:
