@@ -39,6 +39,7 @@ class ModelFamily:
     name: str = ""
     denoiser_attribute: str = ""  # the pipeline attribute of the denoiser: "unet" or "transformer"
     lora_prefix: str = "lora_unet_"
+    pixel_multiple: int = 8  # image sides the denoiser takes: multiples of the VAE's 8 (Flux: 16)
 
     def __init__(self, pipe, device: torch.device):
         self.pipe, self.device = pipe, device

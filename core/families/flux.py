@@ -55,6 +55,7 @@ class FluxFamily(ModelFamily):
     name = "flux"
     denoiser_attribute = "transformer"
     lora_prefix = "lora_transformer_"  # the kohya-style Flux prefix ComfyUI and diffusers both map
+    pixel_multiple = 8 * PATCH  # a token covers 2×2 latent cells of 8×8 pixels
 
     def __init__(self, pipe, device):
         super().__init__(pipe, device)
