@@ -120,3 +120,12 @@ def test_dpo_methods_train_a_flux_lora_on_built_pairs(flux_pairs, tmp_path, meth
     tensors = lora_tensors(lora)
     assert tensors and all(k.startswith("lora_transformer_") for k in tensors)
     assert any(k.endswith("lora_up.weight") and tensors[k].abs().max() > 0 for k in tensors)  # it trained
+
+
+def test_build_pairs_refuses_a_ddpm_sampler_on_flux(tmp_path):
+    """DPM-Solver++ is built from a DDPM scheduler config: on Flux's flow-matching schedule it is
+    refused with the flag to use, not run on a schedule it cannot read."""
+    (tmp_path / "prompts.txt").write_text(PROMPTS[0])
+    result = run_trainers("build-pairs", "--base", "tiny-flux", "--prompts", tmp_path / "prompts.txt", "--n", 2,
+                          "--output", tmp_path / "out", "--steps", 1, "--size", 32, "--sampler", "dpmsolver++")
+    assert result.returncode != 0 and "use --sampler default" in result.stderr

@@ -94,6 +94,10 @@ def use_sampler(pipe, name: str) -> None:
     if name == "dpmsolver++":
         from diffusers import DPMSolverMultistepScheduler
 
+        if "beta_schedule" not in pipe.scheduler.config:  # a flow-matching schedule (Flux) has no betas
+            raise SystemExit(f"--sampler dpmsolver++ is built from a DDPM schedule; this base samples with "
+                             f"{type(pipe.scheduler).__name__}: use --sampler default")
+
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
 
 
