@@ -12,7 +12,7 @@ from PIL import Image
 from train_helpers import (assert_all_losses_fall, assert_killed_run_resumes_exactly, lora_tensors, make_region_dataset,
                            train_cli)
 
-# Not marked slow: the whole file takes about 30 s on two cores, so CI runs it.
+# Not marked slow: the whole file takes about 50 s on two cores, so CI runs it.
 
 COMMON = ["--method", "fairhuman", "--base", "tiny-flux", "--resolution", "64", "--rank", "8", "--lr", "1e-2",
           "--seed", "0"]
