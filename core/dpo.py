@@ -1,7 +1,8 @@
 """HG-DPO's training losses: Diffusion-DPO and the statistic-matching loss.
 
 Diffusion-DPO (Wallace et al., 2024), for a winner/loser pair sharing noise ε and timestep t,
-with per-sample denoising errors e = ‖ε − ε̂(x_t, t)‖² (mean over latent elements) of the tuned
+with per-sample denoising errors e = ‖ε − ε̂(x_t, t)‖² (mean over latent elements; on a flow model
+such as Flux the velocity error ‖(ε − x0) − v̂(x_t, σ)‖², the family's target) of the tuned
 model θ and the frozen reference:
 
     Δ      = (e_θ(w) − e_θ(l)) − (e_ref(w) − e_ref(l))
@@ -14,11 +15,13 @@ When the tuned model is the reference, Δ = 0 and L_DPO = log 2.
 Statistic matching (HG-DPO): from the winner's noisy latent x_t, one DDPM step to t−1 with each
 model (no guidance); the loss compares the channel means μ ∈ R^C of the two x_{t−1}, weighted by
 λ_stat. Both steps share x_t (and the step's noise, which cancels), so only the posterior-mean
-term of the predicted x0 differs. Two reductions over the C channels, averaged over the batch:
+term of the predicted x0 differs. On a flow model (Flux) the one-step sample is the predicted x0
+itself, x_t − σ·v̂, with C = 16 (the step is the family's ``stat_latent``). Two reductions over the
+C channels, averaged over the batch:
 
 - ``squared-norm``: ‖μ_θ − μ_ref‖², the paper's Eq. 8 read literally;
-- ``channel-mean``: ‖μ_θ − μ_ref‖² / C, the mean over channels — C = 4 times smaller, so the
-  same λ_stat acts as λ_stat / 4. The default: this pack's first reduction, kept so a run saved
+- ``channel-mean``: ‖μ_θ − μ_ref‖² / C, the mean over channels — C times smaller (SD: 4), so the
+  same λ_stat acts as λ_stat / C. The default: this pack's first reduction, kept so a run saved
   before the option existed resumes with the loss it started with (``--preset paper`` takes
   the literal one).
 """

@@ -34,7 +34,9 @@ PREFIX = "lora_unet_"
 META_PREFIX = "fairhuman."
 # peft names: [unet. | base_model.model.]<module>.lora_A[.<adapter>].weight
 _PEFT_KEY = re.compile(r"^(?:unet\.|base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-_KOHYA_KEY = re.compile(r"^lora_unet_(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+# any family's prefix (lora_unet_, Flux's lora_transformer_), kept in the match
+_KOHYA_KEY = re.compile(r"^(?P<prefix>" + "|".join(sorted(set(LORA_PREFIXES.values()))) +
+                        r")(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 _ARCH_NAMES = {  # ss_base_model_version / modelspec.architecture, as kohya's sd-scripts write them
     "sd15": ("sd_v1", "stable-diffusion-v1/lora"),
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
@@ -90,21 +92,28 @@ def kohya_to_peft_state(kohya_state: Mapping[str, torch.Tensor], module_names=No
                         ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """(peft state dict ``<module>.lora_A.weight`` / ``.lora_B.weight``, {module: alpha}).
 
-    Kohya names lose the dots of the module path; ``module_names`` (e.g. the names of a UNet's
-    modules) resolves them exactly. Without it, dots are restored by the diffusers UNet's naming
-    rules (every ``_`` is a dot except inside the known compound names)."""
-    lookup = {kohya_name(m): m for m in module_names} if module_names is not None else None
+    Kohya names lose the dots of the module path; ``module_names`` (e.g. the names of a UNet's or
+    a Flux transformer's modules) resolves them exactly. Without it, dots are restored by the
+    diffusers models' naming rules (every ``_`` is a dot except inside the known compound names).
+    One file holds one family's keys (``lora_unet_`` or Flux's ``lora_transformer_``)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    prefixes = set()
     for key, tensor in kohya_state.items():
         match = _KOHYA_KEY.match(key)
         if match is None:
-            raise ValueError(f"{key!r} is not a kohya UNet LoRA key (lora_unet_<module>.lora_down.weight|lora_up.weight|alpha)")
-        groups.setdefault(PREFIX + match["name"], {})[match["part"]] = tensor
+            raise ValueError(f"{key!r} is not a kohya LoRA key ({'|'.join(sorted(set(LORA_PREFIXES.values())))}"
+                             "<module>.lora_down.weight|lora_up.weight|alpha)")
+        prefixes.add(match["prefix"])
+        groups.setdefault(match["prefix"] + match["name"], {})[match["part"]] = tensor
+    if len(prefixes) > 1:
+        raise ValueError(f"keys of several model families ({', '.join(sorted(prefixes))}) in one LoRA")
+    prefix = prefixes.pop() if prefixes else PREFIX
+    lookup = {kohya_name(m, prefix): m for m in module_names} if module_names is not None else None
     state, alphas = {}, {}
     for name, parts in groups.items():
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise ValueError(f"{name}: needs both lora_down.weight and lora_up.weight")
-        module = lookup.get(name) if lookup is not None else _guess_module(name)
+        module = lookup.get(name) if lookup is not None else _guess_module(name[len(prefix):])
         if module is None:
             raise ValueError(f"{name}: no module of that name in the given model")
         down = parts["lora_down.weight"]
@@ -115,14 +124,17 @@ def kohya_to_peft_state(kohya_state: Mapping[str, torch.Tensor], module_names=No
     return state, alphas
 
 
-# Compound names inside diffusers UNet module paths, whose underscores are not path separators.
-_COMPOUND = ("down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v",
-             "to_out", "proj_in", "proj_out", "conv_in", "conv_out", "conv_norm_out", "conv_shortcut",
-             "time_emb_proj", "time_embedding", "add_embedding", "linear_1", "linear_2")
+# Compound names inside diffusers UNet and Flux transformer module paths, whose underscores are
+# not path separators (a longer name before the shorter one it contains).
+_COMPOUND = ("down_blocks", "up_blocks", "mid_block", "single_transformer_blocks", "transformer_blocks", "to_q",
+             "to_k", "to_v", "to_out", "to_add_out", "add_q_proj", "add_k_proj", "add_v_proj", "proj_in",
+             "proj_out", "proj_mlp", "conv_in", "conv_out", "conv_norm_out", "conv_shortcut", "time_emb_proj",
+             "time_embedding", "add_embedding", "linear_1", "linear_2")
 
 
 def _guess_module(name: str) -> str:
-    dotted = name[len(PREFIX):].replace("_", ".")
+    """A kohya module name without its prefix, with its dots restored."""
+    dotted = name.replace("_", ".")
     for compound in _COMPOUND:
         dotted = dotted.replace(compound.replace("_", "."), compound)
     return dotted
@@ -246,20 +258,35 @@ def read_lora_metadata(path: str | os.PathLike) -> dict:
     return out
 
 
+# what a LoRA's keys say of its base when its metadata does not: the first key's start
+_KEY_ARCHITECTURES = {"lora_transformer_": "flux", "transformer.": "flux", "lora_unet_": "sd15/sdxl",
+                      "unet.": "sd15/sdxl"}
+
+
 def lora_architecture(path: str | os.PathLike) -> str | None:
-    """``sd15`` / ``sdxl`` as the file's metadata records it (ours, or kohya's
-    ``ss_base_model_version`` / ``modelspec.architecture``); None when it does not say."""
+    """``sd15`` / ``sdxl`` / ``flux`` as the file's metadata records it (ours, or kohya's
+    ``ss_base_model_version`` / ``modelspec.architecture``); without it, what its keys say:
+    ``flux`` (``lora_transformer_``), ``sd15/sdxl`` (``lora_unet_``: the keys do not tell the two
+    apart); None when neither says."""
     meta = read_lora_metadata(path)
     if meta.get(META_PREFIX + "base_arch") in _ARCH_NAMES:
         return meta[META_PREFIX + "base_arch"]
     for arch, names in _ARCH_NAMES.items():
         if meta.get("ss_base_model_version") == names[0] or meta.get("modelspec.architecture") == names[1]:
             return arch
-    return None
+    with _open(path) as handle:
+        first = next(iter(handle.keys()), "")
+    return next((arch for start, arch in _KEY_ARCHITECTURES.items() if first.startswith(start)), None)
+
+
+def lora_fits(lora_arch: str | None, base_arch: str) -> bool:
+    """Whether a LoRA of ``lora_architecture`` ``lora_arch`` is for a base of ``base_arch`` (a
+    LoRA that does not say is let through: the loader then finds whether its tensors fit)."""
+    return lora_arch is None or base_arch in lora_arch.split("/")
 
 
 def load_lora_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The kohya tensors of a LoRA file, checked to be a UNet LoRA in this layout."""
+    """The kohya tensors of a LoRA file, checked to be a LoRA of one family in this layout."""
     with _open(path) as handle:
         try:
             state = {k: handle.get_tensor(k) for k in handle.keys()}

@@ -19,7 +19,8 @@ from .node_api import io
 log = logging.getLogger("fairhuman-hgdpo")
 
 ARCH_OF_COMFY_MODEL = {"SD15": "sd15", "SD20": "sd2", "SD21UnclipL": "sd2", "SDXL": "sdxl",
-                       "SDXLRefiner": "sdxl-refiner", "SSD1B": "sdxl", "Segmind_Vega": "sdxl"}
+                       "SDXLRefiner": "sdxl-refiner", "SSD1B": "sdxl", "Segmind_Vega": "sdxl", "Flux": "flux",
+                       "FluxSchnell": "flux"}
 LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weight", ".lora_B.weight",
                  ".lora.down.weight", ".lora.up.weight", ".lora_mid.weight", ".diff", ".diff_b", ".dora_scale")
 

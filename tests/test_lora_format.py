@@ -97,7 +97,7 @@ def test_bad_states_give_clear_errors():
         peft_state_to_kohya({"m.lora_magnitude_vector.default.weight": w}, alpha=1)
     with pytest.raises(ValueError, match="not a peft LoRA weight name"):
         peft_state_to_kohya({"m.weight": w}, alpha=1)
-    with pytest.raises(ValueError, match="not a kohya UNet LoRA key"):
+    with pytest.raises(ValueError, match="not a kohya LoRA key"):
         kohya_to_peft_state({"lora_te_text_model_x.lora_down.weight": w})
     with pytest.raises(ValueError, match="needs both"):
         kohya_to_peft_state({"lora_unet_x.lora_down.weight": w})
@@ -161,7 +161,7 @@ def test_unreadable_files_name_the_file(tmp_path):
         read_lora_metadata(corrupt)
     other = tmp_path / "other.safetensors"
     save_file({"model.diffusion_model.conv_in.weight": torch.zeros(2)}, str(other))
-    with pytest.raises(ValueError, match="other.safetensors.*not a kohya UNet LoRA key"):
+    with pytest.raises(ValueError, match="other.safetensors.*not a kohya LoRA key"):
         load_lora_state(other)
 
 

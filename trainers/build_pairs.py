@@ -48,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: the base model's own scheduler; dpmsolver++: diffusers' DPMSolverMultistep "
                              "built from that scheduler's config (the paper's)")
     parser.add_argument("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULTS['steps']}; paper: 50)")
-    parser.add_argument("--cfg", type=float, default=None, help=f"guidance scale (default {DEFAULTS['cfg']}; paper: 5)")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help=f"classifier-free guidance scale (default {DEFAULTS['cfg']}; paper: 5; Flux.1-dev: "
+                             "unused without a negative prompt, its distilled guidance is 3.5)")
     parser.add_argument("--size", type=image_size, default=None,
                         help="image size, SIDE or WIDTHxHEIGHT (default: the model's; the paper's SD1.5: 704x1024)")
     parser.add_argument("--batch", type=int, default=4, help="images generated at once")
@@ -91,6 +93,10 @@ def use_sampler(pipe, name: str) -> None:
     schedule: betas, prediction type, timestep spacing)."""
     if name == "dpmsolver++":
         from diffusers import DPMSolverMultistepScheduler
+
+        if "beta_schedule" not in pipe.scheduler.config:  # a flow-matching schedule (Flux) has no betas
+            raise SystemExit(f"--sampler dpmsolver++ is built from a DDPM schedule; this base samples with "
+                             f"{type(pipe.scheduler).__name__}: use --sampler default")
 
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
 
@@ -216,21 +222,25 @@ class PairMaker:
         self.args, self.out, self.prompts, self.scorer = args, out, prompts, scorer
         self.generation = {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "scorer": args.scorer,
                            "preset": args.preset}
-        self.common = dict(num_inference_steps=args.steps, guidance_scale=args.cfg)
+        self.common = dict(num_inference_steps=args.steps, cfg=args.cfg)
         if args.size:
             self.common.update(width=args.size[0], height=args.size[1])
 
     def records(self, positions: list[int]):
         from core.checkpoints import load_pipeline
+        from core.families import family_of
 
         if not positions:
             return
         pipe = load_pipeline(self.args.base, tokenizer=self.args.tokenizer).to(shards.Share.device())
         use_sampler(pipe, self.args.sampler)
+        family = family_of(pipe, shards.Share.device())
         for k in positions:
-            yield self.record(pipe, k)
+            yield self.record(family, k)
 
-    def record(self, pipe, k: int) -> dict:
+    def record(self, family, k: int) -> dict:
+        """Prompt ``k``'s record: its images sampled with the family's own pipeline (on Flux its
+        flow-matching Euler sampler with the distilled guidance)."""
         args, out, prompt = self.args, self.out, self.prompts[k]
         seeds = [args.seed + k * args.n + i for i in range(args.n)]
         record = {"prompt": prompt, "seeds": seeds, "images": [], "scores": [], "errors": {},
@@ -238,8 +248,8 @@ class PairMaker:
         try:
             for start in range(0, args.n, args.batch):
                 chunk = seeds[start: start + args.batch]
-                images = pipe([prompt] * len(chunk), generator=[torch.Generator().manual_seed(s) for s in chunk],
-                              **self.common).images
+                images = family.render([prompt] * len(chunk), [torch.Generator().manual_seed(s) for s in chunk],
+                                       **self.common)
                 for seed, image in zip(chunk, images):
                     name = f"images/{k:05d}_{seed}.png"
                     with atomic_path(out / name) as tmp:

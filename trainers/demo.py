@@ -50,13 +50,15 @@ def sample_grid(base: str, lora: Path, prompts, seed: int, size: int, out: Path)
     import torch
     from PIL import Image
 
+    from core.families import family_of
     from core.tiny_models import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(base, seed=seed)
+    family = family_of(pipe)
 
     def render():
-        return [np.asarray(pipe(prompt, num_inference_steps=12, height=size, width=size,
-                                generator=torch.Generator().manual_seed(seed + k)).images[0])
+        return [np.asarray(family.render(prompt, torch.Generator().manual_seed(seed + k), num_inference_steps=12,
+                                         height=size, width=size)[0])
                 for k, prompt in enumerate(prompts)]
 
     without = render()

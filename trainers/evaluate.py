@@ -68,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strengths", type=_floats, default=[0.3, 0.4, 0.5],
                         help="comma-separated LoRA strengths (default 0.3,0.4,0.5, as in the FairHuman paper)")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps")
-    parser.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
+    parser.add_argument("--cfg", type=float, default=7.0,
+                        help="classifier-free guidance scale (Flux.1-dev: unused; its distilled guidance is 3.5, "
+                             "as trained)")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     parser.add_argument("--scorer", action="append", default=[], choices=("pickscore", "hps", "imagereward", "clipscore"),
                         help="also score with this model-based scorer (repeat); needs --scorer-model NAME=FOLDER")
@@ -135,17 +137,18 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
     from tqdm import tqdm
 
     from core.checkpoints import load_pipeline
-    from core.lora_format import lora_architecture
-    from core.families import architecture_of
+    from core.lora_format import lora_architecture, lora_fits
+    from core.families import family_of
 
     pipe = load_pipeline(args.base, tokenizer=args.tokenizer).to(shards.Share.device())
-    arch = architecture_of(pipe)
+    family = family_of(pipe, shards.Share.device())
+    arch = family.name
     for model in models:
         trained_for = lora_architecture(model.lora)
-        if trained_for not in (None, arch):
+        if not lora_fits(trained_for, arch):
             raise SystemExit(f"{model.lora.name} is a LoRA for {trained_for}, the base {args.base} is {arch}")
         pipe.load_lora_weights(str(model.lora), adapter_name=model.name)
-    common = dict(num_inference_steps=args.steps, guidance_scale=args.cfg)
+    common = dict(num_inference_steps=args.steps, cfg=args.cfg)
     if args.size:
         common.update(height=args.size, width=args.size)
     for item in tqdm(todo, desc="render", unit="img", disable=not show):
@@ -155,7 +158,7 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
             pipe.enable_lora()
             pipe.set_adapters([item.model], adapter_weights=[item.strength])
         with torch.no_grad():
-            image = pipe(prompts[item.prompt], generator=torch.Generator().manual_seed(item.seed), **common).images[0]
+            image = family.render(prompts[item.prompt], torch.Generator().manual_seed(item.seed), **common)[0]
         with atomic_path(args.output / item.path) as tmp:
             image.save(tmp, format="PNG")
 

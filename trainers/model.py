@@ -67,11 +67,6 @@ class TrainableModel:
         """The denoiser under the UNet families' name (what HG-DPO and the ControlNet call it)."""
         return self.denoiser
 
-    @property
-    def noise_scheduler(self):
-        """The DDPM schedule of a UNet family (HG-DPO's statistic step reads it)."""
-        return self.family.noise_scheduler
-
     # ---- parameters -----------------------------------------------------------------------
     def _frozen_modules(self):
         names = ("vae", "text_encoder", "text_encoder_2")

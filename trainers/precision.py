@@ -101,17 +101,10 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def generate(self, pipe, prompt, **kwargs) -> list:
-        """PIL images from a diffusers pipeline under this policy: the denoising loop under
-        autocast, the VAE decode in fp32 outside it (the pipelines decode fp16 latents with the
-        fp32 VAE only on Apple's MPS)."""
-        if not self.mixed:
-            return pipe(prompt, **kwargs).images
-        with self.autocast():
-            latents = pipe(prompt, output_type="latent", **kwargs).images
-        vae = pipe.vae
-        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type="pil")
+    def generate(self, family, prompt, **kwargs) -> list:
+        """PIL images from a model family's pipeline under this policy: the denoising loop under
+        autocast, the VAE decode in fp32 outside it (``ModelFamily.render``)."""
+        return family.render(prompt, autocast=self.autocast() if self.mixed else None, **kwargs)
 
     def make_scaler(self, init_scale: float = 2.0**16) -> torch.amp.GradScaler:
         """A GradScaler for fp16; a disabled one (every call a pass-through) otherwise."""

@@ -3,7 +3,9 @@
 LAN here has the semantics of the ComfyUI node: the reference trajectory (the base model, LoRA
 switched off) is sampled first from the same noise and its per-channel latent statistics are
 recorded after every step; then the LoRA trajectory is sampled and its latent's statistics are
-set to the recorded ones after every step (``callback_on_step_end``). One UNet in memory.
+set to the recorded ones after every step (``callback_on_step_end``). One denoiser in memory. The
+statistics are the latent grid's channels' (on Flux the pipeline's packed tokens are unpacked for
+them: ``ModelFamily.pipeline_latents_to_grid``).
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lan-strength", type=float, default=1.0, help="LAN strength in [0, 1]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt's noise (+1 per prompt)")
     parser.add_argument("--steps", type=int, default=30, help="sampler steps")
-    parser.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
+    parser.add_argument("--cfg", type=float, default=7.0,
+                        help="classifier-free guidance scale (Flux.1-dev: used only with --negative; its "
+                             "distilled guidance is 3.5, as trained)")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
     parser.add_argument("--output", type=Path, default=Path("outputs/samples"), help="folder for the PNGs")
@@ -35,20 +39,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def lan_generate(pipe, prompt: str, *, seed: int, strength: float, **kwargs):
     """One image with LAN: the reference pass (adapters off) then the tuned pass (adapters on).
     Returns (image, recorder, tuned per-step stats) — the last two for checks and benchmarks."""
+    from core.families import family_of
     from core.lan import channel_stats
+
+    family = family_of(pipe)
+    height, width = kwargs.get("height"), kwargs.get("width")
+
+    def grid(latents):
+        return family.pipeline_latents_to_grid(latents, height, width)
 
     recorder = StatsRecorder()
 
     def record(_pipe, _step, _t, tensors):
-        recorder.record(tensors["latents"])
+        recorder.record(grid(tensors["latents"]))
         return tensors
 
     tuned_stats = []
 
     def match(_pipe, step, _t, tensors):
-        latents = recorder.normalize(tensors["latents"], step, strength)
+        latents = recorder.normalize(grid(tensors["latents"]), step, strength)
         tuned_stats.append(channel_stats(latents))
-        return {"latents": latents}
+        return {"latents": family.grid_to_pipeline_latents(latents)}
 
     pipe.disable_lora()
     try:
@@ -70,17 +81,19 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--lan-strength must be in [0, 1]")
     if args.lora is not None and not args.lora.is_file():
         raise SystemExit(f"LoRA file not found: {args.lora}")
-    pipe = load_pipeline(args.base, tokenizer=args.tokenizer)
-    if args.lora is not None:
-        from core.lora_format import lora_architecture
-        from core.families import architecture_of
+    from core.families import family_of
 
-        base_arch = architecture_of(pipe)
+    pipe = load_pipeline(args.base, tokenizer=args.tokenizer)
+    family = family_of(pipe)
+    if args.lora is not None:
+        from core.lora_format import lora_architecture, lora_fits
+
+        base_arch = family.name
         try:
             lora_arch = lora_architecture(args.lora)
         except ValueError as err:  # not a safetensors file
             raise SystemExit(str(err)) from None
-        if lora_arch is not None and lora_arch != base_arch:
+        if not lora_fits(lora_arch, base_arch):
             raise SystemExit(f"{args.lora.name} is a LoRA for {lora_arch}, the base {args.base} is {base_arch}: "
                              f"use a {lora_arch} base or a LoRA trained on {base_arch}")
         try:
@@ -90,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"{args.lora.name} does not fit the {base_arch} base {args.base} ({first})") from None
         pipe.set_adapters(["lora"], adapter_weights=[args.lora_scale])
     args.output.mkdir(parents=True, exist_ok=True)
-    common = dict(num_inference_steps=args.steps, guidance_scale=args.cfg, negative_prompt=args.negative or None)
+    common = dict(num_inference_steps=args.steps, **family.guidance_kwargs(args.cfg, args.negative))
     if args.size:
         common.update(height=args.size, width=args.size)
     written = []
@@ -99,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         if args.lan:
             image, _, _ = lan_generate(pipe, prompt, seed=seed, strength=args.lan_strength, **common)
         else:
-            image = pipe(prompt, generator=torch.Generator().manual_seed(seed), **common).images[0]
+            image = family.render(prompt, torch.Generator().manual_seed(seed), **common)[0]
         path = args.output / f"{k:03d}_seed{seed}{'_lan' if args.lan else ''}.png"
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG")

@@ -63,7 +63,8 @@ def build_model(cfg) -> TrainableModel:
 
 def make_renderer(cfg, model: TrainableModel):
     """``render(pairs)``: PIL images of (prompt, seed) pairs with the current weights, LoRA on —
-    the one rendering of ``--sample-every`` and ``--validate-every``."""
+    the one rendering of ``--sample-every`` and ``--validate-every``, through the model family's
+    pipeline. Refused before the first step on a family that cannot render yet."""
     if (cfg.sample_every or cfg.validate_every) and not model.family.renders_samples:
         raise ValueError(f"--sample-every and --validate-every cannot render {model.arch} images yet "
                          "(docs/families.md): set them to 0")
@@ -73,7 +74,7 @@ def make_renderer(cfg, model: TrainableModel):
         try:
             with torch.no_grad():
                 return [model.precision.generate(
-                    model.pipe, prompt, num_inference_steps=cfg.sample_steps, height=cfg.resolution,
+                    model.family, prompt, num_inference_steps=cfg.sample_steps, height=cfg.resolution,
                     width=cfg.resolution, generator=torch.Generator().manual_seed(seed),
                 )[0] for prompt, seed in pairs]
         finally:

@@ -59,7 +59,8 @@ class ModelFamily:
     name: str = ""
     denoiser_attribute: str = ""  # the pipeline attribute of the denoiser: "unet" or "transformer"
     lora_prefix: str = "lora_unet_"
-    renders_samples: bool = True  # the trainer's --sample-every / --validate-every rendering works
+    pixel_multiple: int = 8  # image sides the denoiser takes: multiples of the VAE's 8 (Flux: 16)
+    renders_samples: bool = True  # render() works: sample, build-pairs, --sample-every, validation
 
     def __init__(self, pipe, device: torch.device):
         self.pipe, self.device = pipe, device
@@ -112,6 +113,63 @@ class ModelFamily:
         """The denoiser modules that get LoRA for the requested ``--target-modules`` names (the
         architecture's alone: no loaded pipeline needed)."""
         return list(names)
+
+    # ---- statistic matching and fixed probes (HG-DPO) -----------------------------------------
+    def stat_latent(self, noisy, timesteps, pred) -> torch.Tensor:
+        """The one-step sample from ``noisy`` implied by ``pred``, on the (B, C, h, w) latent grid:
+        the latent whose channel means HG-DPO's statistic-matching loss compares."""
+        raise NotImplementedError
+
+    def probe_timesteps(self, n: int) -> torch.Tensor:
+        """``n`` timesteps spread evenly over the training schedule (fixed-probe measurements)."""
+        raise NotImplementedError
+
+    # ---- rendering (the family's own pipeline) -------------------------------------------------
+    def guidance_kwargs(self, cfg: float | None = None, negative: str | None = None) -> dict:
+        """The pipeline call's guidance arguments for the pack's classifier-free guidance scale
+        ``cfg`` (None: the pipeline's default) and negative prompt."""
+        out = {} if cfg is None else {"guidance_scale": cfg}
+        return {**out, "negative_prompt": negative or None}
+
+    def pipeline_latents_to_grid(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The pipeline's sampling latents (what ``callback_on_step_end`` and ``output_type='latent'``
+        give) on the (B, C, h, w) latent grid of an image of ``height`` × ``width`` pixels (None:
+        the pipeline's default)."""
+        return latents
+
+    def grid_to_pipeline_latents(self, grid: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``pipeline_latents_to_grid``."""
+        return grid
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``normalize_latents``: grid latents as the VAE decodes them."""
+        raise NotImplementedError
+
+    def render(self, prompts, generator, *, cfg: float | None = None, negative: str | None = None,
+               autocast=None, height: int | None = None, width: int | None = None, **kwargs) -> list:
+        """PIL images of ``prompts`` from the family's pipeline; ``kwargs`` go to the pipeline call
+        (num_inference_steps, callback_on_step_end, ...). ``autocast``: a context to run the
+        denoising loop under; the VAE then decodes in fp32 outside it (the pipelines decode
+        half-precision latents with the fp32 VAE only on Apple's MPS)."""
+        if not self.renders_samples:
+            raise ValueError(f"the pack cannot render {self.name} images yet (docs/families.md)")
+        kwargs = {**self.guidance_kwargs(cfg, negative), **kwargs}
+        if height or width:
+            kwargs.update(height=height, width=width)
+        if autocast is None:
+            return self.pipe(prompts, generator=generator, **kwargs).images
+        with autocast:
+            latents = self.pipe(prompts, generator=generator, output_type="latent", **kwargs).images
+        return self.decode(latents, height, width)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, height: int | None, width: int | None) -> list:
+        """PIL images of the pipeline's ``output_type='latent'`` result for an image of ``height``
+        × ``width`` pixels (None: the pipeline's default), the VAE in fp32."""
+        vae = self.pipe.vae
+        grid = self.pipeline_latents_to_grid(latents, height, width).to(vae.dtype)
+        image = vae.decode(self.denormalize_latents(grid), return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pil")
 
 
 def denoiser_architecture(denoiser) -> str | None:

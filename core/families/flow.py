@@ -22,7 +22,8 @@ PATCH = 2  # a transformer token is a 2×2 patch of latent cells
 
 class FlowMatchingFamily(ModelFamily):
     denoiser_attribute = "transformer"
-    renders_samples = False  # patch tokens and the shift factor: not in Precision.generate yet
+    pixel_multiple = 8 * PATCH  # a token covers 2×2 latent cells of 8×8 pixels
+    renders_samples = False  # until the family's pipeline call is tested (Flux: it is)
     # +1: the transformer predicts noise − x0 (Flux); −1: x0 − noise (Z-Image).
     VELOCITY_SIGN = 1
 
@@ -33,6 +34,10 @@ class FlowMatchingFamily(ModelFamily):
     def normalize_latents(self, latents):
         config = self.pipe.vae.config
         return (latents - config.shift_factor) * config.scaling_factor
+
+    def denormalize_latents(self, latents):
+        config = self.pipe.vae.config
+        return latents / config.scaling_factor + config.shift_factor
 
     def shift(self, sigmas: torch.Tensor, tokens: int) -> torch.Tensor:
         """σ moved toward noise as the scheduler moves the sampling schedule: exp(μ) with μ
@@ -67,6 +72,15 @@ class FlowMatchingFamily(ModelFamily):
         sigma = self._sigma(timesteps, pred).float()
         velocity = self.VELOCITY_SIGN * pred  # noise − x0
         return noisy - sigma * velocity, noisy + (1 - sigma) * velocity
+
+    def stat_latent(self, noisy, timesteps, pred):
+        """The one-step sample of a flow: the Euler step from σ to 0, x0 = x_t − σ·v. ``pred`` is
+        on the (B, 16, h, w) latent grid (each family's ``predict`` unpacks its tokens), so the
+        statistics taken of it are the 16 VAE channels', not a packed token's features."""
+        return self.predicted_x0_and_eps(noisy, timesteps, pred)[0]
+
+    def probe_timesteps(self, n):
+        return ((torch.arange(n) + 0.5) / n).to(self.device)  # σ evenly over (0, 1)
 
     def loss_masks(self, latent_masks):
         tokens = F.max_pool2d(latent_masks, PATCH)

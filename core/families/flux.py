@@ -48,6 +48,7 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 class FluxFamily(FlowMatchingFamily):
     name = "flux"
     lora_prefix = "lora_transformer_"  # the kohya-style Flux prefix ComfyUI and diffusers both map
+    renders_samples = True  # FluxPipeline: packed latents unpacked, scaling and shift undone
 
     def __init__(self, pipe, device):
         super().__init__(pipe, device)
@@ -78,6 +79,25 @@ class FluxFamily(FlowMatchingFamily):
             return_dict=False,
         )[0]
         return unpack(tokens, h, w)
+
+    def guidance_kwargs(self, cfg=None, negative=None):
+        """Flux.1-dev is guidance-distilled: its transformer takes the guidance scale it was trained
+        with (3.5) as an input, and ``cfg`` is classifier-free guidance proper (FluxPipeline's
+        ``true_cfg_scale``), which runs only against a negative prompt. The T5 sequence is as long
+        as in training."""
+        out = {"guidance_scale": TRAIN_GUIDANCE, "max_sequence_length": self.max_sequence_length}
+        if negative:
+            out.update(negative_prompt=negative, true_cfg_scale=1.0 if cfg is None else cfg)
+        return out
+
+    def pipeline_latents_to_grid(self, latents, height, width):
+        scale = self.pipe.vae_scale_factor * PATCH  # pixels per token side
+        height = height or self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        width = width or self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return unpack(latents, PATCH * (height // scale), PATCH * (width // scale))
+
+    def grid_to_pipeline_latents(self, grid):
+        return pack(grid)
 
     @classmethod
     def lora_targets(cls, names):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..dpo import ddpm_posterior_mean
 from .base import Conditioning, ModelFamily, denoiser_architecture
 
 
@@ -36,6 +37,9 @@ class UNetFamily(ModelFamily):
     def normalize_latents(self, latents):
         return latents * self.pipe.vae.config.scaling_factor
 
+    def denormalize_latents(self, latents):
+        return latents / self.pipe.vae.config.scaling_factor
+
     def sample_noise_and_timesteps(self, latents, generator):
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
         steps = self.noise_scheduler.config.num_train_timesteps
@@ -61,6 +65,16 @@ class UNetFamily(ModelFamily):
             x0 = a.sqrt() * noisy - (1 - a).sqrt() * pred
             eps = (1 - a).sqrt() * noisy + a.sqrt() * pred
         return x0, eps
+
+    def stat_latent(self, noisy, timesteps, pred):
+        """One DDPM step to t − 1 without its noise (the posterior mean): the step's noise is
+        shared by the tuned and the reference model, so it cancels from their difference."""
+        x0, _ = self.predicted_x0_and_eps(noisy, timesteps, pred)
+        return ddpm_posterior_mean(noisy, x0, timesteps, self._alphas_cumprod)
+
+    def probe_timesteps(self, n):
+        steps = self.noise_scheduler.config.num_train_timesteps
+        return ((torch.arange(n) + 0.5) * steps / n).long().to(self.device)
 
     def added_conditions(self, cond: Conditioning, time_ids: torch.Tensor | None, dtype) -> dict | None:
         """SDXL's text_time conditioning: pooled text embedding and the six size/crop numbers

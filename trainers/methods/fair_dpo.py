@@ -64,7 +64,7 @@ class FairDPO(HGDPO):
         model = self.model
         pred, ref_pred = tuned_and_reference(model, noisy, t, cond, time_ids)
         masks = torch.cat([batch["masks"][:, 0], batch["masks"][:, 1]])  # winners then losers
-        masks = to_latent(masks, tuple(noisy.shape[-2:])).to(pred.device)
+        masks = model.loss_masks(to_latent(masks, tuple(noisy.shape[-2:])).to(pred.device))  # Flux: token grid
         losses, active, regional = regional_dpo_losses(pred, ref_pred, target, masks, self.beta)
         stat = stat_objective(model, noisy, t, pred, ref_pred, n, self.cfg.stat_reduction)
         metrics = {"dpo_loss": losses[0].detach(), "stat_loss": stat.detach(),

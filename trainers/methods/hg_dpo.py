@@ -1,9 +1,14 @@
 """HG-DPO: Diffusion-DPO on preference pairs plus the statistic-matching loss.
 
-Winner and loser share the noise and the timestep and go through the tuned UNet in one
-concatenated forward; the reference is the same UNet with its LoRA switched off, run first and
+Winner and loser share the noise and the timestep and go through the tuned denoiser in one
+concatenated forward; the reference is the same denoiser with its LoRA switched off, run first and
 without gradients, so no second copy of the model is held and its activations are freed before
 the tuned forward saves its own.
+
+The objective is the model family's (``core.families``): its noise, timesteps, target and denoiser
+call. On a UNet the errors are ε- (or v-) prediction errors at a DDPM timestep; on a flow model
+(Flux) they are velocity errors at a noise level σ, winner and loser at the same x_t = (1 − σ)·x0 +
+σ·noise — Diffusion-DPO's formula is the same on both.
 """
 from __future__ import annotations
 
@@ -13,8 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.dpo import (ddpm_posterior_mean, diffusion_dpo_loss, masked_per_sample_error, per_sample_error,
-                      stat_matching_loss)
+from core.dpo import diffusion_dpo_loss, masked_per_sample_error, per_sample_error, stat_matching_loss
 from core.fileio import read_jsonl
 from core.masks import to_latent
 
@@ -129,13 +133,12 @@ def dpo_objectives(model, noisy, t, target, cond, time_ids, n: int, beta: float,
 
 
 def stat_objective(model, noisy, t, pred, ref_pred, n: int, reduction: str = "channel-mean") -> torch.Tensor:
-    """The statistic-matching loss of the winners (the first n)."""
-    # one DDPM step from the winners' x_t with each model: compare channel means of x_{t-1}
-    ac = model.noise_scheduler.alphas_cumprod.to(pred.device)
-    x0, _ = model.predicted_x0_and_eps(noisy[:n], t[:n], pred[:n])
-    x0_ref, _ = model.predicted_x0_and_eps(noisy[:n], t[:n], ref_pred[:n])
-    return stat_matching_loss(ddpm_posterior_mean(noisy[:n], x0, t[:n], ac),
-                              ddpm_posterior_mean(noisy[:n], x0_ref, t[:n], ac), reduction)
+    """The statistic-matching loss of the winners (the first n): the channel means of the
+    one-step samples from their x_t with each model (the family's ``stat_latent``: a DDPM step to
+    t − 1 on a UNet, the predicted x0 on a flow model), on the (B, C, h, w) latent grid."""
+    family = model.family
+    return stat_matching_loss(family.stat_latent(noisy[:n], t[:n], pred[:n]),
+                              family.stat_latent(noisy[:n], t[:n], ref_pred[:n]), reduction)
 
 
 class HGDPO(Method):
@@ -156,15 +159,13 @@ class HGDPO(Method):
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
-        if not hasattr(model.family, "noise_scheduler"):  # its statistic step is a DDPM step
-            raise ValueError(f"{cfg.method} trains UNet bases (SD1.5, SDXL); on {model.arch} it is not supported yet")
         self.folder = Path(cfg.data)
         self.pairs = read_pairs(self.folder)
         self.beta = cfg.beta if cfg.beta is not None else (5000.0 if model.arch == "sdxl" else 2500.0)
         # each pair's real (width, height) and the (width, height) it trains at; a batch holds
         # pairs of one training size
         self.sizes = [image_size(self.folder / p["winner"]) for p in self.pairs]
-        self.train_sizes = [training_size(w, h, cfg.resolution) for w, h in self.sizes]
+        self.train_sizes = [training_size(w, h, cfg.resolution, model.family.pixel_multiple) for w, h in self.sizes]
         self.order = StepBatches(self.train_sizes, cfg.batch_size, cfg.seed)
 
     def dataset_size(self) -> int:
@@ -227,8 +228,7 @@ class HGDPO(Method):
         if not pairs:
             return {}
         model = self.model
-        steps = model.noise_scheduler.config.num_train_timesteps
-        t = ((torch.arange(probes) + 0.5) * steps / probes).long().to(model.device).repeat(2)
+        t = model.family.probe_timesteps(probes).repeat(2)
         first = not hasattr(self, "_eval_cache")
         if first:
             self._eval_cache = []
@@ -240,9 +240,9 @@ class HGDPO(Method):
             if first:
                 pixels = torch.stack([_pixels(self.folder / pair["winner"], self.pixel_size(i)),
                                       _pixels(self.folder / pair["loser"], self.pixel_size(i))])
-                means = model.latent_moments(pixels)[:, 0] * model.pipe.vae.config.scaling_factor
+                means = model.family.normalize_latents(model.latent_moments(pixels)[:, 0])
                 masks = pair_masks(self.folder, pair, tuple(pixels.shape[-2:]))
-                regions = None if masks is None else to_latent(masks, tuple(means.shape[-2:])).to(means)
+                regions = None if masks is None else model.loss_masks(to_latent(masks, tuple(means.shape[-2:])).to(means))
             else:
                 means, _, regions = self._eval_cache[i]
             probe_masks = None if regions is None else regions.repeat_interleave(probes, dim=0)
