@@ -8,7 +8,7 @@ import torch
 
 from flow_helpers import (assert_diffusers_loader_reproduces, assert_mpd_training_lowers_all_three_losses,
                           assert_one_pixel_face_owns_its_token, fairhuman_args, lora_module_names, train_lora_in_process)
-from train_helpers import assert_killed_run_resumes_exactly, lora_tensors
+from train_helpers import assert_killed_run_resumes_exactly, lora_tensors, run_trainers, train_cli
 
 # Not marked slow: the whole file takes about 40 s on two cores (90 s with the machine shared), so CI runs it.
 
@@ -27,6 +27,19 @@ def test_mpd_training_lowers_all_three_losses(region_dataset_64, tmp_path):
 def test_sigkill_then_resume_equals_uninterrupted(region_dataset_64, tmp_path):
     args = [*COMMON, "--batch-size", 2, "--steps", 12, "--checkpoint-every", 4, "--data", region_dataset_64]
     assert_killed_run_resumes_exactly(args, tmp_path, kill_at=8)
+
+
+def test_rendering_is_refused_with_a_message_not_attempted(region_dataset_64, tmp_path):
+    """Z-Image's pipeline call is not tested yet: a run asking for validation images stops before
+    its first step saying what to set, and ``sample`` says it cannot render, never a half-made image."""
+    result = train_cli(*COMMON, "--data", region_dataset_64, "--output", tmp_path / "run", "--steps", 2,
+                       "--validate-every", 1)
+    assert result.returncode == 1 and "cannot render zimage images yet" in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() and not list((tmp_path / "run").glob("*.safetensors"))
+    sample = run_trainers("sample", "--base", "tiny-zimage", "--prompt", "a person", "--steps", 1, "--size", 64,
+                          "--output", tmp_path / "sample")
+    assert sample.returncode != 0 and "cannot render zimage images yet" in sample.stderr
+    assert not list((tmp_path / "sample").glob("*.png"))
 
 
 def test_one_pixel_face_owns_exactly_its_token_after_flip_and_crop(tmp_path):
