@@ -11,9 +11,10 @@ import torch
 
 from .base import Conditioning, ModelFamily, denoiser_architecture
 from .flux import FluxFamily
+from .sd3 import SD3Family
 from .unet import UNetFamily
 
-FAMILIES = {"sd15": UNetFamily, "sdxl": UNetFamily, "flux": FluxFamily}
+FAMILIES = {"sd15": UNetFamily, "sdxl": UNetFamily, "flux": FluxFamily, "sd3": SD3Family}
 LORA_PREFIXES = {name: family.lora_prefix for name, family in FAMILIES.items()}
 
 

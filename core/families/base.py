@@ -99,4 +99,6 @@ def denoiser_architecture(denoiser) -> str | None:
         return None
     if "guidance_embeds" in config:
         return "flux"
+    if "dual_attention_layers" in config:  # SD3Transformer2DModel, 3.0 and 3.5 alike
+        return "sd3"
     return "sdxl" if getattr(config, "addition_embed_type", None) == "text_time" else "sd15"

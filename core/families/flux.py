@@ -1,29 +1,23 @@
 """Flux.1 (dev and schnell): a rectified-flow transformer on 16-channel latents, packed into
 2×2-patch tokens.
 
-The objective is the reference Flux trainers': x_t = (1 − σ)·x0 + σ·noise and the target
-velocity noise − x0 as in diffusers' ``train_dreambooth_lora_flux.py``; σ drawn as kohya's
-sd-scripts ``--timestep_sampling flux_shift`` draws it, logit-normal (sigmoid of a standard
-normal) then shifted toward noise as the scheduler shifts Flux's sampling schedule — by a
-resolution-dependent shift where the scheduler config says ``use_dynamic_shifting`` (dev), by its
-fixed ``shift`` otherwise (schnell: 1, none). Flux.1-dev's guidance-distilled transformer also
-takes a guidance scale.
+The objective is the reference Flux trainers' (``flow.py``, shared with SD3.5): σ drawn as kohya's
+sd-scripts ``--timestep_sampling flux_shift`` draws it, logit-normal then shifted toward noise as
+the scheduler shifts Flux's sampling schedule — by a resolution-dependent shift where the
+scheduler config says ``use_dynamic_shifting`` (dev), by its fixed ``shift`` otherwise (schnell:
+1, none). What is Flux's own: the packing into tokens, the RoPE positions, and the guidance scale
+Flux.1-dev's guidance-distilled transformer takes.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
-from .base import Conditioning, ModelFamily
+from .base import Conditioning
+from .flow import PATCH, FlowMatchingFamily
 
-PATCH = 2  # a transformer token is a 2×2 patch of latent cells
 # The guidance scale the dev transformer is trained with (diffusers' and kohya's Flux LoRA default).
 TRAIN_GUIDANCE = 3.5
 MAX_T5_TOKENS = 512  # Flux.1-dev's T5 sequence length; a smaller tokenizer limit wins
-# Joint attention: each image-stream projection has a text-stream twin; a LoRA on one covers both.
-TEXT_STREAM_TWINS = {"to_q": "add_q_proj", "to_k": "add_k_proj", "to_v": "add_v_proj", "to_out.0": "to_add_out"}
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -51,15 +45,11 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
 
 
-class FluxFamily(ModelFamily):
+class FluxFamily(FlowMatchingFamily):
     name = "flux"
-    denoiser_attribute = "transformer"
-    lora_prefix = "lora_transformer_"  # the kohya-style Flux prefix ComfyUI and diffusers both map
-    renders_samples = False  # packed latents and the shift factor: not in Precision.generate yet
 
     def __init__(self, pipe, device):
         super().__init__(pipe, device)
-        self.schedule = pipe.scheduler.config
         self.max_sequence_length = min(MAX_T5_TOKENS, pipe.tokenizer_2.model_max_length)
 
     @torch.no_grad()
@@ -69,46 +59,6 @@ class FluxFamily(ModelFamily):
             max_sequence_length=self.max_sequence_length,
         )
         return Conditioning(hidden.to(dtype), pooled.to(dtype))
-
-    def normalize_latents(self, latents):
-        config = self.pipe.vae.config
-        return (latents - config.shift_factor) * config.scaling_factor
-
-    def shift(self, sigmas: torch.Tensor, tokens: int) -> torch.Tensor:
-        """σ moved toward noise as the scheduler moves Flux's sampling schedule: exp(μ) with μ
-        linear in the image's token count (dynamic shifting), or the config's fixed shift."""
-        cfg = self.schedule
-        if cfg.get("use_dynamic_shifting"):
-            slope = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
-            shift = math.exp(cfg["base_shift"] + slope * (tokens - cfg["base_image_seq_len"]))
-        else:
-            shift = float(cfg.get("shift", 1.0))
-        return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-    def sample_noise_and_timesteps(self, latents, generator):
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        logit_normal = torch.sigmoid(torch.randn(latents.shape[0], generator=generator))
-        tokens = (latents.shape[-2] // PATCH) * (latents.shape[-1] // PATCH)
-        return noise, self.shift(logit_normal, tokens).to(latents.device)
-
-    @staticmethod
-    def _sigma(timesteps, like):
-        return timesteps.to(like).view(-1, *([1] * (like.ndim - 1)))
-
-    def add_noise(self, latents, noise, timesteps):
-        sigma = self._sigma(timesteps, latents)
-        return (1 - sigma) * latents + sigma * noise
-
-    def target(self, latents, noise, timesteps):
-        return noise - latents
-
-    def predicted_x0_and_eps(self, noisy, timesteps, pred):
-        sigma = self._sigma(timesteps, pred).float()
-        return noisy - sigma * pred, noisy + (1 - sigma) * pred
-
-    def loss_masks(self, latent_masks):
-        tokens = F.max_pool2d(latent_masks, PATCH)
-        return tokens.repeat_interleave(PATCH, dim=-2).repeat_interleave(PATCH, dim=-1)
 
     def predict(self, noisy, timesteps, cond, time_ids, trainable, condition):
         transformer = self.denoiser
@@ -128,7 +78,3 @@ class FluxFamily(ModelFamily):
         )[0]
         return unpack(tokens, h, w)
 
-    def lora_targets(self, names):
-        out = list(names)
-        out += [TEXT_STREAM_TWINS[n] for n in names if n in TEXT_STREAM_TWINS and TEXT_STREAM_TWINS[n] not in out]
-        return out
