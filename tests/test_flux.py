@@ -2,15 +2,11 @@
 resume, masks on the token grid, and the LoRA file's key format."""
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from train_helpers import (assert_all_losses_fall, assert_killed_run_resumes_exactly, lora_tensors, make_region_dataset,
-                           train_cli)
+from train_helpers import (assert_all_losses_fall, assert_killed_run_resumes_exactly,
+                           assert_one_pixel_face_owns_its_patch, lora_tensors, make_region_dataset, train_cli)
 
 # Not marked slow: the whole file takes about 30 s on two cores, so CI runs it.
 
@@ -54,56 +50,11 @@ def test_sampling_during_training_is_refused_on_flux_not_rendered_wrong(dataset,
     assert "cannot render flux images yet" in result.stdout + result.stderr
     assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "checkpoints").exists()
 
-def one_pixel_face_dataset(folder, pixel_yx):
-    """One 80×64 image (wider than the 64² crop, so random crops move it; never resized) whose
-    face mask is the single pixel ``pixel_yx``."""
-    folder.mkdir(parents=True)
-    (folder / "masks").mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / "img.png")
-    face = np.zeros((64, 80), np.uint8)
-    face[pixel_yx] = 255
-    Image.fromarray(face).save(folder / "masks" / "img_face.png")
-    Image.fromarray(np.zeros_like(face)).save(folder / "masks" / "img_hand.png")
-    row = {"image": "img.png", "text": "a photo of a person", "width": 80, "height": 64,
-           "mask_face": "masks/img_face.png", "mask_hand": "masks/img_hand.png", "status": "ok"}
-    (folder / "metadata.jsonl").write_text(json.dumps(row) + "\n")
-    return folder
-
-
 def test_one_pixel_face_owns_exactly_its_token_after_flip_and_crop(tmp_path):
     """The face loss's gradient reaches the transformer's output only at the token (2×2 latent
     cells, 16×16 pixels) holding the face pixel, and at all of that token's features: the mask
     is max-pooled to the token grid, through every crop and flip the data pipeline draws."""
-    from core.tiny_models import build_tiny_pipeline
-    from trainers.config import TrainConfig
-    from trainers.data import collate
-    from trainers.methods.fairhuman import FairHuman
-    from trainers.model import TrainableModel
-
-    y, x = 21, 37  # inside every 64-wide crop of the 80-wide image (left offset 0..16)
-    cfg = TrainConfig(data=str(one_pixel_face_dataset(tmp_path / "data", (y, x))), resolution=64, bucketing=False,
-                      random_crop=True, flip_p=0.5, batch_size=1, rank=4)
-    model = TrainableModel(build_tiny_pipeline("tiny-flux"), rank=4)
-    method = FairHuman(cfg, model)
-    outputs = []
-    model.denoiser.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
-    seen = set()
-    for epoch in range(8):
-        batch = collate([method.dataset.item(0, epoch)])
-        top, left = (int(v) for v in batch["time_ids"][0, 2:4])
-        flipped = batch["view"][0].endswith("flip")
-        col = x - left
-        col = 63 - col if flipped else col
-        token = ((y - top) // 16) * 4 + col // 16  # 4×4 tokens of 16×16 pixels, row-major
-        outputs.clear()
-        losses = method.losses(batch, torch.Generator().manual_seed(epoch)).losses
-        tokens = outputs[0]  # (1, 16 tokens, 64 features)
-        (grad,) = torch.autograd.grad(losses[1], tokens)
-        owned = grad[0].ne(0)
-        assert owned.any(dim=1).nonzero().flatten().tolist() == [token], (epoch, top, left, flipped)
-        assert owned[token].all(), "every latent cell of the face's token counts"
-        seen.add((left, flipped))
-    assert {f for _, f in seen} == {True, False} and len({left for left, _ in seen}) > 1
+    assert_one_pixel_face_owns_its_patch("tiny-flux", tmp_path, tokens_of=lambda out: out)
 
 
 def test_lora_keys_are_flux_keys_that_comfyui_and_diffusers_load(dataset, tmp_path):

@@ -250,3 +250,57 @@ def assert_all_losses_fall(run_dir: Path, steps: int, label: str = "") -> list[d
         first, last = sum(values[:10]) / 10, sum(values[-10:]) / 10
         assert last < first, f"{label}{name}: first-10 mean {first:.4f}, last-10 mean {last:.4f}"
     return progress
+
+
+def one_pixel_face_dataset(folder: Path, pixel_yx) -> Path:
+    """One 80×64 image (wider than the 64² crop, so random crops move it; never resized) whose
+    face mask is the single pixel ``pixel_yx``."""
+    folder.mkdir(parents=True)
+    (folder / "masks").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / "img.png")
+    face = np.zeros((64, 80), np.uint8)
+    face[pixel_yx] = 255
+    Image.fromarray(face).save(folder / "masks" / "img_face.png")
+    Image.fromarray(np.zeros_like(face)).save(folder / "masks" / "img_hand.png")
+    row = {"image": "img.png", "text": "a photo of a person", "width": 80, "height": 64,
+           "mask_face": "masks/img_face.png", "mask_hand": "masks/img_hand.png", "status": "ok"}
+    (folder / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    return folder
+
+
+def assert_one_pixel_face_owns_its_patch(base: str, folder: Path, tokens_of) -> None:
+    """On a 2×2-patch transformer (``base``, trained at 64 px: 4×4 patches of 16×16 pixels), the
+    face loss's gradient reaches the denoiser's output only at the patch holding a one-pixel face,
+    and at every feature of that patch, through every crop and flip the data pipeline draws.
+    ``tokens_of``: the denoiser's output (its first element) as (1, 16 patches row-major, features)."""
+    import torch
+
+    from core.tiny_models import build_tiny_pipeline
+    from trainers.config import TrainConfig
+    from trainers.data import collate
+    from trainers.methods.fairhuman import FairHuman
+    from trainers.model import TrainableModel
+
+    y, x = 21, 37  # inside every 64-wide crop of the 80-wide image (left offset 0..16)
+    cfg = TrainConfig(data=str(one_pixel_face_dataset(folder / "data", (y, x))), resolution=64, bucketing=False,
+                      random_crop=True, flip_p=0.5, batch_size=1, rank=4)
+    model = TrainableModel(build_tiny_pipeline(base), rank=4)
+    method = FairHuman(cfg, model)
+    outputs = []
+    model.denoiser.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
+    seen = set()
+    for epoch in range(8):
+        batch = collate([method.dataset.item(0, epoch)])
+        top, left = (int(v) for v in batch["time_ids"][0, 2:4])
+        flipped = batch["view"][0].endswith("flip")
+        col = x - left
+        col = 63 - col if flipped else col
+        patch = ((y - top) // 16) * 4 + col // 16
+        outputs.clear()
+        losses = method.losses(batch, torch.Generator().manual_seed(epoch)).losses
+        (grad,) = torch.autograd.grad(losses[1], outputs[0])
+        owned = tokens_of(grad)[0].ne(0)
+        assert owned.any(dim=1).nonzero().flatten().tolist() == [patch], (epoch, top, left, flipped)
+        assert owned[patch].all(), "every latent cell of the face's patch counts"
+        seen.add((left, flipped))
+    assert {f for _, f in seen} == {True, False} and len({left for left, _ in seen}) > 1
