@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train_helpers import (assert_all_losses_fall, assert_killed_run_resumes_exactly,
-                           assert_one_pixel_face_owns_its_patch, lora_tensors, make_region_dataset, train_cli)
+from train_helpers import (assert_killed_run_resumes_exactly, assert_lora_file_keys,
+                           assert_lora_file_reproduces_training, assert_mpd_run_lowers_all_three_losses,
+                           assert_one_pixel_face_owns_its_patch, assert_rendering_refused, lora_module_keys,
+                           lora_tensors, make_region_dataset, short_lora_run)
 
 # The two training runs take about 45 s and 40 s on two shared cores: marked slow; the rest
 # (about 8 s) runs in every tier.
@@ -29,11 +31,7 @@ def dataset(tmp_path_factory):
 
 @pytest.mark.slow
 def test_mpd_training_lowers_all_three_losses(dataset, tmp_path):
-    result = train_cli(*COMMON, "--data", dataset, "--output", tmp_path, "--steps", 30, "--batch-size", 4,
-                       "--weighting", "mpd", "--checkpoint-every", 0)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    progress = assert_all_losses_fall(tmp_path, 30, "tiny-sd3 ")
-    assert all(w > 0 for w in progress[-1]["weights"])
+    assert_mpd_run_lowers_all_three_losses([*COMMON, "--data", dataset], tmp_path, "tiny-sd3 ")
     assert (tmp_path / "fairhuman_sd3.safetensors").is_file()
 
 
@@ -44,10 +42,7 @@ def test_sigkill_then_resume_equals_uninterrupted(dataset, tmp_path):
 
 
 def test_sampling_during_training_is_refused_on_sd3(dataset, tmp_path):
-    result = train_cli(*COMMON, "--data", dataset, "--output", tmp_path, "--steps", 2, "--sample-every", 1)
-    assert result.returncode == 1
-    assert "cannot render sd3 images yet" in result.stdout + result.stderr
-    assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "checkpoints").exists()
+    assert_rendering_refused([*COMMON, "--data", dataset], tmp_path, "sd3", "--sample-every")
 
 
 def test_one_pixel_face_owns_exactly_its_patch_after_flip_and_crop(tmp_path):
@@ -59,14 +54,17 @@ def test_one_pixel_face_owns_exactly_its_patch_after_flip_and_crop(tmp_path):
     assert_one_pixel_face_owns_its_patch("tiny-sd3", tmp_path, tokens_of=pack)
 
 
-def _merged_with(transformer, tensors, modules):
-    """``transformer`` with each kohya LoRA pair of ``tensors`` merged as ComfyUI applies it
-    (W += up @ down · alpha / rank) into the module its key names."""
+def merge_as_comfyui(pipe, path):
+    """Each kohya LoRA pair of the file merged into the transformer module its key names, as
+    ComfyUI applies it: W += up @ down · alpha / rank. A key naming no module fails here."""
+    from core.lora_format import kohya_name
+
+    tensors = lora_tensors(path)
+    modules = {kohya_name(n, "lora_transformer_"): m for n, m in pipe.transformer.named_modules()}
     with torch.no_grad():
-        for name, module in modules.items():
+        for name in lora_module_keys(tensors):
             down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
-            module.weight += up @ down * (float(tensors[f"{name}.alpha"]) / down.shape[0])
-    return transformer
+            modules[name].weight += up @ down * (float(tensors[f"{name}.alpha"]) / down.shape[0])
 
 
 def test_lora_keys_are_the_sd3_keys_comfyui_maps(dataset, tmp_path):
@@ -74,44 +72,18 @@ def test_lora_keys_are_the_sd3_keys_comfyui_maps(dataset, tmp_path):
     projection of the tiny SD3.5 transformer that ComfyUI's SD3 map names (dual attention included,
     the last block's absent text-stream output excluded), each naming a module of the model; merged
     as ComfyUI merges it, the file reproduces the trained transformer's output."""
-    from core.families import family_of
-    from core.fileio import EventLog
-    from core.lora_format import kohya_name, read_lora_metadata
-    from core.tiny_models import build_tiny_pipeline
-    from trainers.config import TrainConfig
-    from trainers.train_job import run_job
+    from core.lora_format import kohya_name
 
-    cfg = TrainConfig(method="fairhuman", base="tiny-sd3", data=str(dataset), output=str(tmp_path), steps=3,
-                      resolution=64, rank=4, alpha=2.0, lr=1e-2, batch_size=2, checkpoint_every=0)
-    result = run_job(cfg, tmp_path, EventLog(tmp_path / "events.jsonl", echo=False), resume=False,
-                     stop_requested=lambda: False, keep_model=True)
-    tensors = lora_tensors(result["lora"])
-    fresh = build_tiny_pipeline("tiny-sd3")
-    present = dict(fresh.transformer.named_modules())
-    wanted = [f"transformer_blocks.{i}.{m}" for i in range(len(fresh.transformer.transformer_blocks))
+    result = short_lora_run("tiny-sd3", dataset, tmp_path)
+    transformer = result["model"].denoiser
+    present = {name for name, _ in transformer.named_modules()}
+    wanted = [f"transformer_blocks.{i}.{m}" for i in range(len(transformer.transformer_blocks))
               for m in COMFYUI_SD3_ATTENTION]
-    expected = {kohya_name(m, "lora_transformer_"): present[m] for m in wanted if m in present}
+    expected = {kohya_name(m, "lora_transformer_") for m in wanted if m in present}
     assert "lora_transformer_transformer_blocks_0_attn2_to_q" in expected  # MMDiT-X's dual attention
     assert "transformer_blocks.2.attn.to_add_out" not in present  # the last block's text stream ends early
-    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
-    assert names == set(expected)
-    assert len(tensors) == 3 * len(expected)  # lora_down, lora_up and alpha of each
-    assert all(float(tensors[f"{n}.alpha"]) == 2.0 for n in names)
-    meta = read_lora_metadata(result["lora"])
-    assert meta["fairhuman.base_arch"] == "sd3" and meta["ss_base_model_version"] == "sd3"
-
-    trained = result["model"]
-    trained.train(False)
-    _merged_with(fresh.transformer, tensors, expected)
-    noisy = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
-    sigma = torch.tensor([0.6])
-    cond = trained.encode_prompts(["a photo of hands"])
-    with torch.no_grad():
-        expected_out = trained.predict(noisy, sigma, cond)
-        got = family_of(fresh).predict(noisy, sigma, cond, None, None, None)
-        base_out = family_of(build_tiny_pipeline("tiny-sd3")).predict(noisy, sigma, cond, None, None, None)
-    assert (got - expected_out).abs().max() <= 1e-4
-    assert (base_out - expected_out).abs().max() > 1e-3  # the LoRA really changes the output
+    assert_lora_file_keys(result["lora"], expected, "sd3", "sd3")
+    assert_lora_file_reproduces_training(result, "tiny-sd3", merge_as_comfyui)
 
 
 def test_conditioning_and_timestep_are_the_pipelines():

@@ -237,6 +237,26 @@ def lora_tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
+def assert_mpd_run_lowers_all_three_losses(args, folder: Path, label: str = "") -> list[dict]:
+    """``train ARGS`` for 30 MPD steps of batch 4 into ``folder``: it ends well, every objective's
+    loss falls (assert_all_losses_fall) and the last step's MPD weights are positive."""
+    result = train_cli(*args, "--output", folder, "--steps", 30, "--batch-size", 4, "--weighting", "mpd",
+                       "--checkpoint-every", 0)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    progress = assert_all_losses_fall(folder, 30, label)
+    assert all(w > 0 for w in progress[-1]["weights"])
+    return progress
+
+
+def assert_rendering_refused(args, folder: Path, arch: str, flag: str) -> None:
+    """``train ARGS FLAG 1`` (``--sample-every`` or ``--validate-every``) on a family that cannot
+    render yet fails before its first step, saying so, and leaves no LoRA or checkpoint."""
+    result = train_cli(*args, "--output", folder, "--steps", 2, flag, 1)
+    assert result.returncode == 1
+    assert f"cannot render {arch} images yet" in result.stdout + result.stderr
+    assert not list(folder.glob("*.safetensors")) and not (folder / "checkpoints").exists()
+
+
 def assert_all_losses_fall(run_dir: Path, steps: int, label: str = "") -> list[dict]:
     """The run finished ``steps`` steps and each objective's mean loss over the last 10 is below
     that over the first 10; returns its progress events."""
@@ -304,3 +324,59 @@ def assert_one_pixel_face_owns_its_patch(base: str, folder: Path, tokens_of) -> 
         assert owned[patch].all(), "every latent cell of the face's patch counts"
         seen.add((left, flipped))
     assert {f for _, f in seen} == {True, False} and len({left for left, _ in seen}) > 1
+
+
+def short_lora_run(base: str, dataset: Path, folder: Path) -> dict:
+    """run_job's result (the LoRA file and the trained model) of a 3-step FairHuman LoRA of rank 4,
+    alpha 2, on ``base`` at 64 px, run in this process."""
+    from core.fileio import EventLog
+    from trainers.config import TrainConfig
+    from trainers.train_job import run_job
+
+    cfg = TrainConfig(method="fairhuman", base=base, data=str(dataset), output=str(folder), steps=3,
+                      resolution=64, rank=4, alpha=2.0, lr=1e-2, batch_size=2, checkpoint_every=0)
+    return run_job(cfg, folder, EventLog(folder / "events.jsonl", echo=False), resume=False,
+                   stop_requested=lambda: False, keep_model=True)
+
+
+def lora_module_keys(tensors: dict) -> set:
+    """The kohya module names of a LoRA's tensors (``<name>.lora_down.weight`` ... -> ``<name>``)."""
+    return {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
+
+
+def assert_lora_file_keys(path: Path, expected: set, arch: str, kohya_version: str) -> None:
+    """The LoRA file of a short_lora_run holds a lora_down, a lora_up and an alpha of 2 for exactly
+    the kohya module names ``expected``, and records its base as ``arch`` (this pack's metadata)
+    and ``kohya_version`` (kohya's ss_base_model_version)."""
+    from core.lora_format import read_lora_metadata
+
+    tensors = lora_tensors(path)
+    names = lora_module_keys(tensors)
+    assert names == expected
+    assert len(tensors) == 3 * len(expected)  # lora_down, lora_up and alpha of each
+    assert all(float(tensors[f"{n}.alpha"]) == 2.0 for n in names)
+    meta = read_lora_metadata(path)
+    assert meta["fairhuman.base_arch"] == arch and meta["ss_base_model_version"] == kohya_version
+
+
+def assert_lora_file_reproduces_training(result: dict, base: str, load) -> None:
+    """A fresh tiny ``base`` pipeline given the LoRA file by ``load(pipe, path)`` predicts what the
+    trained model predicts (latents 16×8×8, σ 0.6), and the base model without it does not."""
+    import torch
+
+    from core.families import family_of
+    from core.tiny_models import build_tiny_pipeline
+
+    trained = result["model"]
+    trained.train(False)
+    fresh = build_tiny_pipeline(base)
+    load(fresh, result["lora"])
+    noisy = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.6])
+    cond = trained.encode_prompts(["a photo of hands"])
+    with torch.no_grad():
+        expected = trained.predict(noisy, sigma, cond)
+        got = family_of(fresh).predict(noisy, sigma, cond, None, None, None)
+        base_out = family_of(build_tiny_pipeline(base)).predict(noisy, sigma, cond, None, None, None)
+    assert (got - expected).abs().max() <= 1e-4
+    assert (base_out - expected).abs().max() > 1e-3  # the LoRA really changes the output
