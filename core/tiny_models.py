@@ -267,7 +267,7 @@ def tiny_sd3_components(seed: int = 0, spec: TinySpec = TinySpec()) -> dict:
         joint_attention_dim=t5,
         caption_projection_dim=heads * head_dim,
         pooled_projection_dim=clip_l + clip_g,
-        pos_embed_max_size=16,  # positions for up to 16×16 patches: 256-pixel sides
+        pos_embed_max_size=128,  # positions for up to 128×128 patches: 2048-pixel sides (3.5 Large: 192)
     )
     vae = _vae(spec.vae_channels, scaling_factor=SD3_SCALING_FACTOR, **SD3_LATENT)
     return dict(

@@ -10,8 +10,8 @@ from train_helpers import (assert_killed_run_resumes_exactly, assert_lora_file_k
                            assert_one_pixel_face_owns_its_patch, assert_rendering_refused, lora_module_keys,
                            lora_tensors, make_region_dataset, short_lora_run)
 
-# The two training runs take about 45 s and 40 s on two shared cores: marked slow; the rest
-# (about 8 s) runs in every tier.
+# The SIGKILL-and-resume runs take 35-40 s on two shared cores: marked slow; the rest of the file
+# (15-50 s, by the load) runs in every tier.
 
 COMMON = ["--method", "fairhuman", "--base", "tiny-sd3", "--resolution", "64", "--rank", "8", "--lr", "1e-2",
           "--seed", "0"]
@@ -29,7 +29,6 @@ def dataset(tmp_path_factory):
     return make_region_dataset(tmp_path_factory.mktemp("regions"), size=64)
 
 
-@pytest.mark.slow
 def test_mpd_training_lowers_all_three_losses(dataset, tmp_path):
     assert_mpd_run_lowers_all_three_losses([*COMMON, "--data", dataset], tmp_path, "tiny-sd3 ")
     assert (tmp_path / "fairhuman_sd3.safetensors").is_file()
