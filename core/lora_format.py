@@ -7,7 +7,9 @@ One safetensors file; for each adapted UNet module (its diffusers path with ``.`
     lora_unet_<module>.alpha              scalar        update = up @ down * alpha / rank
 
 A Flux transformer's LoRA has the same layout with the prefix ``lora_transformer_`` (the model
-family's ``lora_prefix``), which both ComfyUI's Flux key map and diffusers' Flux loader take.
+family's ``lora_prefix``), which both ComfyUI's Flux key map and diffusers' Flux loader take. A
+prefix ending in a dot keeps the module path's dots: Z-Image's ``diffusion_model.<module>.lora_down.weight``
+(the diffusers module path, which ComfyUI's Z-Image key map and diffusers' Z-Image loader take).
 
 Diffusers module names are understood by ComfyUI (``comfy.utils.unet_to_diffusers`` maps them to
 its own UNet for SD1.5 and SDXL) and by diffusers' ``load_lora_weights``. The header metadata is
@@ -42,8 +44,9 @@ _ARCH_NAMES = {  # ss_base_model_version / modelspec.architecture, as kohya's sd
 
 
 def kohya_name(module: str, prefix: str = PREFIX) -> str:
-    """``down_blocks.1.attentions.0...to_q`` -> ``lora_unet_down_blocks_1_attentions_0_..._to_q``."""
-    return prefix + module.replace(".", "_")
+    """``down_blocks.1.attentions.0...to_q`` -> ``lora_unet_down_blocks_1_attentions_0_..._to_q``;
+    a prefix ending in ``.`` keeps the dots (``diffusion_model.layers.0.attention.to_q``)."""
+    return prefix + (module if prefix.endswith(".") else module.replace(".", "_"))
 
 
 def _split_peft(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -73,7 +76,7 @@ def peft_state_to_kohya(state_dict: Mapping[str, torch.Tensor], *,
     """Kohya tensors of a peft LoRA state dict (names as in ``unet.named_parameters()`` or
     ``get_peft_model_state_dict``; an optional ``unet.`` prefix is dropped). ``alpha``: peft's
     ``lora_alpha`` (scale alpha / rank, as in kohya), one number or one per module name;
-    ``prefix``: the model family's (``lora_unet_``, Flux: ``lora_transformer_``)."""
+    ``prefix``: the model family's (``lora_unet_``, Flux: ``lora_transformer_``, Z-Image: ``diffusion_model.``)."""
     out = {}
     for module, pair in _split_peft(state_dict).items():
         a = alpha[module] if isinstance(alpha, Mapping) else alpha

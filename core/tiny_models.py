@@ -12,6 +12,11 @@ guidance-distilled dev model; CLIP-L's pooled embedding and T5's token embedding
 text encoders (T5 v1.1's gated-GELU feed-forward); a 16-channel VAE with Flux's scaling and shift
 factors and no quant convs; Flux-dev's flow-matching scheduler config (dynamic shifting).
 
+``tiny-zimage`` is Z-Image (Turbo) at small widths: its single-stream transformer with the noise
+and context refiner blocks in front of the main layers, 3-axis RoPE, 2×2 patches; a Qwen3 text
+encoder with Qwen's byte-level BPE tokenizer and chat template; Flux's 16-channel VAE format (the
+one Z-Image uses); Z-Image-Turbo's scheduler config (a fixed shift of 3).
+
 ``tiny-sd3`` is SD3.5 Medium at small widths: joint (MMDiT) blocks whose first ones add a second,
 image-only attention (MMDiT-X's dual attention), RMS q/k norms, the last block's text stream
 ending before its attention output; CLIP-L- and CLIP-G-like encoders with projections (their
@@ -25,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .tiny_tokenizer import t5_pieces, tiny_clip_tokenizer, tiny_t5_tokenizer
+from .tiny_tokenizer import t5_pieces, tiny_clip_tokenizer, tiny_qwen_tokenizer, tiny_t5_tokenizer
 
-TINY_BASES = ("tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-sd3")
+TINY_BASES = ("tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-zimage", "tiny-sd3")
 
 # Noise schedule of SD1.5 and SDXL (scaled-linear betas over 1000 steps).
 SD_SCHEDULE = dict(
@@ -240,6 +245,45 @@ def tiny_flux_components(seed: int = 0, spec: TinySpec = TinySpec()) -> dict:
     )
 
 
+# Z-Image-Turbo's scheduler config: a fixed shift, no resolution-dependent one.
+ZIMAGE_SCHEDULE = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+QWEN_TOKENS = 64  # the tiny tokenizer's limit (Z-Image: 512 tokens of the chat-formatted prompt)
+
+
+def tiny_zimage_components(seed: int = 0, spec: TinySpec = TinySpec()) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from .tiny_tokenizer import qwen_vocabulary
+
+    torch.manual_seed(seed)
+    heads, head_dim = 2, 32
+    transformer = ZImageTransformer2DModel(
+        in_channels=FLUX_LATENT["latent_channels"],  # the transformer patchifies 2×2 itself
+        dim=heads * head_dim,
+        n_layers=2,
+        n_refiner_layers=2,  # noise and context refiners, as many as the real model's
+        n_heads=heads,
+        n_kv_heads=heads,
+        cap_feat_dim=spec.text_hidden,  # the text encoder's width
+        axes_dims=[8, 12, 12],  # sums to the head dim, as (32, 48, 48) does for 128
+    )
+    vocab, _ = qwen_vocabulary()
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(vocab), hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 2,
+        num_hidden_layers=spec.text_layers + 1,  # Z-Image reads the second-to-last layer's states
+        num_attention_heads=4, num_key_value_heads=2, head_dim=spec.text_hidden // 4,
+        max_position_embeddings=QWEN_TOKENS, pad_token_id=vocab["<|endoftext|>"],
+    ))
+    return dict(
+        transformer=transformer.eval(),
+        vae=_vae(spec.vae_channels, scaling_factor=FLUX_SCALING_FACTOR, **FLUX_LATENT).eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tiny_qwen_tokenizer(QWEN_TOKENS),
+        scheduler=FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULE),
+    )
+
+
 # SD3 / SD3.5's VAE latent format and SD3.5's scheduler config.
 SD3_LATENT = dict(latent_channels=16, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
 SD3_SCALING_FACTOR = 1.5305
@@ -284,9 +328,11 @@ def tiny_sd3_components(seed: int = 0, spec: TinySpec = TinySpec()) -> dict:
 
 
 def build_tiny_pipeline(base: str, seed: int = 0):
-    """A working StableDiffusionPipeline (``tiny-sd15``), StableDiffusionXLPipeline (``tiny-sdxl``)
-    FluxPipeline (``tiny-flux``) or StableDiffusion3Pipeline (``tiny-sd3``) with seeded random weights."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A working StableDiffusionPipeline (``tiny-sd15``), StableDiffusionXLPipeline (``tiny-sdxl``),
+    FluxPipeline (``tiny-flux``), ZImagePipeline (``tiny-zimage``) or StableDiffusion3Pipeline (``tiny-sd3``)
+    with seeded random weights."""
+    from diffusers import (FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           ZImagePipeline)
 
     if base == "tiny-sd15":
         pipe = StableDiffusionPipeline(**tiny_sd15_components(seed))
@@ -294,6 +340,8 @@ def build_tiny_pipeline(base: str, seed: int = 0):
         pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed))
     elif base == "tiny-flux":
         pipe = FluxPipeline(**tiny_flux_components(seed))
+    elif base == "tiny-zimage":
+        pipe = ZImagePipeline(**tiny_zimage_components(seed))
     elif base == "tiny-sd3":
         pipe = StableDiffusion3Pipeline(**tiny_sd3_components(seed))
     else:

@@ -1,5 +1,6 @@
-"""Real tokenizers over small vocabularies written in code: CLIP byte-level BPE, and T5 Unigram
-(``tiny_t5_tokenizer``, for tiny-flux).
+"""Real tokenizers over small vocabularies written in code: CLIP byte-level BPE, T5 Unigram
+(``tiny_t5_tokenizer``, for tiny-flux) and Qwen byte-level BPE with its chat template
+(``tiny_qwen_tokenizer``, for tiny-zimage).
 
 The tiny models must not touch a hub or a file, yet the pipelines call a real ``CLIPTokenizer``.
 The vocabulary holds every byte symbol (alone and word-final), the two specials, and the merges
@@ -95,3 +96,48 @@ def tiny_t5_tokenizer(max_length: int = 32):
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", T5_SPECIALS.index("</s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", model_max_length=max_length)
+
+
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen's chat format as the Qwen3 template writes it: turns framed by <|im_start|>role ... <|im_end|>,
+# the assistant turn opened by add_generation_prompt, an empty think block when thinking is off.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+@lru_cache(maxsize=1)
+def qwen_vocabulary() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """(vocab, merges) of the tiny Qwen tokenizer: byte-level BPE without CLIP's word-end marks,
+    each prompt word merged, then merged with the space before it (``Ġ``), then Qwen's specials."""
+    byte = _bytes_to_unicode()
+    tokens = [byte[b] for b in range(256)]
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        pieces = list(word)
+        while len(pieces) > 1:
+            if (pieces[0], pieces[1]) not in merges:
+                merges.append((pieces[0], pieces[1]))
+                tokens.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+        merges.append((byte[ord(" ")], word))
+        tokens.append(byte[ord(" ")] + word)
+    vocab: dict[str, int] = {}
+    for tok in tokens + list(QWEN_SPECIALS):
+        vocab.setdefault(tok, len(vocab))
+    return vocab, tuple(merges)
+
+
+def tiny_qwen_tokenizer(max_length: int = 64):
+    """A real ``Qwen2Tokenizer`` (the tokenizer class of Qwen3, Z-Image's text encoder) over
+    ``qwen_vocabulary``, with the chat template; pads with ``<|endoftext|>`` as Qwen does."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = qwen_vocabulary()
+    tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", model_max_length=max_length,
+                               chat_template=QWEN_CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS)})
+    return tokenizer

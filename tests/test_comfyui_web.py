@@ -351,8 +351,17 @@ def test_panel_queues_follows_cancels_and_the_node_shows_its_loss_plot(browser, 
     row_state(page, queued_id, ("done", "error", "cancelled", "interrupted"), 900)
     assert server_jobs(server)[queued_id]["state"] == "done", json.dumps(server_jobs(server)[queued_id])[:2000]
     wait_for(lambda: node_images(page, node_id) >= 1, 120, "the loss plot on the Train node")
-    page.evaluate("(id) => { const n = window.app.graph.getNodeById(id); window.app.canvas.selectNode?.(n); "
-                  "window.app.graph.setDirtyCanvas(true, true); }", node_id)
+    page.evaluate("""(id) => {  // the whole node, plot included, in view beside the panel
+        const app = window.app, n = app.graph.getNodeById(id), ds = app.canvas.ds;
+        app.canvas.selectNode?.(n);
+        if (ds?.offset) {
+            const scale = Math.min(1, 780 / (n.size[1] + 60));
+            ds.scale = scale;
+            ds.offset[0] = 420 / scale - n.pos[0];
+            ds.offset[1] = 80 / scale - n.pos[1];
+        }
+        app.graph.setDirtyCanvas(true, true);
+    }""", node_id)
     time.sleep(1)  # one frame for the canvas to draw the image
     shoot(page, server, "node-loss-plot")
 

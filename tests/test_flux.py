@@ -2,18 +2,14 @@
 resume, masks on the token grid, and the LoRA file's key format."""
 from __future__ import annotations
 
-import pytest
 import torch
 
-from train_helpers import (assert_killed_run_resumes_exactly, assert_lora_file_keys,
-                           assert_lora_file_reproduces_training, assert_mpd_run_lowers_all_three_losses,
-                           assert_one_pixel_face_owns_its_patch, assert_rendering_refused, make_region_dataset,
-                           short_lora_run)
+from flow_helpers import (assert_diffusers_loader_reproduces, assert_lora_file_keys,
+                          assert_mpd_training_lowers_all_three_losses, assert_one_pixel_face_owns_its_token,
+                          fairhuman_args, train_lora_in_process)
+from train_helpers import assert_killed_run_resumes_exactly, train_cli
 
-# Not marked slow: the whole file takes about 30 s on two cores, so CI runs it.
-
-COMMON = ["--method", "fairhuman", "--base", "tiny-flux", "--resolution", "64", "--rank", "8", "--lr", "1e-2",
-          "--seed", "0"]
+COMMON = fairhuman_args("tiny-flux")
 # The diffusers module paths of a Flux transformer that ComfyUI 0.33's Flux LoRA key map takes
 # (comfy/utils.py flux_to_diffusers, prefixed "lora_transformer_" with dots as "_" in comfy/lora.py):
 # the joint attention of the double-stream blocks, both streams, and the single blocks' q, k, v.
@@ -24,43 +20,46 @@ COMFYUI_FLUX_ATTENTION = {
 }
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_region_dataset(tmp_path_factory.mktemp("regions"), size=64)
+def test_mpd_training_lowers_all_three_losses(region_dataset_64, tmp_path):
+    assert_mpd_training_lowers_all_three_losses("tiny-flux", region_dataset_64, tmp_path)
 
 
-def test_mpd_training_lowers_all_three_losses(dataset, tmp_path):
-    assert_mpd_run_lowers_all_three_losses([*COMMON, "--data", dataset], tmp_path, "tiny-flux ")
-    assert (tmp_path / "fairhuman_flux.safetensors").is_file()
-
-
-def test_sigkill_then_resume_equals_uninterrupted(dataset, tmp_path):
-    args = [*COMMON, "--batch-size", 2, "--steps", 12, "--checkpoint-every", 4, "--data", dataset]
+def test_sigkill_then_resume_equals_uninterrupted(region_dataset_64, tmp_path):
+    args = [*COMMON, "--batch-size", 2, "--steps", 12, "--checkpoint-every", 4, "--data", region_dataset_64]
     assert_killed_run_resumes_exactly(args, tmp_path, kill_at=8)
 
 
-def test_sampling_during_training_is_refused_on_flux_not_rendered_wrong(dataset, tmp_path):
+
+def test_sampling_during_training_is_refused_on_flux_not_rendered_wrong(region_dataset_64, tmp_path):
     """Rendering (--sample-every, --validate-every) is UNet-only so far: a Flux run that asks for
     it fails before its first step with a message saying what to set, never with wrong images."""
-    assert_rendering_refused([*COMMON, "--data", dataset], tmp_path, "flux", "--validate-every")
+    result = train_cli(*COMMON, "--data", region_dataset_64, "--output", tmp_path, "--steps", 2, "--validate-every", 1)
+    assert result.returncode == 1
+    assert "cannot render flux images yet" in result.stdout + result.stderr
+    assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "checkpoints").exists()
 
 
 def test_one_pixel_face_owns_exactly_its_token_after_flip_and_crop(tmp_path):
     """The face loss's gradient reaches the transformer's output only at the token (2×2 latent
     cells, 16×16 pixels) holding the face pixel, and at all of that token's features: the mask
     is max-pooled to the token grid, through every crop and flip the data pipeline draws."""
-    assert_one_pixel_face_owns_its_patch("tiny-flux", tmp_path, tokens_of=lambda out: out)
+    def packed_tokens(transformer):  # FluxTransformer2DModel returns its (B, tokens, 64) output
+        outputs = []
+        transformer.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
+        return outputs
+
+    assert_one_pixel_face_owns_its_token("tiny-flux", tmp_path / "data", packed_tokens)
 
 
-def test_lora_keys_are_flux_keys_that_comfyui_and_diffusers_load(dataset, tmp_path):
+def test_lora_keys_are_flux_keys_that_comfyui_and_diffusers_load(region_dataset_64, tmp_path):
     """Every key of the exported LoRA is a kohya-style ``lora_transformer_`` key of an attention
     projection ComfyUI's Flux map names, and diffusers' Flux loader, given the file, reproduces the
     trained transformer's output."""
-    result = short_lora_run("tiny-flux", dataset, tmp_path)
+    result = train_lora_in_process("tiny-flux", region_dataset_64, tmp_path)
     expected = {f"lora_transformer_{block}_{i}_{module}".replace(".", "_")
                 for block, modules in COMFYUI_FLUX_ATTENTION.items() for i in range(2) for module in modules}
     assert_lora_file_keys(result["lora"], expected, "flux", "flux1")
-    assert_lora_file_reproduces_training(result, "tiny-flux", lambda pipe, path: pipe.load_lora_weights(path))
+    assert_diffusers_loader_reproduces(result, "tiny-flux")
 
 
 def test_tokens_and_positions_are_the_flux_pipelines():

@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train_helpers import (assert_killed_run_resumes_exactly, assert_lora_file_keys,
-                           assert_lora_file_reproduces_training, assert_mpd_run_lowers_all_three_losses,
-                           assert_one_pixel_face_owns_its_patch, assert_rendering_refused, lora_module_keys,
-                           lora_tensors, make_region_dataset, short_lora_run)
+from flow_helpers import (assert_diffusers_loader_reproduces, assert_lora_file_keys,
+                          assert_mpd_training_lowers_all_three_losses, assert_one_pixel_face_owns_its_token,
+                          fairhuman_args, lora_module_names, train_lora_in_process)
+from train_helpers import assert_killed_run_resumes_exactly, lora_tensors, train_cli
 
-# The SIGKILL-and-resume runs take 35-40 s on two shared cores: marked slow; the rest of the file
+# The SIGKILL-and-resume runs take 25-40 s on two shared cores: marked slow; the rest of the file
 # (15-50 s, by the load) runs in every tier.
 
-COMMON = ["--method", "fairhuman", "--base", "tiny-sd3", "--resolution", "64", "--rank", "8", "--lr", "1e-2",
-          "--seed", "0"]
+COMMON = fairhuman_args("tiny-sd3")
 # The diffusers module paths of an SD3 transformer block that ComfyUI 0.33's SD3 LoRA key map takes
 # (comfy/utils.py mmdit_to_diffusers, prefixed "lora_transformer_" with dots as "_" in comfy/lora.py):
 # the joint attention's image stream (attn.to_q/k/v, attn.to_out.0), its text stream (add_*_proj,
@@ -24,24 +23,21 @@ COMFYUI_SD3_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                          "attn2.to_out.0")
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_region_dataset(tmp_path_factory.mktemp("regions"), size=64)
-
-
-def test_mpd_training_lowers_all_three_losses(dataset, tmp_path):
-    assert_mpd_run_lowers_all_three_losses([*COMMON, "--data", dataset], tmp_path, "tiny-sd3 ")
-    assert (tmp_path / "fairhuman_sd3.safetensors").is_file()
+def test_mpd_training_lowers_all_three_losses(region_dataset_64, tmp_path):
+    assert_mpd_training_lowers_all_three_losses("tiny-sd3", region_dataset_64, tmp_path)
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(dataset, tmp_path):
-    args = [*COMMON, "--batch-size", 2, "--steps", 12, "--checkpoint-every", 4, "--data", dataset]
+def test_sigkill_then_resume_equals_uninterrupted(region_dataset_64, tmp_path):
+    args = [*COMMON, "--batch-size", 2, "--steps", 12, "--checkpoint-every", 4, "--data", region_dataset_64]
     assert_killed_run_resumes_exactly(args, tmp_path, kill_at=8)
 
 
-def test_sampling_during_training_is_refused_on_sd3(dataset, tmp_path):
-    assert_rendering_refused([*COMMON, "--data", dataset], tmp_path, "sd3", "--sample-every")
+def test_sampling_during_training_is_refused_on_sd3(region_dataset_64, tmp_path):
+    result = train_cli(*COMMON, "--data", region_dataset_64, "--output", tmp_path, "--steps", 2, "--sample-every", 1)
+    assert result.returncode == 1
+    assert "cannot render sd3 images yet" in result.stdout + result.stderr
+    assert not list(tmp_path.glob("*.safetensors"))
 
 
 def test_one_pixel_face_owns_exactly_its_patch_after_flip_and_crop(tmp_path):
@@ -50,7 +46,12 @@ def test_one_pixel_face_owns_exactly_its_patch_after_flip_and_crop(tmp_path):
     all 16 channels of those cells, through every crop and flip."""
     from core.families.flux import pack  # row-major 2×2 patches, checked against FluxPipeline's
 
-    assert_one_pixel_face_owns_its_patch("tiny-sd3", tmp_path, tokens_of=pack)
+    def patch_tokens(transformer):  # SD3Transformer2DModel returns the latent grid (B, 16, h, w)
+        outputs = []
+        transformer.register_forward_hook(lambda module, args, out: outputs.append(pack(out[0])))
+        return outputs
+
+    assert_one_pixel_face_owns_its_token("tiny-sd3", tmp_path / "data", patch_tokens)
 
 
 def merge_as_comfyui(pipe, path):
@@ -61,19 +62,19 @@ def merge_as_comfyui(pipe, path):
     tensors = lora_tensors(path)
     modules = {kohya_name(n, "lora_transformer_"): m for n, m in pipe.transformer.named_modules()}
     with torch.no_grad():
-        for name in lora_module_keys(tensors):
+        for name in lora_module_names(tensors):
             down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
             modules[name].weight += up @ down * (float(tensors[f"{name}.alpha"]) / down.shape[0])
 
 
-def test_lora_keys_are_the_sd3_keys_comfyui_maps(dataset, tmp_path):
+def test_lora_keys_are_the_sd3_keys_comfyui_maps(region_dataset_64, tmp_path):
     """The exported LoRA holds exactly one ``lora_transformer_`` key triple per attention
     projection of the tiny SD3.5 transformer that ComfyUI's SD3 map names (dual attention included,
     the last block's absent text-stream output excluded), each naming a module of the model; merged
     as ComfyUI merges it, the file reproduces the trained transformer's output."""
     from core.lora_format import kohya_name
 
-    result = short_lora_run("tiny-sd3", dataset, tmp_path)
+    result = train_lora_in_process("tiny-sd3", region_dataset_64, tmp_path)
     transformer = result["model"].denoiser
     present = {name for name, _ in transformer.named_modules()}
     wanted = [f"transformer_blocks.{i}.{m}" for i in range(len(transformer.transformer_blocks))
@@ -82,7 +83,7 @@ def test_lora_keys_are_the_sd3_keys_comfyui_maps(dataset, tmp_path):
     assert "lora_transformer_transformer_blocks_0_attn2_to_q" in expected  # MMDiT-X's dual attention
     assert "transformer_blocks.2.attn.to_add_out" not in present  # the last block's text stream ends early
     assert_lora_file_keys(result["lora"], expected, "sd3", "sd3")
-    assert_lora_file_reproduces_training(result, "tiny-sd3", merge_as_comfyui)
+    assert_diffusers_loader_reproduces(result, "tiny-sd3", load=merge_as_comfyui)
 
 
 def test_conditioning_and_timestep_are_the_pipelines():

@@ -91,7 +91,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 HELP = {
     "method": "fairhuman (MPD-fair global/face/hand losses), hg-dpo (Diffusion-DPO + statistic matching) or "
               "fair-dpo (Diffusion-DPO over the whole image, the faces and the hands, MPD-fair)",
-    "base": "tiny-sd15, tiny-sdxl, tiny-flux, tiny-sd3, a single-file checkpoint (.safetensors, SD1.5 or SDXL) or a "
+    "base": "tiny-sd15, tiny-sdxl, tiny-flux, tiny-zimage, tiny-sd3, a single-file checkpoint (.safetensors, SD1.5 or SDXL) or a "
             "diffusers folder",
     "data": "dataset folder: annotated images (fairhuman) or a pairs folder from build-pairs (hg-dpo, fair-dpo)",
     "output": "run directory (config, events.jsonl, checkpoints, samples, the LoRA)",

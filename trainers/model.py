@@ -95,12 +95,8 @@ class TrainableModel:
         cache = self._text_cache
         missing = [t for t in dict.fromkeys(texts) if t not in cache]
         if missing:
-            encoded = self.encode_prompts(missing)
-            for i, text in enumerate(missing):
-                cache[text] = (encoded.hidden[i], None if encoded.pooled is None else encoded.pooled[i])
-        hidden = torch.stack([cache[t][0] for t in texts])
-        pooled = None if cache[texts[0]][1] is None else torch.stack([cache[t][1] for t in texts])
-        return Conditioning(hidden, pooled)
+            cache.update(zip(missing, self.encode_prompts(missing).rows()))
+        return Conditioning.of_rows([cache[t] for t in texts])
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         return self.family.encode_prompts(prompts, self.dtype)

@@ -1,7 +1,7 @@
 """Model families: one small module per architecture behind ``base.ModelFamily``.
 
 ``family_of(pipe, device)`` returns the family bound to a loaded diffusers pipeline;
-``architecture_of(pipe)`` only its name (``sd15``, ``sdxl``, ``flux``). A new family is a module
+``architecture_of(pipe)`` only its name (``sd15``, ``sdxl``, ``flux``, ``zimage``). A new family is a module
 with a ``ModelFamily`` subclass and an entry in ``FAMILIES`` (and, if its denoiser config is
 new, a line in ``base.denoiser_architecture``).
 """
@@ -13,18 +13,20 @@ from .base import Conditioning, ModelFamily, denoiser_architecture
 from .flux import FluxFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
+from .zimage import ZImageFamily
 
-FAMILIES = {"sd15": UNetFamily, "sdxl": UNetFamily, "flux": FluxFamily, "sd3": SD3Family}
+FAMILIES = {"sd15": UNetFamily, "sdxl": UNetFamily, "flux": FluxFamily, "zimage": ZImageFamily,
+            "sd3": SD3Family}
 LORA_PREFIXES = {name: family.lora_prefix for name, family in FAMILIES.items()}
 
 
 def denoiser_of(pipe) -> torch.nn.Module:
-    """The pipeline's denoiser: its transformer (Flux) or its UNet."""
+    """The pipeline's denoiser: its transformer (Flux, Z-Image) or its UNet."""
     return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
 
 
 def architecture_of(pipe) -> str:
-    """'sd15', 'sdxl' or 'flux', read from the pipeline's denoiser config."""
+    """'sd15', 'sdxl', 'flux' or 'zimage', read from the pipeline's denoiser config."""
     return denoiser_architecture(denoiser_of(pipe))
 
 

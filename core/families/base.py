@@ -18,18 +18,38 @@ import torch
 class Conditioning:
     """Text conditioning of a batch: ``hidden`` the per-token embedding the denoiser attends to,
     ``pooled`` one vector per prompt where the family has one (SDXL: text_encoder_2's; Flux:
-    CLIP's)."""
+    CLIP's), ``mask`` (B, L) True at real tokens where prompts have different token counts
+    (Z-Image: ``hidden`` zero-padded to the longest); None: every token is real."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def to(self, device) -> "Conditioning":
-        return Conditioning(self.hidden.to(device), None if self.pooled is None else self.pooled.to(device))
+        return Conditioning(*(None if t is None else t.to(device) for t in (self.hidden, self.pooled, self.mask)))
 
     def repeat(self, n: int) -> "Conditioning":
         return Conditioning(
-            self.hidden.repeat(n, 1, 1), None if self.pooled is None else self.pooled.repeat(n, 1)
+            self.hidden.repeat(n, 1, 1), None if self.pooled is None else self.pooled.repeat(n, 1),
+            None if self.mask is None else self.mask.repeat(n, 1),
         )
+
+    def rows(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(hidden of the real tokens, pooled) per prompt."""
+        return [(hidden if self.mask is None else hidden[self.mask[i]], None if self.pooled is None else self.pooled[i])
+                for i, hidden in enumerate(self.hidden)]
+
+    @classmethod
+    def of_rows(cls, rows) -> "Conditioning":
+        """The batch of ``rows()``-style rows, zero-padded with a mask where their lengths differ."""
+        hiddens = [h for h, _ in rows]
+        pooled = None if rows[0][1] is None else torch.stack([p for _, p in rows])
+        lengths = [len(h) for h in hiddens]
+        if len(set(lengths)) == 1:
+            return cls(torch.stack(hiddens), pooled)
+        hidden = torch.nn.utils.rnn.pad_sequence(hiddens, batch_first=True)
+        mask = torch.arange(hidden.shape[1], device=hidden.device)[None] < torch.tensor(lengths, device=hidden.device)[:, None]
+        return cls(hidden, pooled, mask)
 
 
 class ModelFamily:
@@ -87,18 +107,22 @@ class ModelFamily:
         ``trainable`` and ``condition``: a ControlNet's extra inputs (UNet families only)."""
         raise NotImplementedError
 
-    def lora_targets(self, names: list[str]) -> list[str]:
-        """The denoiser modules that get LoRA for the requested ``--target-modules`` names."""
+    @classmethod
+    def lora_targets(cls, names: list[str]) -> list[str]:
+        """The denoiser modules that get LoRA for the requested ``--target-modules`` names (the
+        architecture's alone: no loaded pipeline needed)."""
         return list(names)
 
 
 def denoiser_architecture(denoiser) -> str | None:
-    """'sd15', 'sdxl' or 'flux' of a denoiser module from its config; None without one."""
+    """'sd15', 'sdxl', 'flux' or 'zimage' of a denoiser module from its config; None without one."""
     config = getattr(denoiser, "config", None)
     if config is None:
         return None
     if "guidance_embeds" in config:
         return "flux"
+    if "all_f_patch_size" in config:  # Z-Image's per-patch-size embedders
+        return "zimage"
     if "dual_attention_layers" in config:  # SD3Transformer2DModel, 3.0 and 3.5 alike
         return "sd3"
     return "sdxl" if getattr(config, "addition_embed_type", None) == "text_time" else "sd15"

@@ -1,11 +1,12 @@
-"""What the rectified-flow transformers (Flux.1, SD3.5) share: latents (VAE sample − shift factor)
-× scaling factor, σ drawn logit-normal and shifted as the scheduler shifts sampling, x_t = (1 − σ)·x0
-+ σ·noise with the target velocity noise − x0 (diffusers' ``train_dreambooth_lora_flux.py`` and
-``train_dreambooth_lora_sd3.py``), region masks max-pooled to the transformer's 2×2 patches, and
-LoRA on the joint attention's image-stream projections and their text-stream twins.
+"""What the rectified-flow transformer families (Flux.1, Z-Image) share: the latent format of
+their 16-channel VAE, σ drawn as the reference trainers draw it, the straight noising path, and
+region masks pooled to the 2×2-patch token grid.
 
-A subclass says how prompts are encoded and how its transformer is called. ``timesteps`` stay σ in
-[0, 1] everywhere; each family converts to what its transformer takes.
+x_t = (1 − σ)·x0 + σ·noise. σ is drawn as kohya's sd-scripts ``--timestep_sampling flux_shift``
+draws it: logit-normal (sigmoid of a standard normal), then shifted toward noise as the
+scheduler shifts its sampling schedule — by a resolution-dependent shift where the scheduler
+config says ``use_dynamic_shifting``, by its fixed ``shift`` otherwise. The families differ in the
+sign of the velocity their transformer predicts (``VELOCITY_SIGN``) and in how it is called.
 """
 from __future__ import annotations
 
@@ -17,14 +18,13 @@ import torch.nn.functional as F
 from .base import ModelFamily
 
 PATCH = 2  # a transformer token is a 2×2 patch of latent cells
-# Joint attention: each image-stream projection has a text-stream twin; a LoRA on one covers both.
-TEXT_STREAM_TWINS = {"to_q": "add_q_proj", "to_k": "add_k_proj", "to_v": "add_v_proj", "to_out.0": "to_add_out"}
 
 
 class FlowMatchingFamily(ModelFamily):
     denoiser_attribute = "transformer"
-    lora_prefix = "lora_transformer_"  # the kohya-style DiT prefix ComfyUI and diffusers map
-    renders_samples = False  # the shift factor (and Flux's packing): not in Precision.generate yet
+    renders_samples = False  # patch tokens and the shift factor: not in Precision.generate yet
+    # +1: the transformer predicts noise − x0 (Flux); −1: x0 − noise (Z-Image).
+    VELOCITY_SIGN = 1
 
     def __init__(self, pipe, device):
         super().__init__(pipe, device)
@@ -36,8 +36,7 @@ class FlowMatchingFamily(ModelFamily):
 
     def shift(self, sigmas: torch.Tensor, tokens: int) -> torch.Tensor:
         """σ moved toward noise as the scheduler moves the sampling schedule: exp(μ) with μ
-        linear in the image's token count (dynamic shifting, Flux.1-dev), or the config's fixed
-        shift (SD3.5: 3; Flux.1-schnell: 1, none)."""
+        linear in the image's token count (dynamic shifting), or the config's fixed shift."""
         cfg = self.schedule
         if cfg.get("use_dynamic_shifting"):
             slope = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
@@ -47,6 +46,7 @@ class FlowMatchingFamily(ModelFamily):
         return shift * sigmas / (1 + (shift - 1) * sigmas)
 
     def sample_noise_and_timesteps(self, latents, generator):
+        """(noise, σ per sample in [0, 1])."""
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
         logit_normal = torch.sigmoid(torch.randn(latents.shape[0], generator=generator))
         tokens = (latents.shape[-2] // PATCH) * (latents.shape[-1] // PATCH)
@@ -61,17 +61,13 @@ class FlowMatchingFamily(ModelFamily):
         return (1 - sigma) * latents + sigma * noise
 
     def target(self, latents, noise, timesteps):
-        return noise - latents
+        return self.VELOCITY_SIGN * (noise - latents)
 
     def predicted_x0_and_eps(self, noisy, timesteps, pred):
         sigma = self._sigma(timesteps, pred).float()
-        return noisy - sigma * pred, noisy + (1 - sigma) * pred
+        velocity = self.VELOCITY_SIGN * pred  # noise − x0
+        return noisy - sigma * velocity, noisy + (1 - sigma) * velocity
 
     def loss_masks(self, latent_masks):
         tokens = F.max_pool2d(latent_masks, PATCH)
         return tokens.repeat_interleave(PATCH, dim=-2).repeat_interleave(PATCH, dim=-1)
-
-    def lora_targets(self, names):
-        out = list(names)
-        out += [TEXT_STREAM_TWINS[n] for n in names if n in TEXT_STREAM_TWINS and TEXT_STREAM_TWINS[n] not in out]
-        return out

@@ -1,12 +1,10 @@
-"""Flux.1 (dev and schnell): a rectified-flow transformer on 16-channel latents, packed into
-2×2-patch tokens.
+"""Flux.1 (dev and schnell): a rectified-flow transformer (``flow.py``: latents, σ, noising,
+token-grid masks) on 16-channel latents, packed into 2×2-patch tokens.
 
-The objective is the reference Flux trainers' (``flow.py``, shared with SD3.5): σ drawn as kohya's
-sd-scripts ``--timestep_sampling flux_shift`` draws it, logit-normal then shifted toward noise as
-the scheduler shifts Flux's sampling schedule — by a resolution-dependent shift where the
-scheduler config says ``use_dynamic_shifting`` (dev), by its fixed ``shift`` otherwise (schnell:
-1, none). What is Flux's own: the packing into tokens, the RoPE positions, and the guidance scale
-Flux.1-dev's guidance-distilled transformer takes.
+The transformer predicts the velocity noise − x0, the target of diffusers'
+``train_dreambooth_lora_flux.py``; σ is shifted by image size for dev (``use_dynamic_shifting``),
+by the fixed shift for schnell (1, none). Flux.1-dev's guidance-distilled transformer also takes
+a guidance scale.
 """
 from __future__ import annotations
 
@@ -18,6 +16,8 @@ from .flow import PATCH, FlowMatchingFamily
 # The guidance scale the dev transformer is trained with (diffusers' and kohya's Flux LoRA default).
 TRAIN_GUIDANCE = 3.5
 MAX_T5_TOKENS = 512  # Flux.1-dev's T5 sequence length; a smaller tokenizer limit wins
+# Joint attention: each image-stream projection has a text-stream twin; a LoRA on one covers both.
+TEXT_STREAM_TWINS = {"to_q": "add_q_proj", "to_k": "add_k_proj", "to_v": "add_v_proj", "to_out.0": "to_add_out"}
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -47,6 +47,7 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 
 class FluxFamily(FlowMatchingFamily):
     name = "flux"
+    lora_prefix = "lora_transformer_"  # the kohya-style Flux prefix ComfyUI and diffusers both map
 
     def __init__(self, pipe, device):
         super().__init__(pipe, device)
@@ -78,3 +79,8 @@ class FluxFamily(FlowMatchingFamily):
         )[0]
         return unpack(tokens, h, w)
 
+    @classmethod
+    def lora_targets(cls, names):
+        out = list(names)
+        out += [TEXT_STREAM_TWINS[n] for n in names if n in TEXT_STREAM_TWINS and TEXT_STREAM_TWINS[n] not in out]
+        return out

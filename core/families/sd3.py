@@ -16,12 +16,14 @@ import torch
 
 from .base import Conditioning
 from .flow import FlowMatchingFamily
+from .flux import FluxFamily
 
 MAX_T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length; a smaller tokenizer limit wins
 
 
 class SD3Family(FlowMatchingFamily):
     name = "sd3"
+    lora_prefix = "lora_transformer_"  # ComfyUI's SD3 key map takes it (comfy/lora.py, "OneTrainer lora")
 
     def __init__(self, pipe, device):
         super().__init__(pipe, device)
@@ -44,3 +46,9 @@ class SD3Family(FlowMatchingFamily):
             timestep=timesteps.float() * self.num_train_timesteps,  # σ·1000, the t the pipeline passes
             return_dict=False,
         )[0]
+
+    @classmethod
+    def lora_targets(cls, names):
+        """Flux's: joint attention, each image-stream projection with its text-stream twin (the
+        image-only ``attn2`` of MMDiT-X blocks takes the plain names)."""
+        return FluxFamily.lora_targets(names)
