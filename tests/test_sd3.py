@@ -44,11 +44,19 @@ def test_one_pixel_face_owns_exactly_its_patch_after_flip_and_crop(tmp_path):
     """SD3's transformer patchifies the latent itself: the face loss's gradient reaches its
     output (the latent grid) only at the 2×2 cells of the patch holding the face pixel, and at
     all 16 channels of those cells, through every crop and flip."""
-    from core.families.flux import pack  # row-major 2×2 patches, checked against FluxPipeline's
+    from core.families.flux import pack, unpack  # row-major 2×2 patches, checked against FluxPipeline's
 
-    def patch_tokens(transformer):  # SD3Transformer2DModel returns the latent grid (B, 16, h, w)
+    def patch_tokens(transformer):
+        """SD3Transformer2DModel returns the latent grid (B, 16, h, w): the hook hands back the
+        same output rebuilt from its patches, so the loss is a function of the collected tokens."""
         outputs = []
-        transformer.register_forward_hook(lambda module, args, out: outputs.append(pack(out[0])))
+
+        def as_tokens(module, args, out):
+            tokens = pack(out[0])
+            outputs.append(tokens)
+            return (unpack(tokens, *out[0].shape[-2:]), *out[1:])
+
+        transformer.register_forward_hook(as_tokens)
         return outputs
 
     assert_one_pixel_face_owns_its_token("tiny-sd3", tmp_path / "data", patch_tokens)
