@@ -41,6 +41,7 @@ _ARCH_NAMES = {  # ss_base_model_version / modelspec.architecture, as kohya's sd
     "sd15": ("sd_v1", "stable-diffusion-v1/lora"),
     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
     "flux": ("flux1", "flux-1-dev/lora"),
+    "sd3": ("sd3", "stable-diffusion-3/lora"),  # kohya: "stable-diffusion-3", a suffix naming the variant
 }
 
 

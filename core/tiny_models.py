@@ -16,6 +16,12 @@ factors and no quant convs; Flux-dev's flow-matching scheduler config (dynamic s
 and context refiner blocks in front of the main layers, 3-axis RoPE, 2×2 patches; a Qwen3 text
 encoder with Qwen's byte-level BPE tokenizer and chat template; Flux's 16-channel VAE format (the
 one Z-Image uses); Z-Image-Turbo's scheduler config (a fixed shift of 3).
+
+``tiny-sd3`` is SD3.5 Medium at small widths: joint (MMDiT) blocks whose first ones add a second,
+image-only attention (MMDiT-X's dual attention), RMS q/k norms, the last block's text stream
+ending before its attention output; CLIP-L- and CLIP-G-like encoders with projections (their
+penultimate states concatenated and padded to T5's width, their pooled embeddings side by side)
+and a T5 encoder wider than both; SD3's 16-channel VAE latent format; the fixed flow shift 3.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import torch
 
 from .tiny_tokenizer import t5_pieces, tiny_clip_tokenizer, tiny_qwen_tokenizer, tiny_t5_tokenizer
 
-TINY_BASES = ("tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-zimage")
+TINY_BASES = ("tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-zimage", "tiny-sd3")
 
 # Noise schedule of SD1.5 and SDXL (scaled-linear betas over 1000 steps).
 SD_SCHEDULE = dict(
@@ -278,10 +284,55 @@ def tiny_zimage_components(seed: int = 0, spec: TinySpec = TinySpec()) -> dict:
     )
 
 
+# SD3 / SD3.5's VAE latent format and SD3.5's scheduler config.
+SD3_LATENT = dict(latent_channels=16, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+SD3_SCALING_FACTOR = 1.5305
+SD3_SCHEDULE = dict(num_train_timesteps=1000, shift=3.0)
+
+
+def tiny_sd3_components(seed: int = 0, spec: TinySpec = TinySpec()) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    # widths in SD3's proportions: CLIP-L < CLIP-G, and T5 wider than both together (768, 1280, 4096)
+    clip_l, clip_g, t5 = spec.text_hidden, spec.text_hidden * 2, spec.text_hidden * 4
+    heads, head_dim = 2, 16
+    transformer = SD3Transformer2DModel(
+        sample_size=8,  # latent side of the default 64-pixel image
+        patch_size=2,
+        in_channels=SD3_LATENT["latent_channels"],
+        out_channels=SD3_LATENT["latent_channels"],
+        num_layers=3,
+        dual_attention_layers=(0, 1),  # MMDiT-X: 3.5 Medium's first 13 of 24 blocks
+        qk_norm="rms_norm",
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=t5,
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=clip_l + clip_g,
+        pos_embed_max_size=128,  # positions for up to 128×128 patches: 2048-pixel sides (3.5 Large: 192)
+    )
+    vae = _vae(spec.vae_channels, scaling_factor=SD3_SCALING_FACTOR, **SD3_LATENT)
+    return dict(
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        text_encoder=CLIPTextModelWithProjection(_clip_config(clip_l, spec.text_layers, projection=clip_l)).eval(),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_config(clip_g, spec.text_layers, projection=clip_g)).eval(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=_t5(t5, spec.text_layers).eval(),
+        tokenizer_3=tiny_t5_tokenizer(T5_TOKENS),
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULE),
+    )
+
+
 def build_tiny_pipeline(base: str, seed: int = 0):
     """A working StableDiffusionPipeline (``tiny-sd15``), StableDiffusionXLPipeline (``tiny-sdxl``),
-    FluxPipeline (``tiny-flux``) or ZImagePipeline (``tiny-zimage``) with seeded random weights."""
-    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, ZImagePipeline
+    FluxPipeline (``tiny-flux``), ZImagePipeline (``tiny-zimage``) or StableDiffusion3Pipeline (``tiny-sd3``)
+    with seeded random weights."""
+    from diffusers import (FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           ZImagePipeline)
 
     if base == "tiny-sd15":
         pipe = StableDiffusionPipeline(**tiny_sd15_components(seed))
@@ -291,6 +342,8 @@ def build_tiny_pipeline(base: str, seed: int = 0):
         pipe = FluxPipeline(**tiny_flux_components(seed))
     elif base == "tiny-zimage":
         pipe = ZImagePipeline(**tiny_zimage_components(seed))
+    elif base == "tiny-sd3":
+        pipe = StableDiffusion3Pipeline(**tiny_sd3_components(seed))
     else:
         raise ValueError(f"unknown tiny base {base!r}; expected one of {', '.join(TINY_BASES)}")
     pipe.set_progress_bar_config(disable=True)

@@ -83,16 +83,37 @@ def lora_module_names(tensors: dict) -> set[str]:
     return {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
 
 
-def assert_diffusers_loader_reproduces(result: dict, base: str) -> None:
-    """diffusers' own ``load_lora_weights``, given the trained LoRA file, makes a fresh ``base``
-    pipeline predict what the trained model predicts, and that differs from the base model's."""
+def assert_lora_file_keys(path, expected: set, arch: str, kohya_version: str) -> None:
+    """A train_lora_in_process LoRA file holds a lora_down, a lora_up and an alpha of 2 for exactly
+    the module names ``expected``, and names its base ``arch`` (this pack's metadata) and
+    ``kohya_version`` (kohya's ss_base_model_version)."""
+    from safetensors.torch import load_file
+
+    from core.lora_format import read_lora_metadata
+
+    tensors = load_file(str(path))
+    names = lora_module_names(tensors)
+    assert names == expected
+    assert len(tensors) == 3 * len(expected)  # lora_down, lora_up and alpha of each
+    assert all(float(tensors[f"{n}.alpha"]) == 2.0 for n in names)
+    meta = read_lora_metadata(path)
+    assert meta["fairhuman.base_arch"] == arch and meta["ss_base_model_version"] == kohya_version
+
+
+def assert_diffusers_loader_reproduces(result: dict, base: str, load=None) -> None:
+    """diffusers' own ``load_lora_weights`` (or ``load(pipe, path)`` where diffusers reads no such
+    file: SD3's kohya keys), given the trained LoRA file, makes a fresh ``base`` pipeline predict
+    what the trained model predicts, and that differs from the base model's."""
     from core.families import family_of
     from core.tiny_models import build_tiny_pipeline
 
     trained = result["model"]
     trained.train(False)
     fresh = build_tiny_pipeline(base)
-    fresh.load_lora_weights(result["lora"])
+    if load is None:
+        fresh.load_lora_weights(result["lora"])
+    else:
+        load(fresh, result["lora"])
     noisy = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.6])
     cond = trained.encode_prompts(["a photo of hands"])

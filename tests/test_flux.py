@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from flow_helpers import (assert_diffusers_loader_reproduces, assert_mpd_training_lowers_all_three_losses,
-                          assert_one_pixel_face_owns_its_token, fairhuman_args, lora_module_names, train_lora_in_process)
-from train_helpers import assert_killed_run_resumes_exactly, lora_tensors, train_cli
+from flow_helpers import (assert_diffusers_loader_reproduces, assert_lora_file_keys,
+                          assert_mpd_training_lowers_all_three_losses, assert_one_pixel_face_owns_its_token,
+                          fairhuman_args, train_lora_in_process)
+from train_helpers import assert_killed_run_resumes_exactly, train_cli
 
 # Not marked slow: the whole file takes about 50 s on two cores, so CI runs it.
 COMMON = fairhuman_args("tiny-flux")
@@ -97,18 +98,10 @@ def test_lora_keys_are_flux_keys_that_comfyui_and_diffusers_load(trained):
     """Every key of the exported LoRA is a kohya-style ``lora_transformer_`` key of an attention
     projection ComfyUI's Flux map names, and diffusers' Flux loader, given the file, reproduces the
     trained transformer's output."""
-    from core.lora_format import read_lora_metadata
-
     result = trained
-    tensors = lora_tensors(result["lora"])
     expected = {f"lora_transformer_{block}_{i}_{module}".replace(".", "_")
                 for block, modules in COMFYUI_FLUX_ATTENTION.items() for i in range(2) for module in modules}
-    names = lora_module_names(tensors)
-    assert names == expected
-    assert len(tensors) == 3 * len(expected)  # lora_down, lora_up and alpha of each
-    assert all(float(tensors[f"{n}.alpha"]) == 2.0 for n in names)
-    meta = read_lora_metadata(result["lora"])
-    assert meta["fairhuman.base_arch"] == "flux" and meta["ss_base_model_version"] == "flux1"
+    assert_lora_file_keys(result["lora"], expected, "flux", "flux1")
     assert_diffusers_loader_reproduces(result, "tiny-flux")
 
 

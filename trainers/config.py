@@ -91,7 +91,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 HELP = {
     "method": "fairhuman (MPD-fair global/face/hand losses), hg-dpo (Diffusion-DPO + statistic matching) or "
               "fair-dpo (Diffusion-DPO over the whole image, the faces and the hands, MPD-fair)",
-    "base": "tiny-sd15, tiny-sdxl, tiny-flux, tiny-zimage, a single-file checkpoint (.safetensors, SD1.5 or SDXL) or a "
+    "base": "tiny-sd15, tiny-sdxl, tiny-flux, tiny-zimage, tiny-sd3, a single-file checkpoint (.safetensors, SD1.5 or SDXL) or a "
             "diffusers folder",
     "data": "dataset folder: annotated images (fairhuman) or a pairs folder from build-pairs (hg-dpo, fair-dpo)",
     "output": "run directory (config, events.jsonl, checkpoints, samples, the LoRA)",
@@ -108,7 +108,7 @@ HELP = {
     "max_grad_norm": "clip the combined gradient to this norm (0 disables)",
     "rank": "LoRA rank (FairHuman paper: 256; HG-DPO paper: 8)",
     "alpha": "LoRA alpha (default: the rank)",
-    "target_modules": "denoiser module names that get LoRA (comma-separated); on Flux each attention name also "
+    "target_modules": "denoiser module names that get LoRA (comma-separated); on Flux and SD3 each attention name also "
                       "covers its text-stream twin (to_q: add_q_proj, to_out.0: to_add_out, ...)",
     "mixed_precision": "compute dtype of the UNet forward (autocast): no, fp16 (with loss scaling), bf16, or auto "
                        "(bf16 on a GPU that has it, else fp16 on a GPU, no on a CPU); trainable parameters, optimizer "

@@ -69,7 +69,7 @@ class TrainableModel:
 
     # ---- parameters -----------------------------------------------------------------------
     def _frozen_modules(self):
-        names = ("vae", "text_encoder", "text_encoder_2")
+        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
         return [getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None]
 
     def train(self, mode: bool = True) -> None:

@@ -90,7 +90,7 @@ class Precision:
         in the compute dtype (the trainable is attached afterwards and keeps fp32)."""
         if getattr(pipe, "vae", None) is not None and pipe.vae.dtype != torch.float32:
             pipe.vae.to(dtype=torch.float32)
-        for name in ("text_encoder", "text_encoder_2", "unet", "transformer"):
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer"):
             module = getattr(pipe, name, None)
             if module is not None and module.dtype != self.dtype:
                 module.to(dtype=self.dtype)

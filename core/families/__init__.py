@@ -11,10 +11,12 @@ import torch
 
 from .base import Conditioning, ModelFamily, denoiser_architecture
 from .flux import FluxFamily
+from .sd3 import SD3Family
 from .unet import UNetFamily
 from .zimage import ZImageFamily
 
-FAMILIES = {"sd15": UNetFamily, "sdxl": UNetFamily, "flux": FluxFamily, "zimage": ZImageFamily}
+FAMILIES = {"sd15": UNetFamily, "sdxl": UNetFamily, "flux": FluxFamily, "zimage": ZImageFamily,
+            "sd3": SD3Family}
 LORA_PREFIXES = {name: family.lora_prefix for name, family in FAMILIES.items()}
 
 

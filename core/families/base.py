@@ -181,4 +181,6 @@ def denoiser_architecture(denoiser) -> str | None:
         return "flux"
     if "all_f_patch_size" in config:  # Z-Image's per-patch-size embedders
         return "zimage"
+    if "dual_attention_layers" in config:  # SD3Transformer2DModel, 3.0 and 3.5 alike
+        return "sd3"
     return "sdxl" if getattr(config, "addition_embed_type", None) == "text_time" else "sd15"
