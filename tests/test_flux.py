@@ -152,3 +152,19 @@ def test_sample_reads_a_flux_lora_back_and_refuses_a_unet_one(trained, tmp_path)
     for name, tensor in state.items():
         module, ab = name.rsplit(".lora_", 1)
         assert torch.equal(tensor, trained_layers[f"{module}.lora_{ab[0]}.default.weight"])
+
+
+@pytest.mark.parametrize("base", ["tiny-flux", "tiny-sd3", "tiny-zimage"])
+def test_bench_fairhuman_measures_the_flow_transformers(base):
+    """`bench fairhuman --base` times the same steps on a flow transformer through its family (its
+    objective, its LoRA targets): every row of the table, and the MPD-against-floor line."""
+    from train_helpers import run_trainers
+
+    result = run_trainers("bench", "fairhuman", "--base", base, "--ranks", 4, "--steps", 1, "--latent", 8,
+                          "--fair-every", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.startswith(f"{base} (") and "transformer" in out.splitlines()[0]
+    rows = [line.split("|")[3].strip() for line in out.splitlines() if line.startswith("| 4 |")]
+    assert rows[:6] == ["plain", "floor", "batched", "mpd", "mpd-loop", "reference"], rows
+    assert "**mpd / floor**" in out and "| 4 | 2 |" in out  # the fair-every 2 row of the amortized table

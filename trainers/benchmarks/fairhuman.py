@@ -1,7 +1,8 @@
 """``python -m trainers bench fairhuman``: the cost of a fair step, side by side in one run.
 
-On the tiny SDXL-shaped UNet with a LoRA on the attention projections, one batch, each step
-timed as the median of interleaved rounds after warm-up:
+On a tiny base (``--base``: the SDXL-shaped UNet by default, or a flow transformer such as
+``tiny-flux``) with a LoRA on the attention projections (as the trainer targets them on that
+family), one batch, each step timed as the median of interleaved rounds after warm-up:
 
 - plain:      forward, one backward of the summed loss (a plain LoRA step's gradient work);
 - floor:      forward + K = 3 backward passes (what any exact per-objective method must do);
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from core.combine import FairCombiner
-from core.tiny_models import build_tiny_pipeline
+from core.tiny_models import TINY_BASES, build_tiny_pipeline
 from core.objectives import regional_losses
 from core.weighting import get_weighting
 
@@ -32,6 +33,9 @@ from .measure import interleaved_medians, mib, peak_bytes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default="tiny-sdxl", choices=[b for b in TINY_BASES if b != "tiny-sd15"],
+                        help="the tiny base to measure on: the SDXL-shaped UNet, or a flow transformer (its "
+                             "family's objective, denoiser call, token-grid masks and LoRA targets)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64], help="LoRA ranks to measure")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds (median reported)")
     parser.add_argument("--batch", type=int, default=2, help="batch size")
@@ -43,15 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure only the --fair-every table (plain, mpd and each N)")
 
 
-def add_lora(unet, rank: int) -> list[torch.nn.Parameter]:
+def add_lora(unet, rank: int, targets=LORA_TARGETS) -> list[torch.nn.Parameter]:
     """A rank-``rank`` LoRA (fp32, gaussian init so every tensor gets a gradient) on the
-    attention projections of a frozen UNet; its parameters."""
+    ``targets`` of a frozen denoiser (default: the attention projections); its parameters."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
     torch.manual_seed(0)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=list(LORA_TARGETS)))
+                                target_modules=list(targets)))
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for p in params:
         p.data = p.data.float()
@@ -59,8 +63,9 @@ def add_lora(unet, rank: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def step_inputs(unet, batch: int, latent: int, device="cpu"):
-    """A fixed SDXL batch on ``device``: UNet keyword arguments, the noise target, face and hand masks."""
+def step_inputs_masks(batch: int, latent: int):
+    """The generator after drawing them, 4-channel latents and noise, and the face and hand masks
+    (a small face up left, a smaller hand down right) of the fixed batch."""
     g = torch.Generator().manual_seed(0)
     lat = torch.randn(batch, 4, latent, latent, generator=g)
     noise = torch.randn(batch, 4, latent, latent, generator=g)
@@ -68,6 +73,12 @@ def step_inputs(unet, batch: int, latent: int, device="cpu"):
     face[:, :, latent // 8: latent // 3, latent // 4: latent // 2] = 1
     hand = torch.zeros(batch, 1, latent, latent)
     hand[:, :, -latent // 4: -latent // 8, -latent // 5: -latent // 10] = 1
+    return g, lat, noise, face, hand
+
+
+def step_inputs(unet, batch: int, latent: int, device="cpu"):
+    """A fixed SDXL batch on ``device``: UNet keyword arguments, the noise target, face and hand masks."""
+    g, lat, noise, face, hand = step_inputs_masks(batch, latent)
     cross = unet.config.cross_attention_dim
     pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
     inputs = dict(
@@ -81,7 +92,9 @@ def step_inputs(unet, batch: int, latent: int, device="cpu"):
     return inputs, move(noise), move(face), move(hand)
 
 
-def _setup(rank: int, batch: int, latent: int):
+def _setup(rank: int, batch: int, latent: int, base: str = "tiny-sdxl"):
+    if base != "tiny-sdxl":
+        return _family_setup(base, rank, batch, latent)
     unet = build_tiny_pipeline("tiny-sdxl").unet
     params = add_lora(unet, rank)
     inputs, noise, face, hand = step_inputs(unet, batch, latent)
@@ -91,6 +104,30 @@ def _setup(rank: int, batch: int, latent: int):
         return regional_losses(pred, noise, face, hand)
 
     return unet, params, losses
+
+
+def _family_setup(base: str, rank: int, batch: int, latent: int):
+    """The same three losses on a tiny flow transformer, through its model family as the trainer
+    has it: its noising at σ = 0.5, its target, its denoiser call, its masks on the token grid."""
+    from core.families import family_of
+
+    pipe = build_tiny_pipeline(base)
+    family = family_of(pipe)
+    params = add_lora(family.denoiser, rank, family.lora_targets(LORA_TARGETS))
+    g = torch.Generator().manual_seed(0)
+    shape = (batch, pipe.vae.config.latent_channels, latent, latent)
+    x0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    timesteps = torch.full((batch,), 0.5)  # σ mid-way between data and noise
+    noisy, target = family.add_noise(x0, noise, timesteps), family.target(x0, noise, timesteps)
+    cond = family.encode_prompts(["a photo of a person waving"] * batch, torch.float32)
+    *_, face, hand = step_inputs_masks(batch, latent)
+    face, hand = family.loss_masks(torch.cat([face, hand], dim=1)).split(1, dim=1)
+
+    def losses():
+        pred = family.predict(noisy, timesteps, cond, None, None, None)
+        return regional_losses(pred, target, face, hand)
+
+    return family.denoiser, params, losses
 
 
 def _reference_solve(gram: np.ndarray, alpha: float = 2.0, iterations: int = 20) -> np.ndarray:
@@ -242,14 +279,15 @@ def _main_table(rank: int, params, losses, rounds: int) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    print(f"tiny SDXL-shaped UNet, batch {args.batch}, {args.latent}x{args.latent} latents, CPU "
+    what = "tiny SDXL-shaped UNet" if args.base == "tiny-sdxl" else f"{args.base} ({args.base[5:]}-shaped transformer)"
+    print(f"{what}, batch {args.batch}, {args.latent}x{args.latent} latents, CPU "
           f"{args.threads} threads, median of {args.steps} interleaved rounds after 2 warm-up\n")
     amortized = []
     if not args.amortized_only:
         print("| rank | LoRA params | step | time (ms) | / plain | peak MiB | extra MiB vs plain | (K-1) x LoRA MiB |")
         print("|" + "---|" * 8)
     for rank in args.ranks:
-        unet, params, losses = _setup(rank, args.batch, args.latent)
+        unet, params, losses = _setup(rank, args.batch, args.latent, args.base)
         fns = steps_for(params, losses) if args.amortized_only else _main_table(rank, params, losses, args.steps)
         if args.fair_every:  # mean step of N fair-every-N steps against N plain steps, timed alike
             fns = {"mpd": fns["mpd"], "plain": fns["plain"], **amortized_steps(params, losses, args.fair_every)}
