@@ -1,19 +1,14 @@
-"""FairHuman on SD3.5: the tiny SD3.5-Medium-shaped model trained end to end, exact resume, masks
-on the 2×2 patch grid, the LoRA file's keys, and conditioning as the pipeline samples with it."""
+"""FairHuman on SD3.5, what is SD3.5's own: masks on the 2×2 patch grid, the LoRA file's keys, and
+conditioning as the pipeline samples with it (training, exact resume and the rendering refusal:
+test_flow_training.py)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from flow_helpers import (assert_diffusers_loader_reproduces, assert_lora_file_keys,
-                          assert_mpd_training_lowers_all_three_losses, assert_one_pixel_face_owns_its_token,
-                          fairhuman_args, lora_module_names, train_lora_in_process)
-from train_helpers import assert_killed_run_resumes_exactly, lora_tensors, train_cli
+                          assert_one_pixel_face_owns_its_token, lora_module_names, train_lora_in_process)
+from train_helpers import lora_tensors
 
-# The SIGKILL-and-resume runs take 25-40 s on two shared cores: marked slow; the rest of the file
-# (15-50 s, by the load) runs in every tier.
-
-COMMON = fairhuman_args("tiny-sd3")
 # The diffusers module paths of an SD3 transformer block that ComfyUI 0.33's SD3 LoRA key map takes
 # (comfy/utils.py mmdit_to_diffusers, prefixed "lora_transformer_" with dots as "_" in comfy/lora.py):
 # the joint attention's image stream (attn.to_q/k/v, attn.to_out.0), its text stream (add_*_proj,
@@ -21,23 +16,6 @@ COMMON = fairhuman_args("tiny-sd3")
 COMFYUI_SD3_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                          "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v",
                          "attn2.to_out.0")
-
-
-def test_mpd_training_lowers_all_three_losses(region_dataset_64, tmp_path):
-    assert_mpd_training_lowers_all_three_losses("tiny-sd3", region_dataset_64, tmp_path)
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(region_dataset_64, tmp_path):
-    args = [*COMMON, "--batch-size", 2, "--steps", 12, "--checkpoint-every", 4, "--data", region_dataset_64]
-    assert_killed_run_resumes_exactly(args, tmp_path, kill_at=8)
-
-
-def test_sampling_during_training_is_refused_on_sd3(region_dataset_64, tmp_path):
-    result = train_cli(*COMMON, "--data", region_dataset_64, "--output", tmp_path, "--steps", 2, "--sample-every", 1)
-    assert result.returncode == 1
-    assert "cannot render sd3 images yet" in result.stdout + result.stderr
-    assert not list(tmp_path.glob("*.safetensors"))
 
 
 def test_one_pixel_face_owns_exactly_its_patch_after_flip_and_crop(tmp_path):
