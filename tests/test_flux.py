@@ -12,7 +12,8 @@ from flow_helpers import (assert_diffusers_loader_reproduces, assert_lora_file_k
                           assert_one_pixel_face_owns_its_token, fairhuman_args, train_lora_in_process)
 from train_helpers import train_cli
 
-# Not marked slow: the whole file takes about 50 s on two cores, so CI runs it.
+# Rendering during training and reading the LoRA back through `sample` are slow (they train and
+# sample); the rest runs in CI's tier.
 COMMON = fairhuman_args("tiny-flux")
 # The diffusers module paths of a Flux transformer that ComfyUI 0.33's Flux LoRA key map takes
 # (comfy/utils.py flux_to_diffusers, prefixed "lora_transformer_" with dots as "_" in comfy/lora.py):
@@ -24,6 +25,7 @@ COMFYUI_FLUX_ATTENTION = {
 }
 
 
+@pytest.mark.slow
 def test_sampling_and_validation_during_training_render_flux_images(region_dataset_64, tmp_path):
     """--sample-every and --validate-every render through the Flux family's pipeline: the sample
     and validation images exist, are of the training size, and are not flat (packed latents decoded
@@ -110,6 +112,7 @@ def test_tokens_and_positions_are_the_flux_pipelines():
     assert torch.equal(image_ids(6, 10, "cpu", torch.float32), reference.reshape(-1, 3)[: 3 * 5])
 
 
+@pytest.mark.slow
 def test_sample_reads_a_flux_lora_back_and_refuses_a_unet_one(trained, tmp_path):
     """``sample --lora`` on the Flux base loads the trained file (the images change with it) and
     refuses a UNet LoRA, with or without metadata, naming both architectures; the pack's own

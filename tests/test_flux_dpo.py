@@ -92,6 +92,7 @@ def flux_pairs(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_build_pairs_on_flux_writes_pairs_of_its_images(flux_pairs):
     from PIL import Image
 
@@ -107,6 +108,7 @@ def test_build_pairs_on_flux_writes_pairs_of_its_images(flux_pairs):
             assert image.size == (32, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["hg-dpo", "fair-dpo"])
 def test_dpo_methods_train_a_flux_lora_on_built_pairs(flux_pairs, tmp_path, method):
     result = train_cli("--method", method, "--base", "tiny-flux", "--data", flux_pairs, "--output", tmp_path,

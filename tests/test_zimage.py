@@ -11,7 +11,7 @@ from flow_helpers import (assert_diffusers_loader_reproduces, assert_one_pixel_f
                           lora_module_names, train_lora_in_process)
 from train_helpers import lora_tensors
 
-# Not marked slow: the whole file takes about 40 s on two cores (90 s with the machine shared), so CI runs it.
+# In CI's tier: about 30 s on two cores (training and resume: test_flow_training.py, slow).
 
 # The diffusers module paths of a Z-Image transformer that ComfyUI 0.33's Z-Image LoRA key map takes
 # (comfy/utils.py z_image_to_diffusers, under "diffusion_model." in comfy/lora.py's Lumina2 branch): the
