@@ -32,7 +32,8 @@ def test_sigkill_then_resume_equals_uninterrupted(base, region_dataset_64, tmp_p
 @pytest.mark.parametrize("base", ["tiny-sd3", "tiny-zimage"])
 def test_rendering_is_refused_with_a_message_not_attempted(base, region_dataset_64, tmp_path):
     """Their pipeline calls are not tested yet: a run asking for validation images stops before its
-    first step saying what to set, and ``sample`` says it cannot render, never a half-made image."""
+    first step saying what to set, and ``sample`` and ``build-pairs`` say they cannot render, never
+    a half-made image."""
     arch = base.removeprefix("tiny-")
     result = train_cli(*fairhuman_args(base), "--data", region_dataset_64, "--output", tmp_path / "run", "--steps", 2,
                        "--validate-every", 1)
@@ -42,6 +43,11 @@ def test_rendering_is_refused_with_a_message_not_attempted(base, region_dataset_
                           "--output", tmp_path / "sample")
     assert sample.returncode != 0 and f"cannot render {arch} images yet" in sample.stderr
     assert not list((tmp_path / "sample").glob("*.png"))
+    (tmp_path / "prompts.txt").write_text("a person waving\n")
+    pairs = run_trainers("build-pairs", "--base", base, "--prompts", tmp_path / "prompts.txt", "--images-per-prompt", 2,
+                         "--steps", 1, "--size", 64, "--output", tmp_path / "pairs")
+    assert pairs.returncode != 0 and f"cannot render {arch} images yet" in pairs.stderr
+    assert not list((tmp_path / "pairs").rglob("*.png"))
 
 
 @pytest.mark.slow

@@ -235,6 +235,10 @@ class PairMaker:
         pipe = load_pipeline(self.args.base, tokenizer=self.args.tokenizer).to(shards.Share.device())
         use_sampler(pipe, self.args.sampler)
         family = family_of(pipe, shards.Share.device())
+        try:
+            family.require_rendering()  # one clear refusal, not an error recorded for every prompt
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
         for k in positions:
             yield self.record(family, k)
 

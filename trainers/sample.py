@@ -85,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(args.base, tokenizer=args.tokenizer)
     family = family_of(pipe)
+    try:
+        family.require_rendering()  # before the LoRA loads, and for --lan, which calls the pipeline itself
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     if args.lora is not None:
         from core.lora_format import lora_architecture, lora_fits
 

@@ -145,14 +145,18 @@ class ModelFamily:
         """The inverse of ``normalize_latents``: grid latents as the VAE decodes them."""
         raise NotImplementedError
 
+    def require_rendering(self) -> None:
+        """Refuse, before any work, a family whose pipeline call is not tested yet."""
+        if not self.renders_samples:
+            raise ValueError(f"the pack cannot render {self.name} images yet (docs/families.md)")
+
     def render(self, prompts, generator, *, cfg: float | None = None, negative: str | None = None,
                autocast=None, height: int | None = None, width: int | None = None, **kwargs) -> list:
         """PIL images of ``prompts`` from the family's pipeline; ``kwargs`` go to the pipeline call
         (num_inference_steps, callback_on_step_end, ...). ``autocast``: a context to run the
         denoising loop under; the VAE then decodes in fp32 outside it (the pipelines decode
         half-precision latents with the fp32 VAE only on Apple's MPS)."""
-        if not self.renders_samples:
-            raise ValueError(f"the pack cannot render {self.name} images yet (docs/families.md)")
+        self.require_rendering()
         kwargs = {**self.guidance_kwargs(cfg, negative), **kwargs}
         if height or width:
             kwargs.update(height=height, width=width)
