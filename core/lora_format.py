@@ -35,7 +35,7 @@ META_PREFIX = "fairhuman."
 # peft names: [unet. | base_model.model.]<module>.lora_A[.<adapter>].weight
 _PEFT_KEY = re.compile(r"^(?:unet\.|base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 # any family's prefix (lora_unet_, Flux's lora_transformer_), kept in the match
-_KOHYA_KEY = re.compile(r"^(?P<prefix>" + "|".join(sorted(set(LORA_PREFIXES.values()))) +
+_KOHYA_KEY = re.compile(r"^(?P<prefix>" + "|".join(map(re.escape, sorted(set(LORA_PREFIXES.values())))) +
                         r")(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 _ARCH_NAMES = {  # ss_base_model_version / modelspec.architecture, as kohya's sd-scripts write them
     "sd15": ("sd_v1", "stable-diffusion-v1/lora"),
@@ -260,17 +260,17 @@ def read_lora_metadata(path: str | os.PathLike) -> dict:
 
 
 # what a LoRA's keys say of its base when its metadata does not: the first key's start
-_KEY_ARCHITECTURES = {"lora_transformer_": "flux", "transformer.": "flux", "lora_unet_": "sd15/sdxl",
+_KEY_ARCHITECTURES = {"lora_transformer_": "flux/sd3", "transformer.": "flux/sd3", "lora_unet_": "sd15/sdxl",
                       "unet.": "sd15/sdxl"}
 
 
 def lora_architecture(path: str | os.PathLike) -> str | None:
-    """``sd15`` / ``sdxl`` / ``flux`` as the file's metadata records it (ours, or kohya's
-    ``ss_base_model_version`` / ``modelspec.architecture``); without it, what its keys say:
-    ``flux`` (``lora_transformer_``), ``sd15/sdxl`` (``lora_unet_``: the keys do not tell the two
-    apart); None when neither says."""
+    """The base architecture (``sd15``, ``sdxl``, ``flux``, ``sd3``, ``zimage``) as the file's
+    metadata records it (ours, or kohya's ``ss_base_model_version`` / ``modelspec.architecture``);
+    without it, what its keys say: ``flux/sd3`` (``lora_transformer_``), ``sd15/sdxl``
+    (``lora_unet_``: the keys do not tell the two apart); None when neither says."""
     meta = read_lora_metadata(path)
-    if meta.get(META_PREFIX + "base_arch") in _ARCH_NAMES:
+    if meta.get(META_PREFIX + "base_arch") in LORA_PREFIXES:  # ours: any family the pack trains
         return meta[META_PREFIX + "base_arch"]
     for arch, names in _ARCH_NAMES.items():
         if meta.get("ss_base_model_version") == names[0] or meta.get("modelspec.architecture") == names[1]:

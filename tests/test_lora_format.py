@@ -265,3 +265,24 @@ def test_comfyui_consumes_every_key_of_full_size_loras(tmp_path):
         assert item["unloaded"] == [], (arch, item["unloaded"][:5])
         assert item["mismatched"] == [], (arch, item["mismatched"][:5])
         assert item["patches"] == len(data[arch]["lora_shapes"]) // 3, arch
+
+
+def test_architecture_from_our_metadata_or_else_from_the_keys(tmp_path):
+    """Our files name their family in the metadata (every family the pack trains, Z-Image too);
+    a file without metadata is known by its key prefix, which cannot tell Flux from SD3 (both
+    ``lora_transformer_``) nor SD1.5 from SDXL; the prefix's dot is literal."""
+    from safetensors.torch import save_file
+
+    from core.lora_format import kohya_to_peft_state, lora_architecture, lora_fits
+
+    pair = {"lora_down.weight": torch.zeros(2, 8), "lora_up.weight": torch.zeros(8, 2)}
+    ours = tmp_path / "ours.safetensors"
+    save_file({f"diffusion_model.layers.0.attention.to_q.{k}": v for k, v in pair.items()}, str(ours),
+              metadata={"fairhuman.base_arch": "zimage"})
+    assert lora_architecture(ours) == "zimage"
+    bare = tmp_path / "bare.safetensors"
+    save_file({f"lora_transformer_transformer_blocks_0_attn_to_q.{k}": v for k, v in pair.items()}, str(bare))
+    assert lora_architecture(bare) == "flux/sd3"
+    assert lora_fits("flux/sd3", "flux") and lora_fits("flux/sd3", "sd3") and not lora_fits("flux/sd3", "sdxl")
+    with pytest.raises(ValueError, match="not a kohya LoRA key"):
+        kohya_to_peft_state({"diffusion_modelXlayers_0.lora_down.weight": torch.zeros(2, 8)})

@@ -65,9 +65,11 @@ def make_renderer(cfg, model: TrainableModel):
     """``render(pairs)``: PIL images of (prompt, seed) pairs with the current weights, LoRA on —
     the one rendering of ``--sample-every`` and ``--validate-every``, through the model family's
     pipeline. Refused before the first step on a family that cannot render yet."""
-    if (cfg.sample_every or cfg.validate_every) and not model.family.renders_samples:
-        raise ValueError(f"--sample-every and --validate-every cannot render {model.arch} images yet "
-                         "(docs/families.md): set them to 0")
+    if cfg.sample_every or cfg.validate_every:
+        try:
+            model.family.require_rendering()
+        except ValueError as err:
+            raise ValueError(f"--sample-every and --validate-every: {err}: set them to 0") from None
 
     def render(pairs: list[tuple[str, int]]) -> list:
         model.unet.eval()
