@@ -19,11 +19,13 @@ class TensorCache:
     def _path(self, key: str) -> Path:
         return self.folder / (hashlib.sha1(key.encode("utf-8")).hexdigest() + ".pt")
 
-    def get_or_compute(self, key: str, compute) -> torch.Tensor:
+    def get_or_compute(self, key: str, compute):
         path = self._path(key)
         if path.is_file():
             return torch.load(path, map_location="cpu", weights_only=True)
-        value = compute().detach().cpu()
+        value = compute()
+        value = ({k: v.detach().cpu() for k, v in value.items()} if isinstance(value, dict)
+                 else value.detach().cpu())
         with atomic_path(path) as tmp:
             torch.save(value, tmp)
         return value

@@ -42,6 +42,9 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16 | auto (trainers.precision.compute_dtype)
     device: str = ""  # "": cuda if available else cpu
     gradient_checkpointing: bool = False
+    # fitting a GPU (docs/memory.md)
+    base_weights: str = "compute"  # compute | fp8 (trainers.precision)
+    unload_text_encoders: bool = False
     seed: int = 0
     # FairHuman
     weighting: str = "mpd"
@@ -116,6 +119,11 @@ HELP = {
     "device": "training device, e.g. cuda, cuda:1 or cpu ('': cuda if available, else cpu; under a multi-process "
               "launcher each process uses cuda:LOCAL_RANK)",
     "gradient_checkpointing": "trade compute for activation memory",
+    "base_weights": "storage of the frozen denoiser's weights: compute (the compute dtype) or fp8 (float8_e4m3fn, "
+                    "upcast per layer to the compute dtype; norms and embeddings stay; needs --gradient-checkpointing "
+                    "true; LoRA only): about half the memory of bf16 weights",
+    "unload_text_encoders": "encode every caption (and sample/validation prompt) before the first step into the run "
+                            "directory, then drop the text encoders: training and a resumed run read the embeddings",
     "seed": "seed of data order, augmentation, noise and timesteps",
     "weighting": "mpd, mpd-closed-form, ls, dwa, uw, rlw, si, nash-mtl",
     "weighting_options": "JSON object of weighting options, e.g. '{\"alpha\": 2}'",
@@ -358,6 +366,12 @@ def _validation_metrics():
     return METRICS
 
 
+def _base_weights():
+    from .precision import STORAGE_DTYPES
+
+    return STORAGE_DTYPES
+
+
 def _schedulers():
     from diffusers.optimization import SchedulerType
 
@@ -388,6 +402,7 @@ RULES = {
     "alpha": above(0),
     "target_modules": lambda v: None if v else "must name at least one module",
     "mixed_precision": one_of(("no", "fp16", "bf16", "auto")),
+    "base_weights": one_of(_base_weights),
     "device": lambda v: None if re.fullmatch(r"(cpu|cuda(:\d+)?)?", v) else "must be cpu, cuda or cuda:N",
     "weighting": one_of(_weightings),
     "fair_every": at_least(1),
@@ -429,6 +444,14 @@ def validate(cfg: TrainConfig) -> None:
     from .validation import config_problems
 
     problems += config_problems(cfg)
+    from .methods import METHODS, method_module
+    from .precision import STORAGE_DTYPES, base_weights_problem
+
+    if cfg.method in METHODS and cfg.base_weights in STORAGE_DTYPES:
+        kind = getattr(method_module(cfg.method).METHOD, "trainable_kind", "lora")
+        problem = base_weights_problem(cfg.base_weights, cfg.gradient_checkpointing, kind)
+        if problem:
+            problems.append(problem)
     if preset_problem(cfg.preset, cfg.method):
         problems.append(preset_problem(cfg.preset, cfg.method))
     from core.tiny_models import TINY_BASES

@@ -9,20 +9,29 @@ differs between model families (latent format, objective, timestep sampling, the
 is the family's (``core.families``); this class adds the dtype policy, the trainable and caching.
 
 Dtype policy (``trainers.precision``, applied in ``__init__`` and ``predict``): the denoiser forward
-under autocast in the compute dtype, the frozen denoiser and text encoders stored in it, the VAE in
-fp32, the trainable parameters in fp32 whatever the compute dtype.
+under autocast in the compute dtype, the frozen denoiser and text encoders stored in it (the
+denoiser in fp8 with ``base_weights="fp8"``), the VAE in fp32, the trainable parameters in fp32
+whatever the compute dtype.
+
+Given ``texts`` (every text the run conditions on), the model encodes them in ``__init__``, into
+``text_cache`` where there is one, and drops the text encoders from the pipeline before the
+denoiser moves to the device (``--unload-text-encoders``).
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import torch
 
 from core.families import Conditioning, family_of
 
-from .precision import Precision
+from .cache import TensorCache
+from .precision import Precision, base_weights_problem
 from .config import LORA_TARGETS
 from .trainables import LoraTrainable, Trainable
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class TrainableModel:
@@ -38,29 +47,43 @@ class TrainableModel:
         device: str | torch.device = "cpu",
         gradient_checkpointing: bool = False,
         init_seed: int = 0,
+        base_weights: str = "compute",
+        texts: list[str] | None = None,
+        text_cache: TensorCache | None = None,
     ):
         self.pipe = pipe
         self.device = torch.device(device)
         self.family = family = family_of(pipe, self.device)
         self.arch = family.name
         self.dtype = dtype  # the compute dtype
-        self.precision = Precision(dtype, self.device)
+        self.precision = Precision(dtype, self.device, base_weights)
         self.precision.check()
         # default: a LoRA (rank, alpha, target_modules); a ControlNet comes as ``trainable``
         self.trainable = trainable or LoraTrainable(rank, alpha, target_modules, init_seed)
         if self.trainable.kind == "controlnet" and family.denoiser_attribute != "unet":
             raise ValueError(f"a ControlNet is trained beside a UNet; {family.name} has a transformer")
-        pipe.to(self.device)
+        problem = base_weights_problem(base_weights, gradient_checkpointing, self.trainable.kind)
+        if problem:
+            raise ValueError(problem)
         for module in self._frozen_modules():
             module.requires_grad_(False)
         self.denoiser = denoiser = family.denoiser
         denoiser.requires_grad_(False)
+        # Cast and store everything before it moves to the device, so the device never holds
+        # the denoiser in a wider dtype than it trains with, nor it and the text encoders at once.
         self.precision.apply(pipe)
+        self._text_rows: dict[str, tuple] = {}
+        self.text_cache = text_cache
+        self.text_encoders_released = False
+        if texts is not None:
+            self._encode_then_release(texts)
         self.trainable.attach(denoiser, dtype, gradient_checkpointing, targets_for=family.lora_targets)
+        self.precision.store(denoiser)
+        pipe.to(self.device)
+        self.trainable.to(self.device)
         if gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
         denoiser.train()
-        self._text_cache: dict[str, tuple] = {}
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -69,7 +92,7 @@ class TrainableModel:
 
     # ---- parameters -----------------------------------------------------------------------
     def _frozen_modules(self):
-        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+        names = ("vae", *TEXT_ENCODERS)
         return [getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None]
 
     def train(self, mode: bool = True) -> None:
@@ -86,12 +109,50 @@ class TrainableModel:
     # ---- encoding ---------------------------------------------------------------------------
     def conditioning(self, texts: list[str]) -> Conditioning:
         """Text conditioning of a batch; each distinct caption is encoded once per run (the text
-        encoders are frozen, and captions repeat every epoch)."""
-        cache = self._text_cache
-        missing = [t for t in dict.fromkeys(texts) if t not in cache]
-        if missing:
-            cache.update(zip(missing, self.encode_prompts(missing).rows()))
-        return Conditioning.of_rows([cache[t] for t in texts])
+        encoders are frozen, and captions repeat every epoch), and once for good where the model
+        has a ``text_cache`` (a run directory's: a resumed run reads it)."""
+        rows = self._text_rows
+        missing = [t for t in dict.fromkeys(texts) if t not in rows]
+        if missing and self.text_cache is not None:
+            for text in missing:
+                stored = self.text_cache.get_or_compute(text, lambda text=text: self._encode_one(text))
+                pooled = stored.get("pooled")
+                rows[text] = (stored["hidden"].to(self.device), None if pooled is None else pooled.to(self.device))
+        elif missing:
+            rows.update(zip(missing, self.encode_prompts(missing).rows()))
+        return Conditioning.of_rows([rows[t] for t in texts])
+
+    def _encode_one(self, text: str) -> dict:
+        if self.text_encoders_released:
+            raise ValueError(f"the text {text!r} was not encoded before the text encoders were unloaded "
+                             "(--unload-text-encoders): every text a run conditions on is encoded up front")
+        hidden, pooled = self.encode_prompts([text]).rows()[0]
+        return {"hidden": hidden} if pooled is None else {"hidden": hidden, "pooled": pooled}
+
+    def _encode_then_release(self, texts: list[str]) -> None:
+        """Encode every text of the run (the text encoders on the device only for this), then drop
+        the text encoders from the pipeline: training reads the embeddings alone."""
+        encoders = [getattr(self.pipe, n) for n in TEXT_ENCODERS if getattr(self.pipe, n, None) is not None]
+        for encoder in encoders:
+            encoder.to(self.device)
+        self.conditioning(list(texts))
+        for name in TEXT_ENCODERS:
+            if getattr(self.pipe, name, None) is not None:
+                getattr(self.pipe, name).to("cpu")
+                setattr(self.pipe, name, None)
+        del encoders
+        self.text_encoders_released = True
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def prompt_embeddings(self, prompt: str) -> dict | None:
+        """Once the text encoders are unloaded, the pipeline call's embedding arguments for
+        ``prompt`` (and for the empty negative prompt), which were encoded up front; None while the
+        pipeline encodes prompts itself."""
+        if not self.text_encoders_released:
+            return None
+        return self.family.pipeline_prompt_kwargs(self.conditioning([prompt]), self.conditioning([""]))
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         return self.family.encode_prompts(prompts, self.dtype)

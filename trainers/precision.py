@@ -15,6 +15,14 @@ that supports it, fp16 on another GPU, fp32 elsewhere — ``compute_dtype``); th
   scaler's rule (and counted as a ``nan`` event with cause "gradient overflow");
 - bf16: fp32's exponent range, so no scaler.
 
+``--base-weights fp8`` stores the frozen denoiser's weights as float8_e4m3fn (a byte each) and
+upcasts each layer to the compute dtype for its forward (diffusers' layerwise casting: norms,
+embeddings and the LoRA layers themselves keep their dtype, as diffusers' skip patterns say).
+It needs gradient checkpointing: without it autograd keeps every layer's upcast weight until the
+backward pass, so the step's peak would hold the fp8 weights *and* a compute-dtype copy of almost
+all of them. Every compute dtype works (the upcast is to it); a ControlNet is refused, since it is
+initialised from the denoiser's weights and trained beside them.
+
 The CPU runs both (``torch.autocast("cpu")`` supports bf16 and fp16), slowly; that is how this
 policy is tested without a GPU.
 """
@@ -28,6 +36,8 @@ import torch
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 AUTO = "auto"
+# --base-weights: how the frozen denoiser's weights are stored ("compute": in the compute dtype)
+STORAGE_DTYPES = {"compute": None, "fp8": torch.float8_e4m3fn}
 
 
 def compute_dtype(name: str, device: str | torch.device) -> torch.dtype:
@@ -55,14 +65,34 @@ def autocast_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-class Precision:
-    """The policy for one compute dtype on one device."""
+def base_weights_problem(base_weights: str, gradient_checkpointing: bool, trainable_kind: str = "lora") -> str | None:
+    """Why ``--base-weights`` cannot work with these options (one line), or None."""
+    if base_weights not in STORAGE_DTYPES:
+        return f"--base-weights {base_weights!r} must be one of {', '.join(STORAGE_DTYPES)}"
+    if base_weights == "compute":
+        return None
+    if trainable_kind != "lora":
+        return (f"--base-weights {base_weights} trains LoRA only: a {trainable_kind} is initialised from the "
+                "denoiser's weights and trained beside them; use --base-weights compute")
+    if not gradient_checkpointing:
+        return (f"--base-weights {base_weights} needs --gradient-checkpointing true: without it autograd keeps "
+                "every layer's upcast weight for the backward pass, and the step's peak memory exceeds that of "
+                "--base-weights compute")
+    return None
 
-    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+
+class Precision:
+    """The policy for one compute dtype on one device, and how the frozen denoiser is stored."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 base_weights: str = "compute"):
         if dtype not in NAMES:
             raise ValueError(f"unsupported compute dtype {dtype}; expected one of {sorted(DTYPES)}")
+        if base_weights not in STORAGE_DTYPES:
+            raise ValueError(base_weights_problem(base_weights, True))
         self.dtype, self.device = dtype, torch.device(device)
         self.mode = NAMES[dtype]
+        self.base_weights = base_weights
 
     @classmethod
     def from_name(cls, name: str, device: str | torch.device) -> "Precision":
@@ -95,6 +125,14 @@ class Precision:
             if module is not None and module.dtype != self.dtype:
                 module.to(dtype=self.dtype)
 
+    def store(self, denoiser) -> None:
+        """The frozen denoiser's storage (``--base-weights``), applied once its LoRA is attached:
+        diffusers then skips the LoRA layers (they stay fp32 and trainable) and keeps peft from
+        casting their inputs to the storage dtype."""
+        storage = STORAGE_DTYPES[self.base_weights]
+        if storage is not None:
+            denoiser.enable_layerwise_casting(storage_dtype=storage, compute_dtype=self.dtype)
+
     def autocast(self):
         """The context of a UNet forward (a no-op in fp32)."""
         if not self.mixed:
@@ -112,8 +150,9 @@ class Precision:
                                     enabled=self.dtype == torch.float16)
 
     def describe(self) -> str:
+        stored = "" if self.base_weights == "compute" else f", frozen denoiser stored in {self.base_weights}"
         if not self.mixed:
-            return "fp32 throughout"
+            return "fp32 throughout" + stored
         scaler = "GradScaler loss scaling" if self.dtype == torch.float16 else "no loss scaling"
         return (f"UNet forward under {self.mode} autocast on {self.device.type}, frozen UNet and text encoders "
-                f"in {self.mode}, VAE fp32, trainable parameters and optimizer state fp32, {scaler}")
+                f"in {self.mode}, VAE fp32, trainable parameters and optimizer state fp32, {scaler}{stored}")

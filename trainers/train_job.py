@@ -10,12 +10,13 @@ import torch
 from core.fileio import SAMPLE, EventLog, atomic_path
 from .loop import train
 from .methods import method_module
+from .cache import TensorCache
 from .model import TrainableModel
 from .precision import compute_dtype
 from .run_dir import latest_checkpoint, load_checkpoint
 from .training_state import trainable_state
 from .trainables import ControlNetTrainable, LoraTrainable, Trainable
-from .validation import Validator
+from .validation import Validator, prompts_of
 
 
 
@@ -53,11 +54,28 @@ def training_device(requested: str = "", environ=os.environ) -> torch.device:
     return device
 
 
+def run_texts(cfg) -> list[str]:
+    """Every text a run conditions on: the method's, the sample and validation prompts, and the
+    empty negative prompt the renders' guidance uses."""
+    texts = list(method_module(cfg.method).METHOD.texts(cfg))
+    if cfg.sample_every:
+        texts += cfg.sample_prompts
+    if cfg.validate_every:
+        texts += prompts_of(cfg)
+    if cfg.sample_every or cfg.validate_every:
+        texts.append("")
+    return list(dict.fromkeys(texts))
+
+
 def build_model(cfg) -> TrainableModel:
     device = training_device(getattr(cfg, "device", ""))
+    texts = cache = None
+    if cfg.unload_text_encoders:
+        texts, cache = run_texts(cfg), TensorCache(Path(cfg.output) / "cache" / "text")
     return TrainableModel(
         load_base(cfg), trainable=make_trainable(cfg), dtype=compute_dtype(cfg.mixed_precision, device), device=device,
-        gradient_checkpointing=cfg.gradient_checkpointing, init_seed=cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing, init_seed=cfg.seed, base_weights=cfg.base_weights,
+        texts=texts, text_cache=cache,
     )
 
 
@@ -74,11 +92,15 @@ def make_renderer(cfg, model: TrainableModel):
     def render(pairs: list[tuple[str, int]]) -> list:
         model.unet.eval()
         try:
-            with torch.no_grad():
-                return [model.precision.generate(
-                    model.family, prompt, num_inference_steps=cfg.sample_steps, height=cfg.resolution,
-                    width=cfg.resolution, generator=torch.Generator().manual_seed(seed),
-                )[0] for prompt, seed in pairs]
+            images = []
+            for prompt, seed in pairs:
+                embeddings = model.prompt_embeddings(prompt)  # once the text encoders are unloaded
+                with torch.no_grad():
+                    images += model.precision.generate(
+                        model.family, prompt if embeddings is None else None, num_inference_steps=cfg.sample_steps,
+                        height=cfg.resolution, width=cfg.resolution, generator=torch.Generator().manual_seed(seed),
+                        **(embeddings or {}))
+            return images
         finally:
             model.unet.train()
 

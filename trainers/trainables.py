@@ -7,7 +7,8 @@ layers sit inside the UNet; the down/mid residuals for a ControlNet), how to swi
 (``disabled``: the frozen base model, HG-DPO's and LAN's reference) and its export file.
 
 ``attach(unet, dtype, ...)`` is called once by ``TrainableModel`` after the base is frozen, with
-the model family's ``lora_targets`` as ``targets_for`` (the modules a requested name means there).
+the model family's ``lora_targets`` as ``targets_for`` (the modules a requested name means there),
+on the CPU; ``to(device)`` then moves it with the pipeline.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ class Trainable:
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         raise NotImplementedError
+
+    def to(self, device: torch.device) -> None:
+        """Move what the denoiser does not hold to ``device`` (a LoRA moves with its denoiser)."""
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self.named_parameters()]
@@ -128,6 +132,9 @@ class ControlNetTrainable(Trainable):
 
     def named_parameters(self):
         return list(self.controlnet.named_parameters())
+
+    def to(self, device: torch.device) -> None:
+        self.controlnet.to(device)
 
     def unet_kwargs(self, noisy, timesteps, hidden, added, condition) -> dict:
         if self._off or condition is None:

@@ -175,6 +175,13 @@ class ModelFamily:
         image = vae.decode(self.denormalize_latents(grid), return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="pil")
 
+    def pipeline_prompt_kwargs(self, cond: Conditioning, negative: Conditioning) -> dict:
+        """The pipeline call's arguments that render ``cond`` (``encode_prompts``' output) instead of
+        a prompt, ``negative`` being the empty negative prompt's, where the pipeline's guidance
+        encodes one: what rendering takes once the text encoders are unloaded."""
+        raise ValueError(f"the pack cannot render {self.name} images from prompt embeddings yet: "
+                         "set --sample-every and --validate-every to 0, or --unload-text-encoders false")
+
 
 def denoiser_architecture(denoiser) -> str | None:
     """'sd15', 'sdxl', 'flux' or 'zimage' of a denoiser module from its config; None without one."""

@@ -104,3 +104,8 @@ class FluxFamily(FlowMatchingFamily):
         out = list(names)
         out += [TEXT_STREAM_TWINS[n] for n in names if n in TEXT_STREAM_TWINS and TEXT_STREAM_TWINS[n] not in out]
         return out
+
+    def pipeline_prompt_kwargs(self, cond, negative):
+        """T5's token embedding and CLIP's pooled vector; no negative (``true_cfg_scale`` runs only
+        against a negative prompt, which the training renders do not give)."""
+        return {"prompt_embeds": cond.hidden, "pooled_prompt_embeds": cond.pooled}

@@ -93,3 +93,14 @@ class UNetFamily(ModelFamily):
             return_dict=False,
             **trainable.unet_kwargs(noisy, timesteps, cond.hidden, added, condition),
         )[0]
+
+    def pipeline_prompt_kwargs(self, cond, negative):
+        """SD1.5 encodes the empty negative prompt; SDXL too, unless its pipeline zeroes it
+        (``force_zeros_for_empty_prompt``): then no negative is passed and the pipeline zeroes it."""
+        out = {"prompt_embeds": cond.hidden}
+        if self.name != "sdxl":
+            return {**out, "negative_prompt_embeds": negative.hidden}
+        out["pooled_prompt_embeds"] = cond.pooled
+        if not self.pipe.config.get("force_zeros_for_empty_prompt", True):
+            out.update(negative_prompt_embeds=negative.hidden, negative_pooled_prompt_embeds=negative.pooled)
+        return out

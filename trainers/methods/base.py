@@ -28,6 +28,12 @@ class Method:
         """Refuse (ValueError / FileNotFoundError with a message naming the files and the fix)
         a dataset this method cannot train on, before any model loads."""
 
+    @classmethod
+    def texts(cls, cfg) -> list[str]:
+        """Every text the method conditions on over a run (its dataset's captions or prompts), read
+        before any model loads: ``--unload-text-encoders`` encodes them up front."""
+        raise NotImplementedError
+
     def __init__(self, cfg, model):
         self.cfg, self.model = cfg, model
         # set by the loop: each process trains on its own share of every step's batches

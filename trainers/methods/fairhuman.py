@@ -10,7 +10,7 @@ import torch
 from core.objectives import regional_losses
 
 from ..cache import TensorCache
-from ..data import RegionDataset, StepBatches, check_records, collate
+from ..data import RegionDataset, StepBatches, check_records, collate, read_records
 from .base import Method, StepLosses
 
 
@@ -25,6 +25,10 @@ class FairHuman(Method):
     @classmethod
     def check_data(cls, cfg) -> None:
         check_records(cfg.data)
+
+    @classmethod
+    def texts(cls, cfg) -> list[str]:
+        return [record.text for record in read_records(cfg.data)]
 
     def __init__(self, cfg, model):
         super().__init__(cfg, model)

@@ -157,6 +157,10 @@ class HGDPO(Method):
         refuse_unreadable([folder / p[k] for p in pairs for k in ("winner", "loser")], folder / PAIRS,
                           "restore them, or build the pairs again into a new folder")
 
+    @classmethod
+    def texts(cls, cfg) -> list[str]:
+        return [pair["prompt"] for pair in read_pairs(cfg.data)]
+
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
         self.folder = Path(cfg.data)
