@@ -17,7 +17,9 @@ that supports it, fp16 on another GPU, fp32 elsewhere — ``compute_dtype``); th
 
 ``--base-weights fp8`` stores the frozen denoiser's weights as float8_e4m3fn (a byte each) and
 upcasts each layer to the compute dtype for its forward (diffusers' layerwise casting: norms,
-embeddings and the LoRA layers themselves keep their dtype, as diffusers' skip patterns say).
+embeddings and the LoRA layers themselves keep their dtype, as diffusers' skip patterns say; so do
+convolutions, ``KEEP_IN_COMPUTE_DTYPE``: the linear layers are what is stored in fp8, nearly all of
+a transformer's weights, about half of a UNet's).
 It needs gradient checkpointing: without it autograd keeps every layer's upcast weight until the
 backward pass, so the step's peak would hold the fp8 weights *and* a compute-dtype copy of almost
 all of them. Every compute dtype works (the upcast is to it); a ControlNet is refused, since it is
@@ -38,6 +40,10 @@ NAMES = {dtype: name for name, dtype in DTYPES.items()}
 AUTO = "auto"
 # --base-weights: how the frozen denoiser's weights are stored ("compute": in the compute dtype)
 STORAGE_DTYPES = {"compute": None, "fp8": torch.float8_e4m3fn}
+# Autograd saves a convolution's weight tensor itself for the backward pass, which the layerwise
+# hook has turned back to the storage dtype by then (a Linear saves a view of the upcast copy).
+KEEP_IN_COMPUTE_DTYPE = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
+                         torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
 
 def compute_dtype(name: str, device: str | torch.device) -> torch.dtype:
@@ -131,7 +137,8 @@ class Precision:
         casting their inputs to the storage dtype."""
         storage = STORAGE_DTYPES[self.base_weights]
         if storage is not None:
-            denoiser.enable_layerwise_casting(storage_dtype=storage, compute_dtype=self.dtype)
+            denoiser.enable_layerwise_casting(storage_dtype=storage, compute_dtype=self.dtype,
+                                              skip_modules_classes=KEEP_IN_COMPUTE_DTYPE)
 
     def autocast(self):
         """The context of a UNet forward (a no-op in fp32)."""

@@ -1,0 +1,140 @@
+"""Fitting a GPU (docs/memory.md): the frozen denoiser stored in fp8 (``--base-weights fp8``), the
+text encoders unloaded after every text is encoded (``--unload-text-encoders``), and gradient
+checkpointing on the flow transformers. Each is measured against the run without it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flow_helpers import assert_diffusers_loader_reproduces, fairhuman_args
+from train_helpers import assert_killed_run_resumes_exactly, lora_tensors, train_cli
+
+FP8_BASES = ["tiny-flux", "tiny-sd15"]
+# the frozen denoiser's bytes with fp8 weights over those with bf16 ones: a transformer is nearly all
+# linear layers (tiny-flux 0.63), a UNet's convolutions stay bf16 (tiny-sd15 0.83); docs/memory.md
+FP8_STORAGE_SHARE = {"tiny-flux": 0.7, "tiny-sd15": 0.9}
+# the first step's losses (before any update) of fp8 weights against bf16 ones, relative
+FP8_LOSS_TOLERANCE = 0.02
+
+
+def frozen_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.denoiser.named_parameters() if "lora_" not in n)
+
+
+def bf16_model(base: str, **options):
+    from core.tiny_models import build_tiny_pipeline
+    from trainers.model import TrainableModel
+
+    return TrainableModel(build_tiny_pipeline(base), rank=4, dtype=torch.bfloat16, gradient_checkpointing=True,
+                          **options)
+
+
+@pytest.mark.parametrize("base", FP8_BASES)
+def test_fp8_base_weights_store_the_denoiser_in_about_half_the_bytes(base):
+    """The linear layers' frozen weights take one byte each, half their bf16 bytes; norms, embeddings
+    and convolutions keep bf16 (FP8_STORAGE_SHARE of the whole). The LoRA stays fp32 and trainable."""
+    compute, fp8 = bf16_model(base), bf16_model(base, base_weights="fp8")
+    stored = {n: p for n, p in fp8.denoiser.named_parameters() if "lora_" not in n}
+    quantised = [n for n, p in stored.items() if p.dtype == torch.float8_e4m3fn]
+    assert quantised and all(p.dtype in (torch.float8_e4m3fn, torch.bfloat16) for p in stored.values())
+    assert not any("norm" in n for n in quantised)
+    blocks = {f"{name}.weight" for name, m in fp8.denoiser.named_modules()  # the linear layers of the blocks
+              if type(m) is torch.nn.Linear and "blocks." in name and "norm" not in name and "lora_" not in name}
+    assert blocks and blocks <= set(quantised)
+    before = dict(compute.denoiser.named_parameters())
+    assert 2 * sum(stored[n].nbytes for n in quantised) == sum(before[n].nbytes for n in quantised)
+    assert frozen_bytes(fp8) <= FP8_STORAGE_SHARE[base] * frozen_bytes(compute)
+    lora = fp8.trainable.named_parameters()
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for _, p in lora)
+    assert not any(p.requires_grad for p in stored.values())
+
+
+def test_fp8_is_refused_where_it_cannot_help():
+    """Without gradient checkpointing autograd would keep every layer's upcast weight (refused
+    before anything loads, naming the fix), and a ControlNet is initialised from the weights."""
+    from trainers.config import ConfigError, TrainConfig, validate
+
+    with pytest.raises(ConfigError, match="--base-weights fp8 needs --gradient-checkpointing true"):
+        validate(TrainConfig(base="tiny-flux", data=".", base_weights="fp8"))
+    with pytest.raises(ConfigError, match="a controlnet is initialised from"):
+        validate(TrainConfig(method="fairhuman-controlnet", base="tiny-sd15", data=".", base_weights="fp8",
+                             gradient_checkpointing=True))
+    validate(TrainConfig(base="tiny-flux", data=".", base_weights="fp8", gradient_checkpointing=True))
+
+
+def fp8_args(base, dataset, *extra):
+    return [*fairhuman_args(base), "--data", dataset, "--mixed-precision", "bf16", "--gradient-checkpointing", "true",
+            "--batch-size", 2, "--checkpoint-every", 2, *extra]
+
+
+def run_in_process(folder, **options) -> dict:
+    """``run_job`` of a FairHuman LoRA (rank 4, 64², lr 1e-2, batch 2), the trained model kept."""
+    from core.fileio import EventLog
+    from trainers.config import TrainConfig
+    from trainers.train_job import run_job
+
+    cfg = TrainConfig(**{**dict(method="fairhuman", output=str(folder), steps=4, resolution=64, rank=4, lr=1e-2,
+                                batch_size=2, checkpoint_every=0), **options})
+    return run_job(cfg, folder, EventLog(folder / "events.jsonl", echo=False), resume=False,
+                   stop_requested=lambda: False, keep_model=True)
+
+
+def progress_losses(folder) -> list[dict]:
+    from core.fileio import read_events
+
+    return [e["losses"] for e in read_events(folder / "events.jsonl") if e["event"] == "progress"]
+
+
+def assert_file_holds_the_trained_lora(result: dict, base: str) -> None:
+    """diffusers' loader, given the exported file, makes a fresh fp32 pipeline predict what an fp32
+    model holding the trained LoRA tensors predicts (the file is the fp32 LoRA, not a quantised one)."""
+    from core.families import family_of
+    from core.tiny_models import build_tiny_pipeline
+    from trainers.model import TrainableModel
+    from trainers.trainables import Trainable
+
+    trained = result["model"].trainable
+    plain = TrainableModel(build_tiny_pipeline(base), rank=trained.rank, alpha=trained.alpha)
+    plain.trainable.load_state_dict(trained.state_dict())
+    plain.train(False)
+    fresh = build_tiny_pipeline(base)
+    fresh.load_lora_weights(result["lora"])
+    channels = fresh.vae.config.latent_channels
+    noisy = torch.randn(1, channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = plain.family.probe_timesteps(2)[1:]
+    cond = plain.encode_prompts(["a photo of hands"])
+    with torch.no_grad():
+        expected = plain.predict(noisy, t, cond)
+        got = family_of(fresh).predict(noisy, t, cond, None, Trainable(), None)  # no ControlNet
+        with plain.reference():
+            base_out = plain.predict(noisy, t, cond)
+    assert (got - expected).abs().max() <= 1e-4
+    assert (base_out - expected).abs().max() > 1e-3  # the LoRA really changes the output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", FP8_BASES)
+def test_fp8_training_tracks_bf16_and_exports_the_fp32_lora(base, region_dataset_64, tmp_path):
+    """Four bf16 steps with fp8 base weights against the same run with bf16 weights (same batches,
+    noise and LoRA init): finite losses, the first step's (before any update) within 2%, and the
+    exported file is the trained fp32 LoRA, read back by diffusers."""
+    common = dict(base=base, data=str(region_dataset_64), mixed_precision="bf16", gradient_checkpointing=True)
+    losses, results = {}, {}
+    for weights in ("compute", "fp8"):
+        results[weights] = run_in_process(tmp_path / weights, base_weights=weights, **common)
+        losses[weights] = progress_losses(tmp_path / weights)
+    assert len(losses["fp8"]) == 4
+    assert all(np.isfinite(list(step.values())).all() for step in losses["fp8"])
+    for name, value in losses["fp8"][0].items():
+        reference = losses["compute"][0][name]
+        assert abs(value - reference) <= FP8_LOSS_TOLERANCE * abs(reference), (name, value, reference)
+    assert losses["fp8"][0] != losses["compute"][0]  # the weights really are quantised
+    assert all(p.dtype == torch.float32 for p in results["fp8"]["model"].trainable.parameters())
+    assert_file_holds_the_trained_lora(results["fp8"], base)
+
+
+@pytest.mark.slow
+def test_fp8_killed_run_resumes_exactly(region_dataset_64, tmp_path):
+    args = fp8_args("tiny-flux", region_dataset_64, "--steps", 4, "--base-weights", "fp8")
+    assert_killed_run_resumes_exactly(args, tmp_path, kill_at=2)
