@@ -68,7 +68,7 @@ def fp8_args(base, dataset, *extra):
             "--batch-size", 2, "--checkpoint-every", 2, *extra]
 
 
-def run_in_process(folder, **options) -> dict:
+def run_in_process(folder, resume: bool = False, stop_requested=lambda: False, **options) -> dict:
     """``run_job`` of a FairHuman LoRA (rank 4, 64², lr 1e-2, batch 2), the trained model kept."""
     from core.fileio import EventLog
     from trainers.config import TrainConfig
@@ -76,8 +76,8 @@ def run_in_process(folder, **options) -> dict:
 
     cfg = TrainConfig(**{**dict(method="fairhuman", output=str(folder), steps=4, resolution=64, rank=4, lr=1e-2,
                                 batch_size=2, checkpoint_every=0), **options})
-    return run_job(cfg, folder, EventLog(folder / "events.jsonl", echo=False), resume=False,
-                   stop_requested=lambda: False, keep_model=True)
+    return run_job(cfg, folder, EventLog(folder / "events.jsonl", echo=False), resume=resume,
+                   stop_requested=stop_requested, keep_model=True)
 
 
 def progress_losses(folder) -> list[dict]:
@@ -138,3 +138,90 @@ def test_fp8_training_tracks_bf16_and_exports_the_fp32_lora(base, region_dataset
 def test_fp8_killed_run_resumes_exactly(region_dataset_64, tmp_path):
     args = fp8_args("tiny-flux", region_dataset_64, "--steps", 4, "--base-weights", "fp8")
     assert_killed_run_resumes_exactly(args, tmp_path, kill_at=2)
+
+
+# ---- text encoders unloaded after encoding ---------------------------------------------------------
+@pytest.mark.parametrize("base", ["tiny-sdxl", "tiny-flux"])
+def test_unloaded_text_encoders_are_gone_and_the_texts_read_from_the_cache(base, tmp_path):
+    """After set-up the pipeline holds no text encoder and nothing else does (their memory is
+    freed); the listed texts condition exactly as encoded with the encoders, from the run's disk
+    cache, and an unlisted one is refused with a message naming the option."""
+    import gc
+    import weakref
+
+    from core.tiny_models import build_tiny_pipeline
+    from trainers.cache import TensorCache
+    from trainers.model import TEXT_ENCODERS, TrainableModel
+
+    keep = TrainableModel(build_tiny_pipeline(base), rank=4)
+    pipe = build_tiny_pipeline(base)
+    encoders = [weakref.ref(getattr(pipe, n)) for n in TEXT_ENCODERS if getattr(pipe, n, None) is not None]
+    assert len(encoders) == 2
+    texts = ["a photo of hands", "a person waving"]
+    model = TrainableModel(pipe, rank=4, texts=texts, text_cache=TensorCache(tmp_path / "text"))
+    gc.collect()
+    assert all(getattr(pipe, n, None) is None for n in TEXT_ENCODERS)
+    assert all(ref() is None for ref in encoders)
+    assert len(list((tmp_path / "text").glob("*.pt"))) == len(texts)
+    got, expected = model.conditioning(texts[::-1]), keep.conditioning(texts[::-1])
+    assert torch.equal(got.hidden, expected.hidden) and torch.equal(got.pooled, expected.pooled)
+    with pytest.raises(ValueError, match="was not encoded before the text encoders were unloaded"):
+        model.conditioning(["a cat"])
+
+
+@pytest.mark.parametrize("base", ["tiny-sd15", "tiny-sdxl", "tiny-flux"])
+def test_renders_from_embeddings_equal_renders_from_text(base, tmp_path):
+    """With the encoders unloaded, sample and validation images are rendered from the prompt's
+    embeddings (and the empty negative prompt's, where the pipeline's guidance uses one): the
+    same image as the pipeline encoding the prompt itself."""
+    from core.tiny_models import build_tiny_pipeline
+    from trainers.cache import TensorCache
+    from trainers.config import TrainConfig
+    from trainers.model import TrainableModel
+    from trainers.train_job import make_renderer
+
+    cfg = TrainConfig(base=base, sample_every=1, sample_steps=2, resolution=64)
+    prompt = "a photo of hands"
+    images = []
+    for texts in (None, [prompt, ""]):
+        cache = TensorCache(tmp_path / "text") if texts else None
+        model = TrainableModel(build_tiny_pipeline(base), rank=4, texts=texts, text_cache=cache)
+        images.append(np.asarray(make_renderer(cfg, model)([(prompt, 0)])[0]))
+    assert model.pipe.text_encoder is None
+    assert images[0].std() > 1 and np.array_equal(images[0], images[1])
+
+
+def stop_after(steps: int):
+    calls = iter(range(10**6))
+    return lambda: next(calls) + 1 >= steps
+
+
+@pytest.mark.slow
+def test_unloaded_encoders_train_bit_for_bit_and_resume_without_encoders(region_dataset_64, tmp_path, monkeypatch):
+    """FairHuman on tiny-flux with samples every 2 steps: the losses and the sample images equal a
+    run that keeps its text encoders (same seed, bit for bit on one thread); a run cancelled at
+    step 2 resumes with no way to encode text (reading the run's cache) to the same LoRA."""
+    from PIL import Image
+
+    from core.families.flux import FluxFamily
+
+    common = dict(base="tiny-flux", data=str(region_dataset_64), sample_every=2, sample_prompts=["a photo of hands"],
+                  sample_steps=2, checkpoint_every=2)
+    run_in_process(tmp_path / "keep", **common)
+    run_in_process(tmp_path / "unload", unload_text_encoders=True, **common)
+    assert progress_losses(tmp_path / "unload") == progress_losses(tmp_path / "keep")
+    for path in sorted((tmp_path / "keep" / "samples").glob("*.png")):
+        with Image.open(path) as a, Image.open(tmp_path / "unload" / "samples" / path.name) as b:
+            assert np.array_equal(np.asarray(a), np.asarray(b)), path.name
+
+    cancelled = run_in_process(tmp_path / "resumed", unload_text_encoders=True, stop_requested=stop_after(2), **common)
+    assert cancelled["status"] == "cancelled"
+
+    def no_text_encoder(self, prompts, dtype):
+        raise AssertionError(f"a resumed run encoded {prompts}")
+
+    monkeypatch.setattr(FluxFamily, "encode_prompts", no_text_encoder)
+    resumed = run_in_process(tmp_path / "resumed", unload_text_encoders=True, resume=True, **common)
+    assert resumed["status"] == "done"
+    straight, again = lora_tensors(tmp_path / "unload" / "fairhuman_flux.safetensors"), lora_tensors(resumed["lora"])
+    assert straight.keys() == again.keys() and all(torch.equal(straight[k], again[k]) for k in straight)

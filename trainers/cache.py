@@ -24,7 +24,7 @@ class TensorCache:
         if path.is_file():
             return torch.load(path, map_location="cpu", weights_only=True)
         value = compute()
-        value = ({k: v.detach().cpu() for k, v in value.items()} if isinstance(value, dict)
+        value = ({k: v.detach().cpu() for k, v in value.items() if v is not None} if isinstance(value, dict)
                  else value.detach().cpu())
         with atomic_path(path) as tmp:
             torch.save(value, tmp)

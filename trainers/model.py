@@ -110,24 +110,28 @@ class TrainableModel:
     def conditioning(self, texts: list[str]) -> Conditioning:
         """Text conditioning of a batch; each distinct caption is encoded once per run (the text
         encoders are frozen, and captions repeat every epoch), and once for good where the model
-        has a ``text_cache`` (a run directory's: a resumed run reads it)."""
+        has a ``text_cache`` (a run directory's: a resumed run reads it). One caption at a time,
+        so its embedding never depends on the captions it first shared a batch with (a resumed
+        run meets them in other company)."""
         rows = self._text_rows
-        missing = [t for t in dict.fromkeys(texts) if t not in rows]
-        if missing and self.text_cache is not None:
-            for text in missing:
-                stored = self.text_cache.get_or_compute(text, lambda text=text: self._encode_one(text))
-                pooled = stored.get("pooled")
-                rows[text] = (stored["hidden"].to(self.device), None if pooled is None else pooled.to(self.device))
-        elif missing:
-            rows.update(zip(missing, self.encode_prompts(missing).rows()))
+        for text in dict.fromkeys(texts):
+            if text in rows:
+                continue
+            if self.text_cache is None:
+                rows[text] = self._encode_one(text)
+                continue
+            stored = self.text_cache.get_or_compute(text, lambda text=text: dict(zip(("hidden", "pooled"),
+                                                                                     self._encode_one(text))))
+            pooled = stored.get("pooled")
+            rows[text] = (stored["hidden"].to(self.device), None if pooled is None else pooled.to(self.device))
         return Conditioning.of_rows([rows[t] for t in texts])
 
-    def _encode_one(self, text: str) -> dict:
+    def _encode_one(self, text: str) -> tuple:
+        """(hidden, pooled) of one text (pooled None where the family has none)."""
         if self.text_encoders_released:
             raise ValueError(f"the text {text!r} was not encoded before the text encoders were unloaded "
                              "(--unload-text-encoders): every text a run conditions on is encoded up front")
-        hidden, pooled = self.encode_prompts([text]).rows()[0]
-        return {"hidden": hidden} if pooled is None else {"hidden": hidden, "pooled": pooled}
+        return self.encode_prompts([text]).rows()[0]
 
     def _encode_then_release(self, texts: list[str]) -> None:
         """Encode every text of the run (the text encoders on the device only for this), then drop
