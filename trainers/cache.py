@@ -1,6 +1,7 @@
 """A disk cache of tensors a run computes again and again: VAE latent moments per image view
 and text embeddings per caption. Files live in the run directory, are written atomically and
-are keyed by what the tensor is a function of, so a resumed run reuses them."""
+are keyed by what the tensor is a function of, so a resumed run reuses them. A value is a tensor
+or a dict of tensors (a caption's token embedding and pooled vector; None entries are left out)."""
 from __future__ import annotations
 
 import hashlib
