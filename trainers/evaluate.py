@@ -147,7 +147,7 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
         trained_for = lora_architecture(model.lora)
         if not lora_fits(trained_for, arch):
             raise SystemExit(f"{model.lora.name} is a LoRA for {trained_for}, the base {args.base} is {arch}")
-        pipe.load_lora_weights(str(model.lora), adapter_name=model.name)
+        family.load_lora(model.lora, model.name)
     common = dict(num_inference_steps=args.steps, cfg=args.cfg)
     if args.size:
         common.update(height=args.size, width=args.size)

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"{args.lora.name} is a LoRA for {lora_arch}, the base {args.base} is {base_arch}: "
                              f"use a {lora_arch} base or a LoRA trained on {base_arch}")
         try:
-            pipe.load_lora_weights(str(args.lora), adapter_name="lora")
+            family.load_lora(args.lora, "lora")
         except (RuntimeError, ValueError, KeyError) as err:  # shapes that fit no module of this base
             first = str(err).strip().splitlines()[0][:200]
             raise SystemExit(f"{args.lora.name} does not fit the {base_arch} base {args.base} ({first})") from None
