@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampler steps")
     parser.add_argument("--cfg", type=float, default=7.0,
                         help="classifier-free guidance scale (Flux.1-dev: unused; its distilled guidance is 3.5, "
-                             "as trained)")
+                             "as trained; Z-Image-Turbo: 1, none)")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     parser.add_argument("--scorer", action="append", default=[], choices=("pickscore", "hps", "imagereward", "clipscore"),
                         help="also score with this model-based scorer (repeat); needs --scorer-model NAME=FOLDER")
