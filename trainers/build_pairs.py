@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULTS['steps']}; paper: 50)")
     parser.add_argument("--cfg", type=float, default=None,
                         help=f"classifier-free guidance scale (default {DEFAULTS['cfg']}; paper: 5; Flux.1-dev: "
-                             "unused without a negative prompt, its distilled guidance is 3.5)")
+                             "unused without a negative prompt, its distilled guidance is 3.5; Z-Image-Turbo: 1, "
+                             "none)")
     parser.add_argument("--size", type=image_size, default=None,
                         help="image size, SIDE or WIDTHxHEIGHT (default: the model's; the paper's SD1.5: 704x1024)")
     parser.add_argument("--batch", type=int, default=4, help="images generated at once")

@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampler steps")
     parser.add_argument("--cfg", type=float, default=7.0,
                         help="classifier-free guidance scale (Flux.1-dev: unused; its distilled guidance is 3.5, "
-                             "as trained)")
+                             "as trained; Z-Image-Turbo: 1, none)")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     parser.add_argument("--scorer", action="append", default=[], choices=("pickscore", "hps", "imagereward", "clipscore"),
                         help="also score with this model-based scorer (repeat); needs --scorer-model NAME=FOLDER")
@@ -147,7 +147,7 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
         trained_for = lora_architecture(model.lora)
         if not lora_fits(trained_for, arch):
             raise SystemExit(f"{model.lora.name} is a LoRA for {trained_for}, the base {args.base} is {arch}")
-        pipe.load_lora_weights(str(model.lora), adapter_name=model.name)
+        family.load_lora(model.lora, model.name)
     common = dict(num_inference_steps=args.steps, cfg=args.cfg)
     if args.size:
         common.update(height=args.size, width=args.size)

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30, help="sampler steps")
     parser.add_argument("--cfg", type=float, default=7.0,
                         help="classifier-free guidance scale (Flux.1-dev: used only with --negative; its "
-                             "distilled guidance is 3.5, as trained)")
+                             "distilled guidance is 3.5, as trained; Z-Image-Turbo: 1, none)")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
     parser.add_argument("--output", type=Path, default=Path("outputs/samples"), help="folder for the PNGs")
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"{args.lora.name} is a LoRA for {lora_arch}, the base {args.base} is {base_arch}: "
                              f"use a {lora_arch} base or a LoRA trained on {base_arch}")
         try:
-            pipe.load_lora_weights(str(args.lora), adapter_name="lora")
+            family.load_lora(args.lora, "lora")
         except (RuntimeError, ValueError, KeyError) as err:  # shapes that fit no module of this base
             first = str(err).strip().splitlines()[0][:200]
             raise SystemExit(f"{args.lora.name} does not fit the {base_arch} base {args.base} ({first})") from None
