@@ -1,4 +1,4 @@
-"""What the flow-transformer tests (test_flux.py, test_sd3.py, test_zimage.py, test_flux_dpo.py)
+"""What the flow-transformer tests (test_flux.py, test_sd3.py, test_zimage.py, test_flow_dpo.py)
 share: the one-pixel face dataset and the check that the face objective's gradient comes from
 exactly the token owning it, LoRA files trained and read back, and rendering checked against the
 family's own pipeline."""
