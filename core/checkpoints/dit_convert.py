@@ -135,8 +135,9 @@ def flux_config(shapes: dict, structure: dict | None = None) -> dict:
     config = shipped_config("flux_transformer")
     width, in_channels = shapes["img_in.weight"]
     head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    out_channels = shapes["final_layer.linear.weight"][0]
     config.update(
-        in_channels=in_channels, out_channels=shapes["final_layer.linear.weight"][0],
+        in_channels=in_channels, out_channels=None if out_channels == in_channels else out_channels,  # None: the same
         num_layers=_count(keys, "double_blocks.{}."), num_single_layers=_count(keys, "single_blocks.{}."),
         attention_head_dim=head_dim, num_attention_heads=width // head_dim,
         joint_attention_dim=shapes["txt_in.weight"][1], pooled_projection_dim=shapes["vector_in.in_layer.weight"][1],

@@ -64,14 +64,15 @@ def plan(base: Path, base_shapes: dict, base_metadata: dict, family: str, text_e
     name = dc.FAMILY_NAMES[family]
     roles = ENCODER_ROLES[family]
     encoders: dict[str, Part] = {}
+    structure = cc.parse_structure(base_metadata)  # the bundled parts' too
     if family == "sd3":  # Stability's full checkpoints hold the three encoders and the VAE
         for role, prefix in dc.SD3_BUNDLED.items():
             if any(k.startswith(prefix) for k in base_shapes):
-                encoders[role] = Part(base, prefix)
+                encoders[role] = Part(base, prefix, structure)
     vae_part = None
     bundled_vae = _vae_prefix(base_shapes)
     if bundled_vae:
-        vae_part = Part(base, bundled_vae)
+        vae_part = Part(base, bundled_vae, structure)
     pooled_dim = 0
     if family == "sd3":
         pooled_dim = dc.strip_diffusion_prefix(base_shapes)["y_embedder.mlp.0.weight"][1]
@@ -112,7 +113,7 @@ def plan(base: Path, base_shapes: dict, base_metadata: dict, family: str, text_e
             needs.append(f"its VAE {VAE_FILES[family]}, which ComfyUI keeps in models/vae: pass --vae FILE")
         raise ValueError(f"{base.name} is a {name} diffusion model without everything it needs; {name} also needs "
                          + "; and ".join(needs))
-    return Plan(family, Part(base, "", cc.parse_structure(base_metadata)), encoders, vae_part)
+    return Plan(family, Part(base, "", structure), encoders, vae_part)
 
 
 class _Files:
