@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import convert as cc
+from .convert import clip_config, drop_ignored, load_into
 
 
 def read_file(path: Path) -> tuple[dict, dict]:
@@ -36,7 +36,7 @@ def build(factory, state: dict, dtype, what: str):
 
     with init_empty_weights():
         model = factory()
-    return cc.load_into(model, cc.drop_ignored(state), dtype, what)
+    return load_into(model, drop_ignored(state), dtype, what)
 
 
 def clip_text_encoder(state: dict, base: str, component: str, cls, tok, structure: dict, dtype, what: str):
@@ -44,7 +44,7 @@ def clip_text_encoder(state: dict, base: str, component: str, cls, tok, structur
     tensors, and the tokenizer's special token ids."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = cc.clip_config(state, base, component, structure)
+    config = clip_config(state, base, component, structure)
     # Token ids from the tokenizer: the text tower pools at the first end-of-text token.
     config.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if cls is CLIPTextModel:  # flattened in transformers >= 5.6: no text_model level

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import convert as cc
-from . import dit_convert as dc
+from .convert import VAE_PREFIX, convert_vae, drop_ignored, parse_structure, shipped_config, strip_prefix, vae_config
+from .dit_convert import (CONVERTERS, FAMILY_NAMES, SD3_BUNDLED, clip_width, convert_qwen3, convert_t5, encoder_kind,
+                          qwen3_config, strip_diffusion_prefix, t5_config)
 from .components import build, clip_text_encoder, read_file, read_shapes
 from .tokenizers import clip_tokenizer, qwen_tokenizer, t5_tokenizer
 
@@ -24,7 +25,7 @@ ROLE_FILES = {"clip_l": "CLIP-L (clip_l.safetensors)", "clip_g": "CLIP-G (clip_g
 VAE_FILES = {"flux": "ae.safetensors", "sd3": "SD3.5's VAE (e.g. sd3.5_vae.safetensors)",
              "zimage": "Flux's ae.safetensors"}
 VAE_FORMAT = {"flux": "flux", "sd3": "sd3", "zimage": "flux"}  # shipped VAE config: latent scaling and shift
-VAE_PREFIXES = (cc.VAE_PREFIX, "vae.")  # inside a full checkpoint; a VAE file is bare
+VAE_PREFIXES = (VAE_PREFIX, "vae.")  # inside a full checkpoint; a VAE file is bare
 
 
 @dataclass
@@ -61,12 +62,12 @@ def _clip_role(family: str, width: int, pooled_dim: int) -> str:
 
 def plan(base: Path, base_shapes: dict, base_metadata: dict, family: str, text_encoders=(), vae=None) -> Plan:
     """Every part the family needs, from headers only; one refusal naming everything missing."""
-    name = dc.FAMILY_NAMES[family]
+    name = FAMILY_NAMES[family]
     roles = ENCODER_ROLES[family]
     encoders: dict[str, Part] = {}
-    structure = cc.parse_structure(base_metadata)  # the bundled parts' too
+    structure = parse_structure(base_metadata)  # the bundled parts' too
     if family == "sd3":  # Stability's full checkpoints hold the three encoders and the VAE
-        for role, prefix in dc.SD3_BUNDLED.items():
+        for role, prefix in SD3_BUNDLED.items():
             if any(k.startswith(prefix) for k in base_shapes):
                 encoders[role] = Part(base, prefix, structure)
     vae_part = None
@@ -75,18 +76,18 @@ def plan(base: Path, base_shapes: dict, base_metadata: dict, family: str, text_e
         vae_part = Part(base, bundled_vae, structure)
     pooled_dim = 0
     if family == "sd3":
-        pooled_dim = dc.strip_diffusion_prefix(base_shapes)["y_embedder.mlp.0.weight"][1]
+        pooled_dim = strip_diffusion_prefix(base_shapes)["y_embedder.mlp.0.weight"][1]
 
     given = {}
     for path in text_encoders:
         path = Path(path).expanduser()
         shapes, metadata = read_shapes(path)
-        kind = dc.encoder_kind(shapes)
+        kind = encoder_kind(shapes)
         if kind is None:
             raise ValueError(f"{path.name} is not a text encoder ComfyUI's CLIP loaders take (CLIP-L, CLIP-G, "
                              f"T5-XXL or Qwen3, transformers' key layout); {name} uses "
                              + ", ".join(ROLE_FILES[r] for r in roles))
-        role = _clip_role(family, dc.clip_width(shapes), pooled_dim) if kind == "clip" else kind
+        role = _clip_role(family, clip_width(shapes), pooled_dim) if kind == "clip" else kind
         if role not in roles:
             raise ValueError(f"{path.name} is a {ROLE_FILES[role].split(' ')[0]} text encoder, which {name} does not "
                              f"use; {name} uses " + ", ".join(ROLE_FILES[r] for r in roles))
@@ -94,14 +95,14 @@ def plan(base: Path, base_shapes: dict, base_metadata: dict, family: str, text_e
             raise ValueError(f"{given[role].name} and {path.name} are both {ROLE_FILES[role].split(' ')[0]} "
                              "text encoders; give one")
         given[role] = path
-        encoders[role] = Part(path, "", cc.parse_structure(metadata))  # a given file wins over a bundled one
+        encoders[role] = Part(path, "", parse_structure(metadata))  # a given file wins over a bundled one
     if vae is not None:
         path = Path(vae).expanduser()
         shapes, metadata = read_shapes(path)
         prefix = _vae_prefix(shapes)
         if prefix is None:
             raise ValueError(f"{path.name} is not a VAE in ComfyUI's (LDM) layout: no decoder.conv_in.weight")
-        vae_part = Part(path, prefix, cc.parse_structure(metadata))
+        vae_part = Part(path, prefix, parse_structure(metadata))
 
     missing = [ROLE_FILES[r] for r in roles if r not in encoders]
     if missing or vae_part is None:
@@ -126,7 +127,7 @@ class _Files:
         if part.path not in self._cache:
             self._cache[part.path] = read_file(part.path)[0]
         tensors = self._cache[part.path]
-        return cc.strip_prefix(tensors, part.prefix) if part.prefix else tensors
+        return strip_prefix(tensors, part.prefix) if part.prefix else tensors
 
 
 def _shapes(state: dict) -> dict:
@@ -144,10 +145,10 @@ def _text_encoder(family: str, role: str, state: dict, part: Part, tok, dtype):
         return clip_text_encoder(state, base, "text_encoder", cls, tok, part.structure, dtype, what)
     shapes = _shapes(state)
     if role == "t5":
-        return build(lambda: T5EncoderModel(T5Config(**dc.t5_config(shapes, part.structure))), dc.convert_t5(state),
+        return build(lambda: T5EncoderModel(T5Config(**t5_config(shapes, part.structure))), convert_t5(state),
                      dtype, what)
-    config = {**dc.qwen3_config(shapes, part.structure), "pad_token_id": tok.pad_token_id}
-    return build(lambda: Qwen3Model(Qwen3Config(**config)), dc.convert_qwen3(state), dtype, what)
+    config = {**qwen3_config(shapes, part.structure), "pad_token_id": tok.pad_token_id}
+    return build(lambda: Qwen3Model(Qwen3Config(**config)), convert_qwen3(state), dtype, what)
 
 
 def _with_identity_projection(state: dict) -> dict:
@@ -169,8 +170,8 @@ def load(plan_: Plan, *, dtype, tokenizer=None):
     family, files = plan_.family, _Files()
     hints = [plan_.transformer.path, *(p.path for p in plan_.encoders.values()), plan_.vae.path, tokenizer]
 
-    state = dc.strip_diffusion_prefix(files.state(plan_.transformer))
-    config_of, convert = dc.CONVERTERS[family]
+    state = strip_diffusion_prefix(files.state(plan_.transformer))
+    config_of, convert = CONVERTERS[family]
     config = config_of(_shapes(state), plan_.transformer.structure)
     cls = {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel, "zimage": ZImageTransformer2DModel}[family]
     transformer = build(lambda: cls(**config), convert(state), dtype, f"{plan_.transformer.path.name} transformer")
@@ -180,7 +181,7 @@ def load(plan_: Plan, *, dtype, tokenizer=None):
     for index, role in enumerate(ENCODER_ROLES[family]):
         suffix = f"_{index + 1}" if index else ""
         part = plan_.encoders[role]
-        state = cc.drop_ignored(files.state(part))
+        state = drop_ignored(files.state(part))
         if role == "clip_l" and family == "sd3":
             state = _with_identity_projection(state)
         vocab = next(v.shape[0] for k, v in state.items()
@@ -197,12 +198,12 @@ def load(plan_: Plan, *, dtype, tokenizer=None):
         components[f"text_encoder{suffix}"] = _text_encoder(family, role, state, part, tok, dtype)
 
     vae_state = files.state(plan_.vae)
-    vae_config = cc.vae_config(vae_state, VAE_FORMAT[family], plan_.vae.structure)
-    vae = build(lambda: AutoencoderKL(**vae_config), cc.convert_vae(vae_state, vae_config), dtype,
+    vae_settings = vae_config(vae_state, VAE_FORMAT[family], plan_.vae.structure)
+    vae = build(lambda: AutoencoderKL(**vae_settings), convert_vae(vae_state, vae_settings), dtype,
                 f"{plan_.vae.path.name} VAE")
     schedule = {"flux": "flux_dev_scheduler" if config.get("guidance_embeds") else "flux_schnell_scheduler",
                 "sd3": "sd3_scheduler", "zimage": "zimage_scheduler"}[family]
-    scheduler = FlowMatchEulerDiscreteScheduler(**cc.shipped_config(schedule))
+    scheduler = FlowMatchEulerDiscreteScheduler(**shipped_config(schedule))
     pipeline = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "zimage": ZImagePipeline}[family]
     pipe = pipeline(transformer=transformer, vae=vae, scheduler=scheduler, **components)
     pipe.set_progress_bar_config(disable=True)
