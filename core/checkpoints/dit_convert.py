@@ -147,11 +147,18 @@ def flux_config(shapes: dict, structure: dict | None = None) -> dict:
     return config
 
 
-# ---- SD3 / SD3.5 -----------------------------------------------------------------------------
-def convert_sd3(state: dict) -> dict:
-    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+def _diffusers_converter(name: str):
+    """One of diffusers' single-file converters (they pop from the dict they are given: a copy)."""
+    def convert(state: dict) -> dict:
+        from diffusers.loaders import single_file_utils
 
-    return convert_sd3_transformer_checkpoint_to_diffusers(dict(strip_diffusion_prefix(state)))
+        return getattr(single_file_utils, name)(dict(strip_diffusion_prefix(state)))
+
+    return convert
+
+
+# ---- SD3 / SD3.5 -----------------------------------------------------------------------------
+convert_sd3 = _diffusers_converter("convert_sd3_transformer_checkpoint_to_diffusers")
 
 
 def sd3_config(shapes: dict, structure: dict | None = None) -> dict:
@@ -177,10 +184,7 @@ def sd3_config(shapes: dict, structure: dict | None = None) -> dict:
 
 
 # ---- Z-Image ---------------------------------------------------------------------------------
-def convert_zimage(state: dict) -> dict:
-    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
-
-    return convert_z_image_transformer_checkpoint_to_diffusers(dict(strip_diffusion_prefix(state)))
+convert_zimage = _diffusers_converter("convert_z_image_transformer_checkpoint_to_diffusers")
 
 
 def zimage_config(shapes: dict, structure: dict | None = None) -> dict:
