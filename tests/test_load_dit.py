@@ -115,6 +115,24 @@ def test_sd3_checkpoint_with_its_encoders_and_vae_inside(tiny, comfy_files, tmp_
     assert_same_pipeline(load_pipeline(str(path)), tiny("tiny-sd3"))
 
 
+def test_flux_without_guidance_input_is_schnell(comfy_files, tmp_path, no_network):
+    """No guidance_in: Flux.1-schnell's transformer config and fixed-shift (1) schedule."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from core.checkpoints import load_pipeline
+
+    files = comfy_files("tiny-flux")
+    with safe_open(files["base"], "pt") as handle:
+        state = {k: handle.get_tensor(k) for k in handle.keys() if not k.startswith("guidance_in.")}
+        metadata = handle.metadata()
+    path = tmp_path / "flux1-schnell.safetensors"
+    save_file(state, str(path), metadata=metadata)
+    pipe = load_pipeline(str(path), text_encoders=files["text_encoders"], vae=files["vae"])
+    assert pipe.transformer.config.guidance_embeds is False
+    assert pipe.scheduler.config.shift == 1.0 and pipe.scheduler.config.use_dynamic_shifting is False
+
+
 # ---- refusals, before anything loads -----------------------------------------------------------
 @pytest.fixture
 def nothing_loads(monkeypatch):
@@ -301,3 +319,21 @@ def test_train_runs_on_comfyui_files(base, comfy_files, region_dataset_64, tmp_p
                        "--data", region_dataset_64, "--output", tmp_path, "--steps", 2, "--checkpoint-every", 0)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert list(tmp_path.glob("fairhuman_*.safetensors"))
+
+
+@pytest.mark.slow
+def test_sample_renders_from_comfyui_files(comfy_files, tmp_path):
+    """``sample`` takes the same flags and renders through the loaded Flux pipeline."""
+    from PIL import Image
+
+    from train_helpers import run_trainers
+
+    files = comfy_files("tiny-flux")
+    result = run_trainers("sample", "--base", files["base"], "--text-encoders", *files["text_encoders"],
+                          "--vae", files["vae"], "--prompt", "a photo of hands", "--steps", 2, "--size", 64,
+                          "--output", tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    images = list(tmp_path.glob("*.png"))
+    assert images
+    with Image.open(images[0]) as image:
+        assert image.size == (64, 64)

@@ -54,7 +54,8 @@ def architecture(state_dict_keys) -> str:
     ) if present]
     sample = sorted(keys)[:3]
     raise ValueError(
-        "unrecognised checkpoint layout: expected an SD1.5 or SDXL single-file checkpoint with "
+        "unrecognised checkpoint layout: expected a Flux.1, SD3.5 or Z-Image diffusion model, or an SD1.5 or SDXL "
+        "single-file checkpoint with "
         f"{cc.UNET_PREFIX}*, {cc.VAE_PREFIX}* and {cc.SD15_CLIP_PREFIX}* (SD1.5) or "
         f"conditioner.embedders.0/1.* (SDXL); found {', '.join(found) or 'none of them'} "
         f"({len(keys)} keys, e.g. {sample})"
