@@ -1,5 +1,7 @@
-"""What the flow-transformer tests (test_flux.py, test_zimage.py) share: the one-pixel face
-dataset and the check that the face objective's gradient comes from exactly the token owning it."""
+"""What the flow-transformer tests (test_flux.py, test_sd3.py, test_zimage.py, test_flow_dpo.py)
+share: the one-pixel face dataset and the check that the face objective's gradient comes from
+exactly the token owning it, LoRA files trained and read back, and rendering checked against the
+family's own pipeline."""
 from __future__ import annotations
 
 import json
@@ -9,6 +11,7 @@ import torch
 from PIL import Image
 
 TOKEN_PIXELS = 16  # a token is a 2×2 patch of latent cells, 8×8 pixels each
+RENDER = dict(num_inference_steps=3, height=64, width=48)  # a small render, not square (catches swapped sides)
 
 
 def one_pixel_face_dataset(folder, pixel_yx):
@@ -142,3 +145,45 @@ def assert_mpd_training_lowers_all_three_losses(base: str, dataset, folder) -> N
     progress = assert_all_losses_fall(folder, 30, f"{base} ")
     assert all(w > 0 for w in progress[-1]["weights"])
     assert (folder / f"fairhuman_{base.removeprefix('tiny-')}.safetensors").is_file()  # tiny-flux: fairhuman_flux
+
+
+def assert_render_under_autocast_is_the_pipelines(base: str, **kwargs):
+    """(family, image): the mixed-precision rendering path (denoise under autocast, then the
+    family's own grid, unscale, unshift and fp32 decode) gives the pipeline's own image when the
+    autocast is a no-op, at RENDER's size."""
+    import contextlib
+
+    from core.families import family_of
+    from core.tiny_models import build_tiny_pipeline
+
+    family = family_of(build_tiny_pipeline(base))
+    plain = family.render("a person", torch.Generator().manual_seed(3), **RENDER, **kwargs)[0]
+    decoded = family.render("a person", torch.Generator().manual_seed(3), autocast=contextlib.nullcontext(),
+                            **RENDER, **kwargs)[0]
+    assert plain.size == (RENDER["width"], RENDER["height"])
+    assert np.array_equal(np.asarray(plain), np.asarray(decoded))
+    assert np.asarray(plain).std() > 1
+    return family, plain
+
+
+def assert_one_guided_step_is_classifier_free(base: str, cfg: float) -> None:
+    """One sampling step from σ to 0 rendered with the pack's ``cfg`` and a negative prompt equals
+    the Euler step x_t − σ·v of the classifier-free velocity v = v(neg) + cfg·(v(prompt) − v(neg)),
+    the velocities read off the transformer through the family's ``predict`` (its own sign) with
+    the prompts conditioned as in training. cfg 1 is the prompt's velocity alone."""
+    from core.families import family_of
+    from core.tiny_models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(base)
+    family = family_of(pipe)
+    prompt, negative = "a photo of a person waving hands", "blurry"
+    noisy = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    stepped = family.render(prompt, torch.Generator().manual_seed(0), cfg=cfg, negative=negative, height=64, width=64,
+                            latents=noisy.clone(), sigmas=[0.7], output_type="latent")
+    sigma = pipe.scheduler.sigmas[:1]  # 0.7 after the scheduler's shift
+    assert float(sigma) > 0.7
+    with torch.no_grad():
+        pos, neg = (family.predict(noisy, sigma, family.encode_prompts([text], torch.float32), None, None, None)
+                    for text in (prompt, negative))
+    x0 = family.predicted_x0_and_eps(noisy, sigma, neg + cfg * (pos - neg))[0]
+    assert (stepped - x0).abs().max() <= 1e-5

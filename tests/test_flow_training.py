@@ -1,11 +1,17 @@
 """FairHuman on every flow-transformer family (tiny-flux, tiny-sd3, tiny-zimage), the parts that
 are the same for each: exact MPD lowers all three losses, a run SIGKILLed at a checkpoint resumes
-to the same LoRA bit for bit, a family that cannot render yet says so before its first step, and
+to the same LoRA bit for bit, training renders samples and its LoRA samples and evaluates, and
 `bench fairhuman --base` measures it. What differs per family is in test_flux.py, test_sd3.py and
 test_zimage.py."""
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
 
 from flow_helpers import assert_mpd_training_lowers_all_three_losses, fairhuman_args
 from train_helpers import assert_killed_run_resumes_exactly, run_trainers, train_cli
@@ -14,7 +20,7 @@ FLOW_BASES = ["tiny-flux", "tiny-sd3", "tiny-zimage"]
 
 
 # slow (they train; 10-40 s each on two cores): CI keeps each family's fast checks (its masks, keys,
-# conditioning) and the refusal below; make test-all runs these
+# conditioning, decoding); make test-all runs these
 @pytest.mark.slow
 @pytest.mark.parametrize("base", FLOW_BASES)
 def test_mpd_training_lowers_all_three_losses(base, region_dataset_64, tmp_path):
@@ -29,25 +35,66 @@ def test_sigkill_then_resume_equals_uninterrupted(base, region_dataset_64, tmp_p
     assert_killed_run_resumes_exactly(args, tmp_path, kill_at=8)
 
 
-@pytest.mark.parametrize("base", ["tiny-sd3", "tiny-zimage"])
-def test_rendering_is_refused_with_a_message_not_attempted(base, region_dataset_64, tmp_path):
-    """Their pipeline calls are not tested yet: a run asking for validation images stops before its
-    first step saying what to set, and ``sample`` and ``build-pairs`` say they cannot render, never
-    a half-made image."""
+@pytest.mark.slow
+@pytest.mark.parametrize("base", FLOW_BASES)
+def test_training_renders_and_its_lora_samples_and_evaluates(base, region_dataset_64, tmp_path):
+    """Every rendering path runs through the family's own pipeline: --sample-every and
+    --validate-every write images of the training size that are not flat; ``sample --lora`` reads
+    the LoRA the run wrote back (its image differs from the base's, with --lan too) and refuses a
+    UNet LoRA naming both architectures; ``evaluate`` renders the base and the LoRA. (That each
+    family decodes as its pipeline does: test_flux.py, test_sd3.py, test_zimage.py.)"""
+    from core.fileio import read_events
+
     arch = base.removeprefix("tiny-")
-    result = train_cli(*fairhuman_args(base), "--data", region_dataset_64, "--output", tmp_path / "run", "--steps", 2,
-                       "--validate-every", 1)
-    assert result.returncode == 1 and f"cannot render {arch} images yet" in result.stdout + result.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists() and not list((tmp_path / "run").glob("*.safetensors"))
-    sample = run_trainers("sample", "--base", base, "--prompt", "a person", "--steps", 1, "--size", 64,
-                          "--output", tmp_path / "sample")
-    assert sample.returncode != 0 and f"cannot render {arch} images yet" in sample.stderr
-    assert not list((tmp_path / "sample").glob("*.png"))
-    (tmp_path / "prompts.txt").write_text("a person waving\n")
-    pairs = run_trainers("build-pairs", "--base", base, "--prompts", tmp_path / "prompts.txt", "--images-per-prompt", 2,
-                         "--steps", 1, "--size", 64, "--output", tmp_path / "pairs")
-    assert pairs.returncode != 0 and f"cannot render {arch} images yet" in pairs.stderr
-    assert not list((tmp_path / "pairs").rglob("*.png"))
+    run = tmp_path / "run"
+    result = train_cli(*fairhuman_args(base), "--data", region_dataset_64, "--output", run, "--steps", 2,
+                       "--sample-every", 2, "--sample-prompts", "a photo of hands", "--sample-steps", 2,
+                       "--validate-every", 2, "--validation-prompts", "a person waving", "--validation-seeds", 1,
+                       "--checkpoint-every", 0)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    events = read_events(run / "events.jsonl")
+    paths = [p for e in events if e["event"] in ("sample", "validation") for p in e["paths"]]
+    assert len(paths) == 2 and {e["event"] for e in events} >= {"sample", "validation"}
+    for path in paths:
+        assert_image(path, (64, 64))
+    lora = run / f"fairhuman_{arch}_best.safetensors"
+    assert lora.is_file()
+
+    common = ["sample", "--base", base, "--prompt", "a photo of hands", "--steps", 2, "--size", 64, "--cfg", 2]
+    outputs = {}
+    for name, extra in {"plain": [], "lora": ["--lora", lora], "lan": ["--lora", lora, "--lan"]}.items():
+        done = run_trainers(*common, *extra, "--output", tmp_path / name)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (outputs[name],) = (tmp_path / name).glob("*.png")
+    plain = assert_image(outputs["plain"], (64, 64))
+    assert np.abs(plain - assert_image(outputs["lora"], (64, 64))).max() > 0
+    assert np.abs(plain - assert_image(outputs["lan"], (64, 64))).max() > 0  # LAN matches statistics, not images
+
+    unet_lora = tmp_path / "unet_lora.safetensors"  # another trainer's: no metadata, lora_unet_ keys
+    save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(unet_lora))
+    refused = run_trainers(*common, "--lora", unet_lora, "--output", tmp_path / "bad")
+    assert refused.returncode != 0
+    assert "is a LoRA for sd15/sdxl" in refused.stderr and f"is {arch}" in refused.stderr
+
+    (tmp_path / "prompts.txt").write_text("a person waving hands\n")
+    evaluated = run_trainers("evaluate", "--base", base, "--lora", f"{lora}:tuned", "--prompts", tmp_path / "prompts.txt",
+                             "--seeds", 0, "--strengths", 1.0, "--steps", 2, "--size", 64, "--output", tmp_path / "eval")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    images = {i["model"]: tmp_path / "eval" / i["path"]
+              for i in json.loads((tmp_path / "eval" / "report.json").read_text())["images"]}
+    assert set(images) == {"base", "tuned"}
+    assert np.abs(assert_image(images["base"], (64, 64)) - assert_image(images["tuned"], (64, 64))).max() > 0
+
+
+def assert_image(path, size) -> np.ndarray:
+    """The pixels of an image of ``size`` that is not flat (a wrong decode would still be an image,
+    seldom a flat one; equality with the pipeline's own decode is each family's test)."""
+    with Image.open(path) as image:
+        assert image.size == size
+        pixels = np.asarray(image, dtype=int)
+    assert pixels.std() > 1
+    return pixels
 
 
 @pytest.mark.slow

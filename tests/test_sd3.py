@@ -1,12 +1,14 @@
-"""FairHuman on SD3.5, what is SD3.5's own: masks on the 2×2 patch grid, the LoRA file's keys, and
-conditioning as the pipeline samples with it (training, exact resume and the rendering refusal:
-test_flow_training.py)."""
+"""FairHuman on SD3.5, what is SD3.5's own: masks on the 2×2 patch grid, the LoRA file's keys and
+reading it back, conditioning as the pipeline samples with it, and rendering as the pipeline does
+(training, exact resume, rendering during training and with the LoRA: test_flow_training.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from flow_helpers import (assert_diffusers_loader_reproduces, assert_lora_file_keys,
-                          assert_one_pixel_face_owns_its_token, lora_module_names, train_lora_in_process)
+from flow_helpers import (RENDER, assert_diffusers_loader_reproduces, assert_lora_file_keys,
+                          assert_one_guided_step_is_classifier_free, assert_one_pixel_face_owns_its_token,
+                          assert_render_under_autocast_is_the_pipelines, lora_module_names, train_lora_in_process)
 from train_helpers import lora_tensors
 
 # The diffusers module paths of an SD3 transformer block that ComfyUI 0.33's SD3 LoRA key map takes
@@ -57,7 +59,10 @@ def test_lora_keys_are_the_sd3_keys_comfyui_maps(region_dataset_64, tmp_path):
     """The exported LoRA holds exactly one ``lora_transformer_`` key triple per attention
     projection of the tiny SD3.5 transformer that ComfyUI's SD3 map names (dual attention included,
     the last block's absent text-stream output excluded), each naming a module of the model; merged
-    as ComfyUI merges it, the file reproduces the trained transformer's output."""
+    as ComfyUI merges it, and read back by the family (through diffusers' SD3 loader, which takes
+    no kohya keys and no alphas), the file reproduces the trained transformer's output."""
+    from core.families import family_of
+
     from core.lora_format import kohya_name
 
     result = train_lora_in_process("tiny-sd3", region_dataset_64, tmp_path)
@@ -70,6 +75,7 @@ def test_lora_keys_are_the_sd3_keys_comfyui_maps(region_dataset_64, tmp_path):
     assert "transformer_blocks.2.attn.to_add_out" not in present  # the last block's text stream ends early
     assert_lora_file_keys(result["lora"], expected, "sd3", "sd3")
     assert_diffusers_loader_reproduces(result, "tiny-sd3", load=merge_as_comfyui)
+    assert_diffusers_loader_reproduces(result, "tiny-sd3", load=lambda pipe, path: family_of(pipe).load_lora(path, "l"))
 
 
 def test_conditioning_and_timestep_are_the_pipelines():
@@ -136,3 +142,19 @@ def test_timesteps_follow_the_sd35_shifted_logit_normal():
     s = sigmas.view(-1, 1, 1, 1)
     assert torch.allclose(family.add_noise(latents, noise, sigmas), (1 - s) * latents + s * noise)
     assert torch.equal(family.target(latents, noise, sigmas), noise - latents)
+
+
+def test_render_decodes_as_the_pipeline_with_t5_as_long_as_trained():
+    """The mixed-precision path decodes as StableDiffusion3Pipeline does (SD3's scaling and shift
+    factors), with a negative prompt and guidance; the T5 encoder reads as many tokens when
+    rendering as in training (the pipeline's default, 256, would pad the tokenizer's 32 further)."""
+    family, _ = assert_render_under_autocast_is_the_pipelines("tiny-sd3", cfg=3.0, negative="blurry")
+    lengths = []
+    family.pipe.text_encoder_3.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    family.render("a person", torch.Generator().manual_seed(0), cfg=3.0, **{**RENDER, "num_inference_steps": 1})
+    assert lengths == [family.max_sequence_length] * 2 and family.max_sequence_length < 256  # prompt, negative
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_one_guided_step_is_classifier_free_guidance(cfg):
+    assert_one_guided_step_is_classifier_free("tiny-sd3", cfg)

@@ -1,13 +1,16 @@
 """FairHuman on Z-Image, what is Z-Image's own: masks on the token grid, conditioning and
-objective as ZImagePipeline has them, and the LoRA file's keys (training, exact resume and the
-rendering refusal: test_flow_training.py)."""
+objective as ZImagePipeline has them, the LoRA file's keys, and rendering with ZImagePipeline's
+guidance convention (training, exact resume, rendering during training and with the LoRA:
+test_flow_training.py)."""
 from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
-from flow_helpers import (assert_diffusers_loader_reproduces, assert_one_pixel_face_owns_its_token,
+from flow_helpers import (assert_diffusers_loader_reproduces, assert_one_guided_step_is_classifier_free,
+                          assert_one_pixel_face_owns_its_token, assert_render_under_autocast_is_the_pipelines,
                           lora_module_names, train_lora_in_process)
 from train_helpers import lora_tensors
 
@@ -90,3 +93,16 @@ def test_lora_keys_are_the_ones_comfyui_maps_for_zimage(region_dataset_64, tmp_p
     assert read_lora_metadata(result["lora"])["fairhuman.base_arch"] == "zimage"
     assert_diffusers_loader_reproduces(result, "tiny-zimage")
 
+
+
+def test_render_under_autocast_decodes_as_the_pipeline():
+    """The mixed-precision path decodes as ZImagePipeline does (Flux's scaling and shift factors),
+    with a negative prompt and guidance."""
+    assert_render_under_autocast_is_the_pipelines("tiny-zimage", cfg=3.0, negative="blurry")
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_one_guided_step_is_classifier_free_guidance(cfg):
+    """ZImagePipeline guides as pos + w·(pos − neg): the family turns the pack's scale into w = cfg − 1
+    (cfg 1: no guidance, as Z-Image-Turbo samples)."""
+    assert_one_guided_step_is_classifier_free("tiny-zimage", cfg)

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "lan": "LAN sampling vs. plain sampling (time and peak memory)",
     "annotate": "annotation throughput (images/s) on ~1024 px photos",
     "scale": "build-pairs in 1 and 2 processes (torchrun, gloo): pairs per minute, images/s; the GPU expectation",
+    "memory": "GPU memory of a rank-32 MPD LoRA at 1024² per diffusion-transformer family, calculated from the full-size shapes",
     "gpu": "full-size SDXL (rank 256, 1024², bf16/fp16) plain/MPD/reference steps, SD1.5 LAN and DPO ratios, on one GPU",
 }
 

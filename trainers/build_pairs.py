@@ -23,13 +23,16 @@ import torch
 
 from core.fileio import atomic_path, write_jsonl_atomic
 
-from . import shards
+from . import base_files, shards
 from .methods.hg_dpo import PAIRS, read_pair_records
 from .presets import preset_names, preset_problem, preset_values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", default="tiny-sd15", help="tiny-sd15, tiny-sdxl, a single-file checkpoint or a diffusers folder")
+    parser.add_argument("--base", default="tiny-sd15",
+                        help="a tiny base (tiny-sd15, tiny-sdxl, tiny-flux, tiny-zimage, tiny-sd3), an SD1.5/SDXL "
+                             "single-file checkpoint, a Flux.1/SD3.5/Z-Image diffusion model file (with "
+                             "--text-encoders, --vae) or a diffusers folder")
     parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
     parser.add_argument("--preset", default="", choices=["", *preset_names()],
                         help="paper: HG-DPO's settings (PickScore, N 20, DPM-Solver++ 50 steps, CFG 5; README, "
@@ -50,11 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULTS['steps']}; paper: 50)")
     parser.add_argument("--cfg", type=float, default=None,
                         help=f"classifier-free guidance scale (default {DEFAULTS['cfg']}; paper: 5; Flux.1-dev: "
-                             "unused without a negative prompt, its distilled guidance is 3.5)")
+                             "unused without a negative prompt, its distilled guidance is 3.5; Z-Image-Turbo: 1, "
+                             "none)")
     parser.add_argument("--size", type=image_size, default=None,
                         help="image size, SIDE or WIDTHxHEIGHT (default: the model's; the paper's SD1.5: 704x1024)")
     parser.add_argument("--batch", type=int, default=4, help="images generated at once")
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
+    base_files.add_arguments(parser)
     parser.add_argument("--mask-confidence", type=float, default=0.5,
                         help="minimum face/hand detection confidence of the winner's and loser's masks (default "
                              "0.5, as annotate; a young model whose samples hold no confident face needs less)")
@@ -232,7 +237,7 @@ class PairMaker:
 
         if not positions:
             return
-        pipe = load_pipeline(self.args.base, tokenizer=self.args.tokenizer).to(shards.Share.device())
+        pipe = load_pipeline(self.args.base, **base_files.load_kwargs(self.args)).to(shards.Share.device())
         use_sampler(pipe, self.args.sampler)
         family = family_of(pipe, shards.Share.device())
         try:

@@ -55,6 +55,8 @@ class TrainConfig:
     fair_every: int = 1
     match_norm: bool = False
     tokenizer: str = ""
+    text_encoders: list = field(default_factory=list)  # a Flux.1 / SD3.5 / Z-Image diffusion model's (ComfyUI's files)
+    vae: str = ""
     random_crop: bool = True
     flip_p: float = 0.5
     bucketing: bool = True
@@ -94,8 +96,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 HELP = {
     "method": "fairhuman (MPD-fair global/face/hand losses), hg-dpo (Diffusion-DPO + statistic matching) or "
               "fair-dpo (Diffusion-DPO over the whole image, the faces and the hands, MPD-fair)",
-    "base": "tiny-sd15, tiny-sdxl, tiny-flux, tiny-zimage, tiny-sd3, a single-file checkpoint (.safetensors, SD1.5 or SDXL) or a "
-            "diffusers folder",
+    "base": "tiny-sd15, tiny-sdxl, tiny-flux, tiny-zimage, tiny-sd3, a single-file checkpoint (.safetensors, SD1.5 or SDXL), "
+            "a Flux.1, SD3.5 or Z-Image diffusion model file (with --text-encoders and --vae) or a diffusers folder",
     "data": "dataset folder: annotated images (fairhuman) or a pairs folder from build-pairs (hg-dpo, fair-dpo)",
     "output": "run directory (config, events.jsonl, checkpoints, samples, the LoRA)",
     "steps": "optimizer steps",
@@ -136,6 +138,11 @@ HELP = {
                   "compares weightings at the same step size",
     "batched_vjp": "objective gradients by one batched vector-Jacobian product (faster) or K backward passes (less transient memory)",
     "tokenizer": "folder with CLIP's vocab.json and merges.txt, for single-file checkpoints outside a ComfyUI tree",
+    "text_encoders": "with a Flux.1, SD3.5 or Z-Image diffusion model as --base: its text encoder files from ComfyUI's "
+                     "models/text_encoders (Flux: CLIP-L and T5-XXL; SD3.5: CLIP-L, CLIP-G and T5-XXL unless the "
+                     "checkpoint holds them; Z-Image: Qwen3-4B), in any order",
+    "vae": "with a Flux.1, SD3.5 or Z-Image diffusion model as --base: its VAE file from ComfyUI's models/vae "
+           "(Flux and Z-Image: ae.safetensors)",
     "random_crop": "random crops (else centred)",
     "flip_p": "probability of a horizontal flip",
     "bucketing": "aspect-ratio buckets (else square crops)",
@@ -278,6 +285,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["metavar"] = "BOOL"
         if name in ("sample_prompts", "validation_prompts"):
             kwargs.update(action="append", type=str)
+        if name == "text_encoders":
+            kwargs.update(nargs="+", type=str, metavar="FILE")
         former = [flag(old) for old, new in FORMER_NAMES.items() if new == name]
         parser.add_argument(flag(name), *former, **kwargs)
 
@@ -426,6 +435,8 @@ RULES = {
     "validate_every": at_least(0),
     "validation_seeds": at_least(1),
     "validation_metric": one_of(_validation_metrics),
+    "text_encoders": lambda v: next((f"names a missing file {p!r}" for p in v if not Path(p).is_file()), None),
+    "vae": lambda v: None if not v or Path(v).is_file() else "is not an existing file",
 }
 
 

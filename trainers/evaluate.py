@@ -26,7 +26,7 @@ import torch
 
 from core.fileio import atomic_path, write_json_atomic
 
-from . import shards
+from . import base_files, shards
 
 BASE = "base"
 DETECTIONS = "detections.jsonl"  # face and hand scores of every image, one record per image path
@@ -60,7 +60,10 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", default="tiny-sd15", help="tiny-sd15, tiny-sdxl, a single-file checkpoint or a diffusers folder")
+    parser.add_argument("--base", default="tiny-sd15",
+                        help="a tiny base (tiny-sd15, tiny-sdxl, tiny-flux, tiny-zimage, tiny-sd3), an SD1.5/SDXL "
+                             "single-file checkpoint, a Flux.1/SD3.5/Z-Image diffusion model file (with "
+                             "--text-encoders, --vae) or a diffusers folder")
     parser.add_argument("--lora", action="append", required=True, metavar="FILE[:NAME]",
                         help="a LoRA to compare with the base (repeat for several); NAME labels it in the report")
     parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
@@ -70,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampler steps")
     parser.add_argument("--cfg", type=float, default=7.0,
                         help="classifier-free guidance scale (Flux.1-dev: unused; its distilled guidance is 3.5, "
-                             "as trained)")
+                             "as trained; Z-Image-Turbo: 1, none)")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     parser.add_argument("--scorer", action="append", default=[], choices=("pickscore", "hps", "imagereward", "clipscore"),
                         help="also score with this model-based scorer (repeat); needs --scorer-model NAME=FOLDER")
@@ -78,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local weights folder of a scorer named by --scorer")
     parser.add_argument("--tiles", action="store_true", help="tiled detection (also counts small faces and hands)")
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
+    base_files.add_arguments(parser)
     parser.add_argument("--output", type=Path, required=True, help="report folder")
     shards.add_arguments(parser)
 
@@ -140,14 +144,14 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
     from core.lora_format import lora_architecture, lora_fits
     from core.families import family_of
 
-    pipe = load_pipeline(args.base, tokenizer=args.tokenizer).to(shards.Share.device())
+    pipe = load_pipeline(args.base, **base_files.load_kwargs(args)).to(shards.Share.device())
     family = family_of(pipe, shards.Share.device())
     arch = family.name
     for model in models:
         trained_for = lora_architecture(model.lora)
         if not lora_fits(trained_for, arch):
             raise SystemExit(f"{model.lora.name} is a LoRA for {trained_for}, the base {args.base} is {arch}")
-        pipe.load_lora_weights(str(model.lora), adapter_name=model.name)
+        family.load_lora(model.lora, model.name)
     common = dict(num_inference_steps=args.steps, cfg=args.cfg)
     if args.size:
         common.update(height=args.size, width=args.size)

@@ -17,9 +17,14 @@ import torch
 from core.fileio import atomic_path, write_json_atomic
 from core.lan import StatsRecorder
 
+from . import base_files
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", default="tiny-sdxl", help="tiny-sd15, tiny-sdxl, a single-file checkpoint or a diffusers folder")
+    parser.add_argument("--base", default="tiny-sdxl",
+                        help="a tiny base (tiny-sd15, tiny-sdxl, tiny-flux, tiny-zimage, tiny-sd3), an SD1.5/SDXL "
+                             "single-file checkpoint, a Flux.1/SD3.5/Z-Image diffusion model file (with "
+                             "--text-encoders, --vae) or a diffusers folder")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--lora", type=Path, help="a LoRA file (kohya, diffusers or PEFT layout)")
@@ -30,9 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30, help="sampler steps")
     parser.add_argument("--cfg", type=float, default=7.0,
                         help="classifier-free guidance scale (Flux.1-dev: used only with --negative; its "
-                             "distilled guidance is 3.5, as trained)")
+                             "distilled guidance is 3.5, as trained; Z-Image-Turbo: 1, none)")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
+    base_files.add_arguments(parser)
     parser.add_argument("--output", type=Path, default=Path("outputs/samples"), help="folder for the PNGs")
 
 
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"LoRA file not found: {args.lora}")
     from core.families import family_of
 
-    pipe = load_pipeline(args.base, tokenizer=args.tokenizer)
+    pipe = load_pipeline(args.base, **base_files.load_kwargs(args))
     family = family_of(pipe)
     try:
         family.require_rendering()  # before the LoRA loads, and for --lan, which calls the pipeline itself
@@ -101,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"{args.lora.name} is a LoRA for {lora_arch}, the base {args.base} is {base_arch}: "
                              f"use a {lora_arch} base or a LoRA trained on {base_arch}")
         try:
-            pipe.load_lora_weights(str(args.lora), adapter_name="lora")
+            family.load_lora(args.lora, "lora")
         except (RuntimeError, ValueError, KeyError) as err:  # shapes that fit no module of this base
             first = str(err).strip().splitlines()[0][:200]
             raise SystemExit(f"{args.lora.name} does not fit the {base_arch} base {args.base} ({first})") from None

@@ -23,7 +23,7 @@ from .validation import Validator, prompts_of
 def load_base(cfg):
     from core.checkpoints import load_pipeline
 
-    return load_pipeline(cfg.base, tokenizer=cfg.tokenizer or None)
+    return load_pipeline(cfg.base, tokenizer=cfg.tokenizer or None, text_encoders=cfg.text_encoders, vae=cfg.vae or None)
 
 
 def make_trainable(cfg) -> Trainable:

@@ -31,6 +31,10 @@ NOT_IN_SHAPES = {
     "vae": ("norm_num_groups", "sample_size"),
     "text_encoder": ("num_attention_heads", "hidden_act"),
     "text_encoder_2": ("num_attention_heads", "hidden_act"),
+    # ComfyUI's separate DiT files (dit_convert.py): the diffusion model, a T5 or Qwen3 encoder file
+    "transformer": ("axes_dims_rope", "sample_size", "attention_head_dim", "axes_dims", "axes_lens"),
+    "t5_encoder": ("relative_attention_max_distance",),
+    "qwen3_encoder": ("max_position_embeddings", "rope_theta"),
 }
 # Buffers and extras that real checkpoints carry and diffusers/transformers models do not keep.
 _IGNORED_SUFFIXES = ("position_ids", "logit_scale")
@@ -162,7 +166,10 @@ def vae_config(ldm_vae: dict, arch: str, structure: dict | None = None) -> dict:
     config["layers_per_block"] = _count(keys, "encoder.down.0.block.{}.")
     config["in_channels"] = int(ldm_vae["encoder.conv_in.weight"].shape[1])
     config["out_channels"] = int(ldm_vae["decoder.conv_out.weight"].shape[0])
-    config["latent_channels"] = int(ldm_vae["post_quant_conv.weight"].shape[0])
+    config["latent_channels"] = int(ldm_vae["decoder.conv_in.weight"].shape[1])
+    # Flux's and SD3's VAEs (16 channels) have no quant convs.
+    config["use_quant_conv"] = "quant_conv.weight" in ldm_vae
+    config["use_post_quant_conv"] = "post_quant_conv.weight" in ldm_vae
     config.update((structure or {}).get("vae", {}))
     return config
 

@@ -145,6 +145,11 @@ class ModelFamily:
         """The inverse of ``normalize_latents``: grid latents as the VAE decodes them."""
         raise NotImplementedError
 
+    def load_lora(self, path, adapter_name: str) -> None:
+        """Load a LoRA file into the pipeline as adapter ``adapter_name`` (``set_adapters``,
+        ``disable_lora`` then apply): diffusers' own loader reads this family's files."""
+        self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+
     def require_rendering(self) -> None:
         """Refuse, before any work, a family whose pipeline call is not tested yet."""
         if not self.renders_samples:

@@ -30,6 +30,7 @@ class ZImageFamily(FlowMatchingFamily):
     # it prefixes them a second time.
     lora_prefix = "diffusion_model."
     VELOCITY_SIGN = -1  # the transformer predicts x0 − noise
+    renders_samples = True  # ZImagePipeline: latents on the grid, scaling and shift undone
 
     def __init__(self, pipe, device):
         super().__init__(pipe, device)
@@ -42,6 +43,13 @@ class ZImageFamily(FlowMatchingFamily):
             max_sequence_length=self.max_sequence_length,
         )
         return Conditioning.of_rows([(h.to(dtype), None) for h in hidden])
+
+    def guidance_kwargs(self, cfg=None, negative=None):
+        """ZImagePipeline's ``guidance_scale`` w guides as pos + w·(pos − neg), so the pack's
+        classifier-free scale (neg + cfg·(pos − neg)) is w = cfg − 1: cfg 1 (w 0) samples without
+        guidance, as Z-Image-Turbo does. The Qwen sequence is as long as in training."""
+        out = {"max_sequence_length": self.max_sequence_length, "negative_prompt": negative or None}
+        return out if cfg is None else {**out, "guidance_scale": max(cfg - 1.0, 0.0)}
 
     def predict(self, noisy, timesteps, cond, time_ids, trainable, condition):
         frames = list(noisy.unsqueeze(2).unbind(0))  # one (C, 1, h, w) frame per sample
