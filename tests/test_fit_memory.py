@@ -169,7 +169,7 @@ def test_unloaded_text_encoders_are_gone_and_the_texts_read_from_the_cache(base,
         model.conditioning(["a cat"])
 
 
-@pytest.mark.parametrize("base", ["tiny-sd15", "tiny-sdxl", "tiny-flux"])
+@pytest.mark.parametrize("base", ["tiny-sd15", "tiny-sdxl", "tiny-flux", "tiny-sd3", "tiny-zimage"])
 def test_renders_from_embeddings_equal_renders_from_text(base, tmp_path):
     """With the encoders unloaded, sample and validation images are rendered from the prompt's
     embeddings (and the empty negative prompt's, where the pipeline's guidance uses one): the

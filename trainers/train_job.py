@@ -86,6 +86,7 @@ def make_renderer(cfg, model: TrainableModel):
     if cfg.sample_every or cfg.validate_every:
         try:
             model.family.require_rendering()
+            model.prompt_embeddings("")  # from embeddings once the text encoders are unloaded: can it?
         except ValueError as err:
             raise ValueError(f"--sample-every and --validate-every: {err}: set them to 0") from None
 

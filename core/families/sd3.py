@@ -75,3 +75,9 @@ class SD3Family(FlowMatchingFamily):
         """Flux's: joint attention, each image-stream projection with its text-stream twin (the
         image-only ``attn2`` of MMDiT-X blocks takes the plain names)."""
         return FluxFamily.lora_targets(names)
+
+    def pipeline_prompt_kwargs(self, cond, negative):
+        """The joint CLIP + T5 sequence and the pooled CLIP vectors, the empty negative prompt's beside
+        them (SD3's classifier-free guidance encodes one)."""
+        return {"prompt_embeds": cond.hidden, "pooled_prompt_embeds": cond.pooled,
+                "negative_prompt_embeds": negative.hidden, "negative_pooled_prompt_embeds": negative.pooled}

@@ -56,3 +56,9 @@ class ZImageFamily(FlowMatchingFamily):
         captions = [hidden for hidden, _ in cond.rows()]
         out = self.denoiser(frames, (1 - timesteps).to(noisy.dtype), captions, return_dict=False)[0]
         return torch.stack(out).squeeze(2)
+
+    def pipeline_prompt_kwargs(self, cond, negative):
+        """ZImagePipeline takes one (tokens, width) embedding per prompt, its real tokens only, and
+        the empty negative prompt's where it guides."""
+        return {"prompt_embeds": [hidden for hidden, _ in cond.rows()],
+                "negative_prompt_embeds": [hidden for hidden, _ in negative.rows()]}
