@@ -136,15 +136,13 @@ class TrainableModel:
     def _encode_then_release(self, texts: list[str]) -> None:
         """Encode every text of the run (the text encoders on the device only for this), then drop
         the text encoders from the pipeline: training reads the embeddings alone."""
-        encoders = [getattr(self.pipe, n) for n in TEXT_ENCODERS if getattr(self.pipe, n, None) is not None]
-        for encoder in encoders:
-            encoder.to(self.device)
+        names = [n for n in TEXT_ENCODERS if getattr(self.pipe, n, None) is not None]
+        for name in names:
+            getattr(self.pipe, name).to(self.device)
         self.conditioning(list(texts))
-        for name in TEXT_ENCODERS:
-            if getattr(self.pipe, name, None) is not None:
-                getattr(self.pipe, name).to("cpu")
-                setattr(self.pipe, name, None)
-        del encoders
+        for name in names:
+            getattr(self.pipe, name).to("cpu")  # off the device before the pipeline's reference goes
+            setattr(self.pipe, name, None)
         self.text_encoders_released = True
         gc.collect()
         if self.device.type == "cuda":
