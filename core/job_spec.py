@@ -61,11 +61,13 @@ def option_argv(options: dict) -> list[str]:
 @dataclass(frozen=True)
 class JobSpec:
     method: str  # a trainer method: fairhuman, fairhuman-controlnet, hg-dpo, fair-dpo
-    base: str  # the base checkpoint's path
+    base: str  # the base checkpoint's path, or a diffusion model's (Flux.1, SD3.5, Z-Image)
     output_file: str  # the trained file's name in the trainer's run directory (a LoRA or a ControlNet)
     output_listed: str  # its name in ComfyUI's list (``fairhuman/<name>.safetensors``)
     output_dest: str  # where the job copies it (a ComfyUI models folder)
     train: dict = field(default_factory=dict)  # TrainConfig field -> value
+    text_encoders: list = field(default_factory=list)  # the base's text encoder files, where it needs them
+    vae: str = ""  # the base's VAE file ("": the base's own)
     tokenizer: str = ""  # CLIP tokenizer folder ("" for the trainer's own search)
     dataset: str = ""  # photo methods: the folder of photos (annotated first when it has no metadata.jsonl)
     pairs: str = ""  # DPO methods: an existing pairs folder, else pairs are built from ``prompts``
@@ -125,20 +127,24 @@ class JobSpec:
         return cls.from_dict(data, source=f"job spec {path}")
 
     # ---- what the job runs ------------------------------------------------------------------------
+    def base_argv(self) -> list[str]:
+        """The flags naming the base model's files, as ``train`` and ``build-pairs`` take them (the
+        text encoders space-separated: a path may hold a comma)."""
+        argv = option_argv({"base": self.base, "vae": self.vae or None, "tokenizer": self.tokenizer or None})
+        return argv + ([flag("text_encoders"), *self.text_encoders] if self.text_encoders else [])
+
     def train_argv(self, data: Path, run_dir: Path) -> list[str]:
         """``python -m trainers train`` arguments: the spec's own, then each trainer option."""
-        fixed = {"method": self.method, "base": self.base, "data": str(data), "output": str(run_dir),
-                 "output_file": self.output_file, "tokenizer": self.tokenizer or None}
-        overlap = sorted(set(fixed) & set(self.train))
+        fixed = {"method": self.method, "data": str(data), "output": str(run_dir), "output_file": self.output_file}
+        overlap = sorted((set(fixed) | {"base", "text_encoders", "vae", "tokenizer"}) & set(self.train))
         if overlap:
             raise SpecError(f"job spec: train options {overlap} are the spec's own fields")
-        return ["train", *option_argv({**fixed, **self.train})]
+        return ["train", *option_argv({**fixed, **self.train}), *self.base_argv()]
 
     def build_pairs_argv(self, prompts_file: Path, out: Path) -> list[str]:
         """``python -m trainers build-pairs`` arguments for pairs from ``prompts``."""
-        fixed = {"base": self.base, "prompts": str(prompts_file), "output": str(out),
-                 "tokenizer": self.tokenizer or None}
-        argv = ["build-pairs", *option_argv({**fixed, **self.build_pairs})]
+        fixed = {"prompts": str(prompts_file), "output": str(out)}
+        argv = ["build-pairs", *option_argv({**fixed, **self.build_pairs}), *self.base_argv()]
         for name, folder in self.scorer_models.items():
             argv += [flag("scorer_model"), f"{name}={folder}"]
         return argv

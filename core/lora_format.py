@@ -300,3 +300,26 @@ def load_lora_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except ValueError as err:
         raise ValueError(f"LoRA file {path}: {err}") from None
     return state
+
+
+def load_into_pipeline(family, path: str | os.PathLike, adapter_name: str) -> None:
+    """Load a LoRA file into ``family``'s pipeline as adapter ``adapter_name`` (then
+    ``set_adapters`` / ``disable_lora`` apply). Where diffusers' loader of the family reads no
+    kohya keys (SD3: peft keys under ``transformer.`` and no alphas, so scale 1), the pack's file is
+    converted to that, each module's alpha / rank folded into its up weights; a file in another
+    layout goes to diffusers' loader as it is."""
+    if not family.diffusers_reads_kohya:
+        try:
+            kohya = load_lora_state(path)
+        except ValueError:  # not a kohya file: diffusers' own layouts
+            kohya = None
+        if kohya is not None:
+            names = [name for name, _ in family.denoiser.named_modules()]
+            state, alphas = kohya_to_peft_state(kohya, module_names=names)
+            for module, alpha in alphas.items():
+                up = state[f"{module}.lora_B.weight"]
+                state[f"{module}.lora_B.weight"] = up * (alpha / up.shape[1])
+            prefix = family.denoiser_attribute
+            family.pipe.load_lora_weights({f"{prefix}.{k}": v for k, v in state.items()}, adapter_name=adapter_name)
+            return
+    family.pipe.load_lora_weights(str(path), adapter_name=adapter_name)

@@ -23,6 +23,17 @@ class InputRefused(ValueError):
     """A node input that must not be used; the message names it and the fix."""
 
 
+def model_file(kind: str, name: str) -> str:
+    """The path of a file ComfyUI lists in a models folder kind (``checkpoints``, ``loras``, ...)."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(kind, name)
+    if path is None or not os.path.isfile(path):
+        searched = ", ".join(folder_paths.get_folder_paths(kind))
+        raise FileNotFoundError(f"{kind} file {name!r} not found (searched: {searched})")
+    return path
+
+
 def sanitize_output_name(text: str) -> str:
     """The output name as a file stem, or ``InputRefused``: no separators, no ``..``, no
     leading dot, at most 100 of letters, digits, space and ``_.+-``."""

@@ -14,6 +14,7 @@ import logging
 import os
 
 from ..core.lora_format import read_lora_metadata
+from .job_paths import model_file
 from .node_api import io
 
 log = logging.getLogger("fairhuman-hgdpo")
@@ -28,16 +29,6 @@ LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha", ".lora_A.weig
 def model_arch(model) -> str:
     name = type(model.model.model_config).__name__
     return ARCH_OF_COMFY_MODEL.get(name, name.lower())
-
-
-def resolve(kind: str, name: str) -> str:
-    import folder_paths
-
-    path = folder_paths.get_full_path(kind, name)
-    if path is None or not os.path.isfile(path):
-        searched = ", ".join(folder_paths.get_folder_paths(kind))
-        raise FileNotFoundError(f"{kind} file {name!r} not found (searched: {searched})")
-    return path
 
 
 def read_file(path: str) -> tuple[dict, dict]:
@@ -136,7 +127,7 @@ class FairHumanLoraLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, lora_name, strength):
-        return io.NodeOutput(*apply_lora(model, clip, resolve("loras", lora_name), strength, strength, "fairhuman"))
+        return io.NodeOutput(*apply_lora(model, clip, model_file("loras", lora_name), strength, strength, "fairhuman"))
 
 
 class HGDPOLoraLoader(io.ComfyNode):
@@ -153,7 +144,7 @@ class HGDPOLoraLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength):
-        new_model, _, info = apply_lora(model, None, resolve("loras", lora_name), strength, 0.0, "hg-dpo")
+        new_model, _, info = apply_lora(model, None, model_file("loras", lora_name), strength, 0.0, "hg-dpo")
         return io.NodeOutput(new_model, info)
 
 
@@ -172,7 +163,7 @@ class FairHumanControlNetLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, control_net_name):
-        return io.NodeOutput(*load_controlnet(resolve("controlnet", control_net_name)))
+        return io.NodeOutput(*load_controlnet(model_file("controlnet", control_net_name)))
 
 
 def load_controlnet(path: str):

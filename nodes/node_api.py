@@ -15,7 +15,7 @@ import pkgutil
 
 from comfy_api.v0_0_2 import ComfyExtension, io, ui
 
-from .train_inputs import CHECKPOINTS, Input
+from .train_inputs import Input
 
 __all__ = ["ComfyExtension", "io", "ui", "PackExtension", "schema_inputs", "schema_outputs", "pack_nodes"]
 
@@ -24,19 +24,20 @@ _KEYWORDS = {"forceInput": "force_input"}
 _WIDGETS = {"INT": io.Int, "FLOAT": io.Float, "STRING": io.String, "BOOLEAN": io.Boolean}
 
 
-def schema_input(name: str, declared: Input, optional: bool, checkpoints: list):
-    """One ``train_inputs.Input`` as the io input ComfyUI reads."""
+def schema_input(name: str, declared: Input, optional: bool, model_files):
+    """One ``train_inputs.Input`` as the io input ComfyUI reads (``model_files(folder)``: the file
+    names of a ComfyUI models folder)."""
     options = {_KEYWORDS.get(key, key): value for key, value in declared.options.items()}
-    if declared.kind == CHECKPOINTS or isinstance(declared.kind, list):
-        choices = list(checkpoints) if declared.kind == CHECKPOINTS else list(declared.kind)
+    choices = declared.choices(model_files)
+    if choices is not None:
         return io.Combo.Input(name, options=choices, optional=optional, **options)
     kind = _WIDGETS.get(declared.kind) or io.Custom(declared.kind)
     return kind.Input(name, optional=optional, **options)
 
 
-def schema_inputs(inputs: dict, checkpoints: list) -> list:
+def schema_inputs(inputs: dict, model_files) -> list:
     """The io inputs of a Train node's ``train_inputs`` declaration, required then optional, in order."""
-    return [schema_input(name, declared, group == "optional", checkpoints)
+    return [schema_input(name, declared, group == "optional", model_files)
             for group in ("required", "optional") for name, declared in inputs[group].items()]
 
 

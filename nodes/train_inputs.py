@@ -16,7 +16,23 @@ from ..core.scorers import NAMES as SCORERS
 from ..core.weighting import WEIGHTINGS
 from .job_paths import OUTPUT_SUBFOLDER
 
-CHECKPOINTS = "<checkpoints>"  # the kind of ckpt_name: the node puts ComfyUI's checkpoint list here
+NONE = "none"  # the choice of a model-file input that names no file
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The kind of an input choosing a file of a ComfyUI models folder: the node lists the folder's
+    files there, with ``none`` first where the input may name no file (``none="first"``), or last
+    where the input is required but another input can stand in for it (``none="last"``)."""
+
+    folder: str  # a folder_paths kind: checkpoints, diffusion_models, text_encoders, vae
+    none: str = ""  # "", "first" or "last"
+
+    def choices(self, files: list) -> list:
+        return {"first": [NONE, *files], "last": [*files, NONE]}.get(self.none, list(files))
+
+
+CHECKPOINTS = ModelFiles("checkpoints", none="last")  # none: a DiT base from diffusion_model instead
 MODES = ["wait", "background"]
 PRECISIONS = ["auto", "no", "fp16", "bf16"]
 DPO_METHODS = ["hg-dpo", "fair-dpo"]
@@ -25,13 +41,21 @@ NORMALIZATIONS = ["reference", "area"]
 
 @dataclass(frozen=True)
 class Input:
-    kind: object  # INT, FLOAT, STRING, BOOLEAN, MODEL, IMAGE, MASK, a list of choices, or CHECKPOINTS
+    kind: object  # INT, FLOAT, STRING, BOOLEAN, MODEL, IMAGE, MASK, a list of choices, or ModelFiles
     options: dict = field(default_factory=dict)  # ComfyUI's: default, min, max, tooltip, ...
     field: str = ""  # the TrainConfig field its value goes to ("": the node itself uses it)
 
-    def declaration(self, checkpoints: list) -> tuple:
+    def choices(self, model_files) -> list | None:
+        """The choices of a combo input (``model_files(folder)``: a models folder's file names);
+        None for any other input."""
+        if isinstance(self.kind, ModelFiles):
+            return self.kind.choices(model_files(self.kind.folder))
+        return list(self.kind) if isinstance(self.kind, list) else None
+
+    def declaration(self, model_files) -> tuple:
         """The ``(type, options)`` tuple ComfyUI reads."""
-        return (list(checkpoints) if self.kind == CHECKPOINTS else self.kind, dict(self.options))
+        choices = self.choices(model_files)
+        return (self.kind if choices is None else choices, dict(self.options))
 
 
 def _tip(text: str, **options) -> dict:
@@ -49,7 +73,9 @@ def _name_and_steps(default_name: str, where: str, steps: int = 1000) -> dict:
 
 
 PHOTOS = {
-    "ckpt_name": Input(CHECKPOINTS, _tip("The base checkpoint to train on (SD1.5 or SDXL).")),
+    "ckpt_name": Input(CHECKPOINTS, _tip(
+        "The base checkpoint to train on (SD1.5, SDXL, or SD3.5 with its text encoders). Ignored when "
+        "diffusion_model names a file.")),
     "dataset": Input("STRING", _tip(
         "A folder of photos inside ComfyUI's input directory (or an absolute path under a folder listed in "
         "FAIRHUMAN_ALLOWED_ROOTS). Without metadata.jsonl it is annotated first.", default="fairhuman_photos")),
@@ -122,6 +148,25 @@ DEVICES = Input("STRING", _tip(
     "'device'.", default=""))
 
 
+# A diffusion transformer base (Flux.1, SD3.5, Z-Image) as ComfyUI's own loaders take it: the model from
+# models/diffusion_models, its text encoders, its VAE. The text encoders and VAE also complete a
+# checkpoint that lacks them (SD3.5's own files hold no T5).
+TEXT_ENCODER_TIP = ("A text encoder of the base, from models/text_encoders (as DualCLIPLoader / TripleCLIPLoader "
+                    "take them: Flux.1 clip_l and t5xxl; SD3.5 clip_l, clip_g and t5xxl; Z-Image qwen_3_4b). "
+                    "Their order does not matter.")
+DIT_BASE = {
+    "diffusion_model": Input(ModelFiles("diffusion_models", none="first"), _tip(
+        "Train on a diffusion transformer from models/diffusion_models (Flux.1 dev or schnell, SD3.5, Z-Image) "
+        "instead of ckpt_name, with its text encoders and VAE below. none: the base is ckpt_name.")),
+    "text_encoder_1": Input(ModelFiles("text_encoders", none="first"), _tip(TEXT_ENCODER_TIP)),
+    "text_encoder_2": Input(ModelFiles("text_encoders", none="first"), _tip(TEXT_ENCODER_TIP)),
+    "text_encoder_3": Input(ModelFiles("text_encoders", none="first"), _tip(TEXT_ENCODER_TIP)),
+    "vae": Input(ModelFiles("vae", none="first"), _tip(
+        "The base's VAE, from models/vae (Flux.1 and Z-Image: ae.safetensors). none: the one inside ckpt_name.")),
+}
+TEXT_ENCODERS = ("text_encoder_1", "text_encoder_2", "text_encoder_3")
+
+
 def _model_output(strength: float) -> dict:
     return {
         "model": Input("MODEL", _tip("Optional: outputs this model with the new LoRA applied (wait mode), so one "
@@ -150,6 +195,7 @@ FAIRHUMAN_LORA = {
         **GRAPH_DATA,
         "validate_every": VALIDATE_EVERY,
         "devices": DEVICES,
+        **DIT_BASE,
     },
 }
 
@@ -204,14 +250,15 @@ HGDPO_LORA = {
             "terms (each image's own masks) combined by MPD, so hands and faces get their say.", default="hg-dpo")),
         "validate_every": VALIDATE_EVERY,
         "devices": DEVICES,
+        **DIT_BASE,
     },
 }
 
 
 # ---- reading a node's values ----------------------------------------------------------------------
-def input_types(inputs: dict, checkpoints: list) -> dict:
-    """A node's ``INPUT_TYPES()``."""
-    return {group: {name: i.declaration(checkpoints) for name, i in declared.items()}
+def input_types(inputs: dict, model_files) -> dict:
+    """A node's ``INPUT_TYPES()`` (``model_files(folder)``: a models folder's file names)."""
+    return {group: {name: i.declaration(model_files) for name, i in declared.items()}
             for group, declared in inputs.items()}
 
 

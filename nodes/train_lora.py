@@ -20,9 +20,9 @@ from pathlib import Path
 from ..core.job_spec import JobSpec
 from .graph_data import dataset_files, digest, graph_dataset, write_dataset
 from .job_manager import comfy_manager
-from .job_paths import OUTPUT_SUBFOLDER, InputRefused, resolve_dataset, resolve_folder, sanitize_output_name
-from .train_inputs import (DPO_METHODS, FAIRHUMAN_CONTROLNET, FAIRHUMAN_LORA, HGDPO_LORA, MODES, trainer_options,
-                           with_defaults)
+from .job_paths import OUTPUT_SUBFOLDER, InputRefused, model_file, resolve_dataset, resolve_folder, sanitize_output_name
+from .train_inputs import (DPO_METHODS, FAIRHUMAN_CONTROLNET, FAIRHUMAN_LORA, HGDPO_LORA, MODES, NONE, TEXT_ENCODERS,
+                           trainer_options, with_defaults)
 
 log = logging.getLogger("fairhuman-hgdpo")
 
@@ -31,10 +31,24 @@ GRAPH_DATA_FOLDER = ".graph_data"  # under the runs folder: <runs>/.graph_data/<
 
 
 # ---- ComfyUI facts ----------------------------------------------------------------------------
-def checkpoint_path(name: str) -> str:
-    from .loaders import resolve
-
-    return resolve("checkpoints", name)
+def base_files(values: dict) -> tuple[dict, dict]:
+    """(the JobSpec fields naming the base's files, the same as settings of the run): ckpt_name's
+    checkpoint, or ``diffusion_model``'s transformer; the text encoders and VAE chosen beside it."""
+    dit = values.get("diffusion_model") or NONE
+    if dit != NONE:
+        base, settings = model_file("diffusion_models", dit), {"diffusion_model": dit}
+    elif values["ckpt_name"] != NONE:
+        base, settings = model_file("checkpoints", values["ckpt_name"]), {"ckpt_name": values["ckpt_name"]}
+    else:
+        raise InputRefused("no base model: choose a checkpoint in ckpt_name, or a diffusion model (Flux.1, SD3.5, "
+                           "Z-Image) in diffusion_model with its text encoders and VAE")
+    encoders = [values[n] for n in TEXT_ENCODERS if (values.get(n) or NONE) != NONE]
+    vae = values.get("vae") or NONE
+    fields = {"base": base, "text_encoders": [model_file("text_encoders", n) for n in encoders],
+              "vae": "" if vae == NONE else model_file("vae", vae)}
+    # only what is set, so the settings of a run queued before these inputs existed still match
+    return fields, {**settings, **({"text_encoders": encoders} if encoders else {}),
+                    **({"vae": vae} if vae != NONE else {})}
 
 
 def comfy_tokenizer() -> str:
@@ -160,8 +174,9 @@ class _TrainNode:
         if train.get("mixed_precision") == "fp16" and device == "cpu":
             raise InputRefused("mixed_precision fp16 needs a GPU and ComfyUI runs on the CPU: set mixed_precision "
                                "to auto or no, or bf16 (less memory, slower)")
+        base, base_settings = base_files(values)
         manager = comfy_manager()
-        settings = {"method": method, "ckpt_name": values["ckpt_name"], **source, **train}
+        settings = {"method": method, **base_settings, **source, **train}
         manager.check(name=name, device=device, settings=settings, overwrite=overwrite)
         if files is not None:  # the graph's data, once nothing refuses the job
             folder = Path(manager.runs_root) / GRAPH_DATA_FOLDER / name
@@ -169,7 +184,7 @@ class _TrainNode:
             data = {**data, "dataset": str(folder)}
         free_device_memory(device)
         devices = (values.get("devices") or "").strip()
-        spec = JobSpec(method=method, base=checkpoint_path(values["ckpt_name"]), output_file=f"{name}.safetensors",
+        spec = JobSpec(method=method, **base, output_file=f"{name}.safetensors",
                        output_listed=listed, output_dest=str(dest), train=train, tokenizer=comfy_tokenizer(),
                        overwrite=overwrite, **data, **({"devices": devices} if devices else {}))
         job = manager.submit(spec, name=name, device=device, settings=settings, overwrite=overwrite)

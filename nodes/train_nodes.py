@@ -12,10 +12,10 @@ from .train_inputs import GRAPH_DATA
 from .train_lora import DEVICE, FairHumanTrainControlNet, FairHumanTrainLoRA, HGDPOTrainLoRA
 
 
-def _checkpoints() -> list:
+def _model_files(folder: str) -> list:
     import folder_paths
 
-    return folder_paths.get_filename_list("checkpoints")
+    return folder_paths.get_filename_list(folder)
 
 
 def _say(node_id):
@@ -44,7 +44,7 @@ class _TrainNode(io.ComfyNode):
         job = cls.JOB
         return io.Schema(
             node_id=cls.NODE_ID, display_name=job.LABEL, category=job.CATEGORY, description=job.DESCRIPTION,
-            inputs=schema_inputs(job.INPUTS, _checkpoints()), outputs=schema_outputs(job.OUTPUTS),
+            inputs=schema_inputs(job.INPUTS, _model_files), outputs=schema_outputs(job.OUTPUTS),
             hidden=[io.Hidden.unique_id],
             is_output_node=True,  # it writes a file: runs even when nothing consumes its outputs
             is_input_list=True,  # every input a list: graph data whole, the others taken by _first

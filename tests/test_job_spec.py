@@ -63,7 +63,9 @@ def comfy(node_modules, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "comfy_execution.graph_utils", blocker)
     manager = _Manager()
     monkeypatch.setattr(train_lora, "comfy_manager", lambda: manager)
-    monkeypatch.setattr(train_lora, "checkpoint_path", lambda name: BASE)
+    # a checkpoint resolves to the tiny base; other model files to their place in a ComfyUI tree
+    monkeypatch.setattr(train_lora, "model_file",
+                        lambda kind, name: BASE if kind == "checkpoints" else f"/comfy/models/{kind}/{name}")
     monkeypatch.setattr(train_lora, "comfy_tokenizer", lambda: TOKENIZER)
     monkeypatch.setattr(train_lora, "training_device", lambda requested: requested or "cpu")
     return input_dir, manager
@@ -156,6 +158,57 @@ def test_hgdpo_node_builds_pairs_with_its_inputs(node_modules, comfy, tmp_path):
     args = resolve_options(build_parser("build-pairs", load_command("build-pairs")).parse_args(argv[1:]))
     assert (args.n, args.scorer, args.size, args.steps, args.seed, args.base, args.tokenizer) == (
         6, "anatomy", (256, 256), 9, 11, BASE, TOKENIZER)
+
+
+DIT_INPUTS = {"diffusion_model": "flux1-dev.safetensors", "text_encoder_1": "t5xxl_fp16.safetensors",
+              "text_encoder_3": "clip_l.safetensors", "vae": "ae.safetensors"}
+
+
+def _in_tree(kind: str, name: str) -> str:
+    return f"/comfy/models/{kind}/{name}"
+
+
+@pytest.mark.parametrize("node_id", ["FairHumanTrainLoRA", "HGDPOTrainLoRA"])
+def test_a_diffusion_model_base_reaches_the_trainer_with_its_text_encoders_and_vae(node_modules, comfy, tmp_path,
+                                                                                    node_id):
+    from trainers.build_pairs import resolve_options
+
+    data = {"prompts": "a person waving\n"} if node_id == "HGDPOTrainLoRA" else {"dataset": "photos"}
+    spec = _node_spec(node_modules, comfy, tmp_path, node_id, ckpt_name="base.safetensors", output_name="flux",
+                      device="cpu", **data, **DIT_INPUTS)
+    base = _in_tree("diffusion_models", "flux1-dev.safetensors")
+    encoders = [_in_tree("text_encoders", "t5xxl_fp16.safetensors"), _in_tree("text_encoders", "clip_l.safetensors")]
+    vae = _in_tree("vae", "ae.safetensors")
+    assert (spec.base, spec.text_encoders, spec.vae) == (base, encoders, vae)  # ckpt_name is ignored
+    cfg = _config(spec.train_argv(tmp_path, tmp_path / "run")[1:])
+    assert (cfg.base, cfg.text_encoders, cfg.vae) == (base, encoders, vae)
+    if node_id == "HGDPOTrainLoRA":
+        argv = spec.build_pairs_argv(tmp_path / "prompts.txt", tmp_path / "pairs")
+        args = resolve_options(build_parser("build-pairs", load_command("build-pairs")).parse_args(argv[1:]))
+        assert (args.base, args.text_encoders, args.vae) == (base, encoders, vae)
+    # the run's settings name the diffusion model, not the ignored checkpoint (changing it resumes)
+    _, manager = comfy
+    settings = manager.submitted[-1][1]["settings"]
+    assert settings["diffusion_model"] == DIT_INPUTS["diffusion_model"] and "ckpt_name" not in settings
+    assert settings["text_encoders"] == ["t5xxl_fp16.safetensors", "clip_l.safetensors"]
+
+
+def test_a_checkpoint_base_keeps_the_settings_of_runs_queued_before_the_diffusion_model_inputs(node_modules, comfy,
+                                                                                              tmp_path):
+    _node_spec(node_modules, comfy, tmp_path, "FairHumanTrainLoRA", ckpt_name="base.safetensors", output_name="x",
+               dataset="photos", device="cpu")
+    _, manager = comfy
+    spec, record = manager.submitted[-1]
+    assert (spec.text_encoders, spec.vae) == ([], "")
+    assert not {"diffusion_model", "text_encoders", "vae"} & set(record["settings"])
+    assert "--text-encoders" not in spec.train_argv(tmp_path, tmp_path / "run")
+
+
+def test_no_base_at_all_is_refused(node_modules, comfy, tmp_path):
+    train_lora, _ = node_modules
+    with pytest.raises(ValueError, match="no base model: choose a checkpoint in ckpt_name, or a diffusion model"):
+        train_lora.NODE_CLASS_MAPPINGS["FairHumanTrainLoRA"]().train(
+            mode="background", ckpt_name="none", dataset="photos", output_name="x", device="cpu")
 
 
 # ---- versions and malformed specs -----------------------------------------------------------------
@@ -269,10 +322,13 @@ def test_released_inputs_keep_their_names_and_places(node_modules):
         assert set(inputs["required"]) <= set(names), f"{node_id}: a new input must be optional"
 
 
+ANY_FILE = "<any model file>"  # the models folders' file list here: any name a saved workflow holds
+
+
 def _fits(declaration, value) -> bool:
     kind, options = declaration
     if isinstance(kind, list):
-        return isinstance(value, str) and (not kind or value in kind)
+        return isinstance(value, str) and (ANY_FILE in kind or value in kind)
     if kind in ("INT", "FLOAT"):
         return isinstance(value, (int, float)) and options.get("min", value) <= value <= options.get("max", value)
     return isinstance(value, {"BOOLEAN": bool, "STRING": str}[kind])
@@ -283,7 +339,7 @@ def test_saved_workflows_still_map_onto_the_node_inputs(node_modules, comfy, tmp
     takes it; the node then turns the values saved by SAVED_BY into a spec the trainer accepts."""
     train_lora, train_inputs = node_modules
     _, manager = comfy
-    object_info = {node_id: {"input": train_inputs.input_types(node.INPUTS, [])}
+    object_info = {node_id: {"input": train_inputs.input_types(node.INPUTS, lambda folder: [ANY_FILE])}
                    for node_id, node in train_lora.NODE_CLASS_MAPPINGS.items()}
     seen = 0
     for name, workflow, released in _saved_workflows():

@@ -79,6 +79,22 @@ def test_comfyui_files_load_the_same_model(base, tiny, comfy_files, no_network):
     assert_same_pipeline(loaded, tiny(base))
 
 
+def test_the_trainer_reads_a_dit_file_in_its_compute_dtype_and_the_vae_in_fp32(comfy_files, no_network):
+    """Flux.1-dev read in fp32 would need 48 GB before the dtype policy cast it: a DiT file loads
+    straight into the compute dtype (the VAE stays fp32); the other bases load as before."""
+    from types import SimpleNamespace
+
+    from trainers.train_job import load_base
+
+    files = comfy_files("tiny-flux")
+    cfg = SimpleNamespace(base=files["base"], tokenizer="", text_encoders=files["text_encoders"], vae=files["vae"])
+    pipe = load_base(cfg, torch.bfloat16)
+    assert pipe.transformer.dtype == pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == torch.bfloat16
+    assert pipe.vae.dtype == torch.float32
+    tiny_sd15 = load_base(SimpleNamespace(base="tiny-sd15", tokenizer="", text_encoders=[], vae=""), torch.bfloat16)
+    assert tiny_sd15.unet.dtype == tiny_sd15.vae.dtype == torch.float32  # cast later by the dtype policy
+
+
 def test_full_checkpoint_prefix_loads_too(tiny, comfy_files, no_network):
     """A diffusion model under model.diffusion_model. (as in full checkpoints) is the same model."""
     from core.checkpoints import load_pipeline

@@ -63,7 +63,7 @@ def test_lora_keys_are_the_sd3_keys_comfyui_maps(region_dataset_64, tmp_path):
     no kohya keys and no alphas), the file reproduces the trained transformer's output."""
     from core.families import family_of
 
-    from core.lora_format import kohya_name
+    from core.lora_format import kohya_name, load_into_pipeline
 
     result = train_lora_in_process("tiny-sd3", region_dataset_64, tmp_path)
     transformer = result["model"].denoiser
@@ -75,7 +75,8 @@ def test_lora_keys_are_the_sd3_keys_comfyui_maps(region_dataset_64, tmp_path):
     assert "transformer_blocks.2.attn.to_add_out" not in present  # the last block's text stream ends early
     assert_lora_file_keys(result["lora"], expected, "sd3", "sd3")
     assert_diffusers_loader_reproduces(result, "tiny-sd3", load=merge_as_comfyui)
-    assert_diffusers_loader_reproduces(result, "tiny-sd3", load=lambda pipe, path: family_of(pipe).load_lora(path, "l"))
+    assert_diffusers_loader_reproduces(result, "tiny-sd3",
+                                       load=lambda pipe, path: load_into_pipeline(family_of(pipe), path, "l"))
 
 
 def test_conditioning_and_timestep_are_the_pipelines():

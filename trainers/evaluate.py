@@ -141,7 +141,7 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
     from tqdm import tqdm
 
     from core.checkpoints import load_pipeline
-    from core.lora_format import lora_architecture, lora_fits
+    from core.lora_format import load_into_pipeline, lora_architecture, lora_fits
     from core.families import family_of
 
     pipe = load_pipeline(args.base, **base_files.load_kwargs(args)).to(shards.Share.device())
@@ -151,7 +151,7 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
         trained_for = lora_architecture(model.lora)
         if not lora_fits(trained_for, arch):
             raise SystemExit(f"{model.lora.name} is a LoRA for {trained_for}, the base {args.base} is {arch}")
-        family.load_lora(model.lora, model.name)
+        load_into_pipeline(family, model.lora, model.name)
     common = dict(num_inference_steps=args.steps, cfg=args.cfg)
     if args.size:
         common.update(height=args.size, width=args.size)

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(str(err)) from None
     if args.lora is not None:
-        from core.lora_format import lora_architecture, lora_fits
+        from core.lora_format import load_into_pipeline, lora_architecture, lora_fits
 
         base_arch = family.name
         try:
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"{args.lora.name} is a LoRA for {lora_arch}, the base {args.base} is {base_arch}: "
                              f"use a {lora_arch} base or a LoRA trained on {base_arch}")
         try:
-            family.load_lora(args.lora, "lora")
+            load_into_pipeline(family, args.lora, "lora")
         except (RuntimeError, ValueError, KeyError) as err:  # shapes that fit no module of this base
             first = str(err).strip().splitlines()[0][:200]
             raise SystemExit(f"{args.lora.name} does not fit the {base_arch} base {args.base} ({first})") from None

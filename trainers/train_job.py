@@ -20,10 +20,15 @@ from .validation import Validator, prompts_of
 
 
 
-def load_base(cfg):
-    from core.checkpoints import load_pipeline
+def load_base(cfg, dtype: torch.dtype = torch.float32):
+    """The base pipeline. A diffusion-transformer file is read straight into ``dtype`` (the compute
+    dtype): Flux.1-dev in fp32 would take 48 GB before the model is cast to it. Other bases load
+    in fp32 and are cast by the dtype policy, as before."""
+    from core.checkpoints import dit_file_family, load_pipeline
 
-    return load_pipeline(cfg.base, tokenizer=cfg.tokenizer or None, text_encoders=cfg.text_encoders, vae=cfg.vae or None)
+    dtype = dtype if dit_file_family(cfg.base) else torch.float32
+    return load_pipeline(cfg.base, dtype=dtype, tokenizer=cfg.tokenizer or None, text_encoders=cfg.text_encoders,
+                         vae=cfg.vae or None)
 
 
 def make_trainable(cfg) -> Trainable:
@@ -69,11 +74,12 @@ def run_texts(cfg) -> list[str]:
 
 def build_model(cfg) -> TrainableModel:
     device = training_device(getattr(cfg, "device", ""))
+    dtype = compute_dtype(cfg.mixed_precision, device)
     texts = cache = None
     if cfg.unload_text_encoders:
         texts, cache = run_texts(cfg), TensorCache(Path(cfg.output) / "cache" / "text")
     return TrainableModel(
-        load_base(cfg), trainable=make_trainable(cfg), dtype=compute_dtype(cfg.mixed_precision, device), device=device,
+        load_base(cfg, dtype), trainable=make_trainable(cfg), dtype=dtype, device=device,
         gradient_checkpointing=cfg.gradient_checkpointing, init_seed=cfg.seed, base_weights=cfg.base_weights,
         texts=texts, text_cache=cache,
     )

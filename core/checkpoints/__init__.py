@@ -152,6 +152,18 @@ def load_diffusers_folder(path: str | os.PathLike, *, dtype=torch.float32):
     return pipe
 
 
+def dit_file_family(base: str) -> str | None:
+    """``flux``, ``sd3`` or ``zimage`` for a ComfyUI diffusion-transformer ``.safetensors`` file
+    (read from its header alone), None for any other base."""
+    path = Path(base).expanduser()
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return None
+    from .components import read_shapes
+    from .dit_convert import dit_family
+
+    return dit_family(read_shapes(path)[0])
+
+
 def load_pipeline(base: str, *, dtype: torch.dtype = torch.float32, tokenizer=None, text_encoders=(), vae=None):
     """A diffusers pipeline for ``base``: a tiny base (``TINY_BASES``), a diffusers folder, an
     original-layout single-file SD1.5 / SDXL checkpoint, or a ComfyUI Flux.1 / SD3.5 / Z-Image
@@ -159,12 +171,7 @@ def load_pipeline(base: str, *, dtype: torch.dtype = torch.float32, tokenizer=No
     a folder with CLIP's vocab.json + merges.txt, for files with the real CLIP vocabulary."""
     text_encoders = [str(p) for p in text_encoders or ()]
     path = Path(base).expanduser()
-    family = None
-    if path.is_file() and path.suffix == ".safetensors":
-        from .components import read_shapes
-        from .dit_convert import dit_family
-
-        family = dit_family(read_shapes(path)[0])
+    family = dit_file_family(base)
     if (text_encoders or vae) and family is None:
         raise ValueError(f"--text-encoders / --vae go with a Flux.1, SD3.5 or Z-Image diffusion model file; "
                          f"base {base!r} brings its own")

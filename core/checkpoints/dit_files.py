@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .convert import VAE_PREFIX, convert_vae, drop_ignored, parse_structure, shipped_config, strip_prefix, vae_config
 from .dit_convert import (CONVERTERS, FAMILY_NAMES, SD3_BUNDLED, clip_width, convert_qwen3, convert_t5, encoder_kind,
                           qwen3_config, strip_diffusion_prefix, t5_config)
@@ -199,7 +201,8 @@ def load(plan_: Plan, *, dtype, tokenizer=None):
 
     vae_state = files.state(plan_.vae)
     vae_settings = vae_config(vae_state, VAE_FORMAT[family], plan_.vae.structure)
-    vae = build(lambda: AutoencoderKL(**vae_settings), convert_vae(vae_state, vae_settings), dtype,
+    # the VAE in fp32 whatever ``dtype`` (the pack's dtype policy: VAEs overflow in half precision)
+    vae = build(lambda: AutoencoderKL(**vae_settings), convert_vae(vae_state, vae_settings), torch.float32,
                 f"{plan_.vae.path.name} VAE")
     schedule = {"flux": "flux_dev_scheduler" if config.get("guidance_embeds") else "flux_schnell_scheduler",
                 "sd3": "sd3_scheduler", "zimage": "zimage_scheduler"}[family]

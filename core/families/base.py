@@ -61,6 +61,8 @@ class ModelFamily:
     lora_prefix: str = "lora_unet_"
     pixel_multiple: int = 8  # image sides the denoiser takes: multiples of the VAE's 8 (Flux: 16)
     renders_samples: bool = True  # render() works: sample, build-pairs, --sample-every, validation
+    # diffusers' loader of this family reads the pack's kohya files (core.lora_format.load_into_pipeline)
+    diffusers_reads_kohya: bool = True
 
     def __init__(self, pipe, device: torch.device):
         self.pipe, self.device = pipe, device
@@ -144,11 +146,6 @@ class ModelFamily:
     def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """The inverse of ``normalize_latents``: grid latents as the VAE decodes them."""
         raise NotImplementedError
-
-    def load_lora(self, path, adapter_name: str) -> None:
-        """Load a LoRA file into the pipeline as adapter ``adapter_name`` (``set_adapters``,
-        ``disable_lora`` then apply): diffusers' own loader reads this family's files."""
-        self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
 
     def require_rendering(self) -> None:
         """Refuse, before any work, a family whose pipeline call is not tested yet."""

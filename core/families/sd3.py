@@ -25,6 +25,7 @@ class SD3Family(FlowMatchingFamily):
     name = "sd3"
     lora_prefix = "lora_transformer_"  # ComfyUI's SD3 key map takes it (comfy/lora.py, "OneTrainer lora")
     renders_samples = True  # StableDiffusion3Pipeline: latents on the grid, scaling and shift undone
+    diffusers_reads_kohya = False  # its SD3 loader takes peft keys under transformer., without alphas
 
     def __init__(self, pipe, device):
         super().__init__(pipe, device)
@@ -52,23 +53,6 @@ class SD3Family(FlowMatchingFamily):
         """Classifier-free guidance as the pack's (SD3's own convention), the T5 sequence as long
         as in training (the pipeline's default, 256, would pad a shorter tokenizer's further)."""
         return {**super().guidance_kwargs(cfg, negative), "max_sequence_length": self.max_sequence_length}
-
-    def load_lora(self, path, adapter_name):
-        """diffusers' SD3 loader reads peft keys under ``transformer.`` and no alphas (scale 1), not
-        kohya's: a ``lora_transformer_`` file is converted to that, each module's alpha / rank folded
-        into its up weights. Other files go to diffusers' loader as they are."""
-        from ..lora_format import kohya_to_peft_state, load_lora_state
-
-        try:
-            kohya = load_lora_state(path)
-        except ValueError:  # not a kohya file: diffusers' own layouts
-            return super().load_lora(path, adapter_name)
-        names = [name for name, _ in self.denoiser.named_modules()]
-        state, alphas = kohya_to_peft_state(kohya, module_names=names)
-        for module, alpha in alphas.items():
-            up = state[f"{module}.lora_B.weight"]
-            state[f"{module}.lora_B.weight"] = up * (alpha / up.shape[1])
-        self.pipe.load_lora_weights({f"transformer.{k}": v for k, v in state.items()}, adapter_name=adapter_name)
 
     @classmethod
     def lora_targets(cls, names):
