@@ -165,6 +165,16 @@ DIT_BASE = {
         "The base's VAE, from models/vae (Flux.1 and Z-Image: ae.safetensors). none: the one inside ckpt_name.")),
 }
 TEXT_ENCODERS = ("text_encoder_1", "text_encoder_2", "text_encoder_3")
+# What fits a large base on one GPU (docs/memory.md; python -m trainers bench memory prints the budget).
+FIT_GPU = {
+    "base_weights": Input(["compute", "fp8"], _tip(
+        "How the frozen base is stored: compute (in the mixed_precision dtype) or fp8 (about half of bf16; each "
+        "layer upcast as it runs). fp8 needs gradient_checkpointing; Flux.1-dev needs it to fit 24 GB.",
+        default="compute"), "base_weights"),
+    "unload_text_encoders": Input("BOOLEAN", _tip(
+        "Encode every caption once, then drop the text encoders before training (T5-XXL: 9.5 GB; Qwen3-4B: 8 GB).",
+        default=False), "unload_text_encoders"),
+}
 
 
 def _model_output(strength: float) -> dict:
@@ -196,6 +206,7 @@ FAIRHUMAN_LORA = {
         "validate_every": VALIDATE_EVERY,
         "devices": DEVICES,
         **DIT_BASE,
+        **FIT_GPU,
     },
 }
 
@@ -251,6 +262,7 @@ HGDPO_LORA = {
         "validate_every": VALIDATE_EVERY,
         "devices": DEVICES,
         **DIT_BASE,
+        **FIT_GPU,
     },
 }
 

@@ -34,11 +34,13 @@ def test_lora_count_is_the_adapter_the_trainer_attaches(base, family):
 
 def test_the_budget_adds_its_terms_and_checkpointing_saves_activations():
     b = memory.budget(BY_NAME["Flux.1 dev / schnell"], rank=32)
-    assert b["weights_bf16"] == 2 * b["params"] == 2 * b["weights_fp8"]
+    assert b["weights_bf16"] == 2 * b["params"]
+    # the trainer's fp8 policy keeps Flux's modulation (3.2 B parameters, "norm" layers) in bf16
+    assert 0.6 < b["weights_fp8"] / b["weights_bf16"] < 0.7
     assert b["lora_state"] == b["lora"] * 4 * (3 + memory.OBJECTIVES + 1)
     assert b["train_fp8"] == b["weights_fp8"] + b["vae"] + b["lora_state"] + b["activations_checkpointed"]
     assert b["activations_checkpointed"] < b["activations_full"] / 5
-    # Flux.1-dev fits a 24 GB card only with fp8 weights (issue 27); the bf16 weights alone nearly fill it
+    # Flux.1-dev fits a 24 GB card only with fp8 weights; the bf16 weights alone nearly fill it
     assert b["train_fp8"] < 24e9 < b["train_bf16"]
     # twice the pixels, about twice the activations (linear in tokens: no stored attention scores)
     big = memory.budget(BY_NAME["Flux.1 dev / schnell"], rank=32, side=1448)

@@ -4,8 +4,11 @@ diffusion-transformer family, calculated (not measured) from the full-size archi
 Every model is built from its published shape on the meta device (no weights, no memory), so
 the parameter counts are exact; the rest is arithmetic, each term printed:
 
-- **base weights**: the frozen transformer, 2 bytes a parameter in bf16, 1 in fp8
-  (``--base-weights fp8``); the VAE beside it in fp32 (it encodes each step's images);
+- **base weights**: the frozen transformer, 2 bytes a parameter in bf16; with ``--base-weights
+  fp8`` the bytes the trainer's own storage policy leaves (``trainers.precision``, applied to the
+  meta model: linear layers in fp8, norms, embeddings and the layers diffusers marks precision
+  sensitive, such as Flux's modulation, in bf16); the VAE beside it in fp32 (it encodes each
+  step's images);
 - **LoRA state**: the LoRA's parameters (fp32), Adam's two moments (fp32), and the gradients
   of MPD: one per objective (K = 3: global, face, hand) plus the combined one, all fp32;
 - **activations**: a transformer block keeps about 34·s·h bytes for its backward in 16-bit
@@ -123,6 +126,19 @@ def lora_parameters(model, family: str, rank: int) -> int:
                if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
 
 
+def stored_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def fp8_bytes(family: Family) -> int:
+    """The transformer's bytes under ``--base-weights fp8`` with bf16 compute, as the trainer stores it."""
+    from trainers.precision import Precision
+
+    model = on_meta(family.transformer).to(torch.bfloat16)
+    Precision(torch.bfloat16, "cpu", base_weights="fp8").store(model)
+    return stored_bytes(model)
+
+
 def vae_parameters() -> int:
     from diffusers import AutoencoderKL
 
@@ -146,7 +162,7 @@ def budget(family: Family, rank: int, side: int = SIDE) -> dict:
     lora_state = lora * 4 * (1 + 2 + OBJECTIVES + 1)  # weights, Adam's m and v, K gradients and their sum
     out = dict(params=params, lora=lora, encoders=encoders, vae=vae, lora_state=lora_state,
                activations_checkpointed=block_inputs + largest_block, activations_full=every_block,
-               weights_bf16=2 * params, weights_fp8=params, encoders_bf16=2 * encoders)
+               weights_bf16=2 * params, weights_fp8=fp8_bytes(family), encoders_bf16=2 * encoders)
     for weights in ("bf16", "fp8"):
         out[f"train_{weights}"] = out[f"weights_{weights}"] + vae + lora_state + out["activations_checkpointed"]
     return out
