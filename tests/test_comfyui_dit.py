@@ -218,3 +218,83 @@ def test_unet_loader_lora_and_lan_sampler_run_a_graph(dit_server, family):
     assert torch.allclose(lan.mean(dims), base.mean(dims), atol=1e-4)
     assert torch.allclose(lan.std(dims, unbiased=False), base.std(dims, unbiased=False), atol=1e-4)
     assert not torch.allclose(lan, base, atol=1e-3)
+
+
+# ---- the shipped Flux.1 training workflow -------------------------------------------------------
+FLUX_WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "train_fairhuman_lora_flux.json"
+
+
+def flux_companions(folder: Path, dit: DiT) -> dict:
+    """The files a Flux.1 diffusion model needs beside it, in ComfyUI's layouts: a CLIP-L-shaped
+    encoder of the pooled width, a T5-shaped one of the context width (both small, for the
+    trainer; the graph's own conditioning comes from the test node), and a full-size random Flux
+    VAE (ComfyUI's VAELoader reads its widths as fixed)."""
+    from core.tiny_models import FLUX_LATENT, FLUX_SCALING_FACTOR, _clip_config, _t5
+    from dit_export import _clip_file, _t5_file, _vae_file
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    config = _clip_config(dit.pooled_width, 1)
+    config.num_attention_heads = 12  # CLIP-L's heads: ComfyUI's files say nothing of them
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                        scaling_factor=FLUX_SCALING_FACTOR, **FLUX_LATENT)
+    return {"clip_l": _clip_file(CLIPTextModel(config), folder / "clip_l_small.safetensors"),
+            "t5": _t5_file(_t5(dit.context_width, 1), folder / "t5_small.safetensors"),
+            "vae": _vae_file(vae, folder / "ae_random.safetensors")}
+
+
+@pytest.mark.heavy
+def test_shipped_flux_workflow_trains_on_the_diffusion_model_and_samples_with_its_lora(dit_server, sample_photos):
+    """workflows/train_fairhuman_lora_flux.json as the browser queues it: the Train node trains
+    on the Flux.1 diffusion model ComfyUI's own classes built (read by the trainer from
+    models/diffusion_models with its text encoders and VAE), with the workflow's fp8 base weights,
+    gradient checkpointing and unloaded text encoders, 2 steps at 64 px; the LoRA lands in
+    models/loras/fairhuman, applies to UNETLoader's model with every key, and the graph samples
+    and decodes with it. Only the text encoding is the test node's (see the module docstring)."""
+    from comfyui_harness import workflow_to_api
+    from core.lora_format import read_lora_metadata
+
+    (server, built), dit = dit_server, SMALL["flux"]
+    if built["flux"]["detected"] != dit.widths:
+        pytest.skip(f"ComfyUI {comfyui_harness.version_label(server.tree)} reads no Flux width from the weights")
+    files = flux_companions(server.base_dir, dit)
+    names = {"unet_name": server.add_model("diffusion_models", server.base_dir / "small-flux.safetensors"),
+             "clip_l": server.add_model("text_encoders", files["clip_l"]),
+             "t5": server.add_model("text_encoders", files["t5"]), "vae": server.add_model("vae", files["vae"])}
+    photos = server.base_dir / "input" / "flux photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    for path in sample_photos[:2]:
+        shutil.copy(path, photos / path.name)
+
+    api = workflow_to_api(json.loads(FLUX_WORKFLOW.read_text()), server.object_info())
+    by_type = {node["class_type"]: node_id for node_id, node in api.items()}
+    train = api[by_type["FairHumanTrainLoRA"]]["inputs"]
+    assert (train["base_weights"], train["gradient_checkpointing"], train["unload_text_encoders"],
+            train["mixed_precision"], train["ckpt_name"]) == ("fp8", True, True, "bf16", "none")  # the shipped recipe
+    train.update(dataset="flux photos", output_name="flux workflow", steps=2, resolution=64, rank=4,
+                 learning_rate=1e-3, checkpoint_every=0, diffusion_model=names["unet_name"],
+                 text_encoder_1=names["t5"], text_encoder_2=names["clip_l"], vae=names["vae"])
+    api[by_type["UNETLoader"]]["inputs"]["unet_name"] = names["unet_name"]
+    api[by_type["VAELoader"]]["inputs"]["vae_name"] = names["vae"]
+    del api[by_type["DualCLIPLoader"]]
+    api[by_type["CLIPTextEncode"]] = {"class_type": "TestSeededConditioning", "inputs": {
+        "seed": 1, "tokens": 8, "width": dit.context_width, "pooled_width": dit.pooled_width, "guidance": 3.5}}
+    api[by_type["EmptySD3LatentImage"]]["inputs"].update(width=64, height=64)
+    api[by_type["KSampler"]]["inputs"]["steps"] = 1
+
+    before = len(server.log())
+    entry = server.run(api, timeout=1800)
+    log = server.log()[before:]
+    lora = server.base_dir / "models" / "loras" / "fairhuman" / "flux workflow.safetensors"
+    assert lora.is_file(), log[-3000:]
+    meta = read_lora_metadata(lora)
+    assert meta["fairhuman.base_arch"] == "flux" and meta["fairhuman.method"] == "fairhuman"
+    assert "lora key not loaded" not in log and "LoRA modules match nothing" not in log, log[-3000:]
+    images = server.outputs(entry, by_type["SaveImage"])
+    assert images and all(p.is_file() for p in images)
+    job = next(j for j in server.get("/fairhuman/jobs")["jobs"] if j["output_name"] == "flux workflow")
+    config = json.loads((Path(job["run_dir"]) / "train" / "config.json").read_text())
+    assert (config["base_weights"], config["unload_text_encoders"]) == ("fp8", True)
+    assert Path(config["base"]).name == names["unet_name"] and len(config["text_encoders"]) == 2

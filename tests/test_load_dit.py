@@ -131,6 +131,27 @@ def test_sd3_checkpoint_with_its_encoders_and_vae_inside(tiny, comfy_files, tmp_
     assert_same_pipeline(load_pipeline(str(path)), tiny("tiny-sd3"))
 
 
+@torch.no_grad()
+def test_flux_saved_by_comfyui_with_weight_named_norms_loads_the_same(tiny, comfy_files, tmp_path, no_network):
+    """ComfyUI 0.33 saves Flux's q/k RMSNorm gains as ``.weight`` where BFL's files say ``.scale``
+    (a model its own classes built; found by tests/test_comfyui_dit.py's workflow test)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from core.checkpoints import load_pipeline
+
+    files = comfy_files("tiny-flux")
+    with safe_open(files["base"], "pt") as handle:
+        metadata = handle.metadata()
+    renamed = {k.removesuffix(".scale") + ".weight" if k.endswith("_norm.scale") else k: v
+               for k, v in load_file(files["base"]).items()}
+    assert any(k.endswith("query_norm.weight") for k in renamed)
+    path = tmp_path / "flux_comfy_saved.safetensors"
+    save_file(renamed, str(path), metadata=metadata)
+    loaded = load_pipeline(str(path), text_encoders=files["text_encoders"], vae=files["vae"])
+    assert_same_pipeline(loaded, tiny("tiny-flux"))
+
+
 def test_flux_without_guidance_input_is_schnell(comfy_files, tmp_path, no_network):
     """No guidance_in: Flux.1-schnell's transformer config and fixed-shift (1) schedule."""
     from safetensors import safe_open

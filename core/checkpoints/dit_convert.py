@@ -134,7 +134,9 @@ def flux_config(shapes: dict, structure: dict | None = None) -> dict:
     keys = list(shapes)
     config = shipped_config("flux_transformer")
     width, in_channels = shapes["img_in.weight"]
-    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    # BFL's files name the q/k RMSNorm gains .scale; ComfyUI (0.33) saves them as .weight
+    norm = "double_blocks.0.img_attn.norm.query_norm."
+    head_dim = (shapes.get(norm + "scale") or shapes[norm + "weight"])[0]
     out_channels = shapes["final_layer.linear.weight"][0]
     config.update(
         in_channels=in_channels, out_channels=None if out_channels == in_channels else out_channels,  # None: the same
