@@ -14,7 +14,8 @@ pytestmark = pytest.mark.comfyui
 
 ROOT = Path(__file__).resolve().parents[1]
 SAVED_BY = "1c30921"  # the main whose saved workflows must keep loading (tests/test_job_spec.py's)
-FILE_LISTS = ("ckpt_name", "lora_name", "control_net_name", "image", "folder")  # depend on the user's files
+FILE_LISTS = ("ckpt_name", "lora_name", "control_net_name", "image", "folder", "unet_name", "clip_name1",  # depend on
+              "clip_name2", "vae_name", "diffusion_model", "text_encoder_1", "text_encoder_2", "vae")  # the user's files
 NEEDS = {"train_fairhuman_lora_dataset_nodes.json": "LoadImageTextDataSetFromFolder"}  # ComfyUI 0.33's
 
 
