@@ -128,25 +128,39 @@ def convert_flux(state: dict) -> dict:
     return out
 
 
-def flux_config(shapes: dict, structure: dict | None = None) -> dict:
-    """FluxTransformer2DModel config from the BFL-layout tensor shapes (``{key: shape}``)."""
-    shapes = strip_diffusion_prefix(shapes)
-    keys = list(shapes)
-    config = shipped_config("flux_transformer")
+def _config_reader(shipped: str):
+    """A config function ``(shapes, structure=None) -> config`` for a transformer: the shipped
+    config ``shipped``, then what the file's metadata says (``structure``), then what the decorated
+    ``read(shapes, keys, config)`` reads from the tensor shapes (``{key: shape}``, unprefixed)."""
+    def decorate(read):
+        def config_of(shapes: dict, structure: dict | None = None) -> dict:
+            shapes = strip_diffusion_prefix(shapes)
+            config = shipped_config(shipped)
+            config.update((structure or {}).get("transformer", {}))
+            config.update(read(shapes, list(shapes), config))
+            return config
+
+        config_of.__doc__ = read.__doc__
+        return config_of
+
+    return decorate
+
+
+@_config_reader("flux_transformer")
+def flux_config(shapes, keys, config) -> dict:
+    """FluxTransformer2DModel config from the BFL-layout tensor shapes."""
     width, in_channels = shapes["img_in.weight"]
     # BFL's files name the q/k RMSNorm gains .scale; ComfyUI (0.33) saves them as .weight
     norm = "double_blocks.0.img_attn.norm.query_norm."
     head_dim = (shapes.get(norm + "scale") or shapes[norm + "weight"])[0]
     out_channels = shapes["final_layer.linear.weight"][0]
-    config.update(
+    return dict(
         in_channels=in_channels, out_channels=None if out_channels == in_channels else out_channels,  # None: the same
         num_layers=_count(keys, "double_blocks.{}."), num_single_layers=_count(keys, "single_blocks.{}."),
         attention_head_dim=head_dim, num_attention_heads=width // head_dim,
         joint_attention_dim=shapes["txt_in.weight"][1], pooled_projection_dim=shapes["vector_in.in_layer.weight"][1],
         guidance_embeds="guidance_in.in_layer.weight" in shapes,  # dev is guidance-distilled; schnell is not
     )
-    config.update((structure or {}).get("transformer", {}))
-    return config
 
 
 def _diffusers_converter(name: str):
@@ -163,16 +177,13 @@ def _diffusers_converter(name: str):
 convert_sd3 = _diffusers_converter("convert_sd3_transformer_checkpoint_to_diffusers")
 
 
-def sd3_config(shapes: dict, structure: dict | None = None) -> dict:
+@_config_reader("sd3_transformer")
+def sd3_config(shapes, keys, config) -> dict:
     """SD3Transformer2DModel config from the MMDiT tensor shapes."""
-    shapes = strip_diffusion_prefix(shapes)
-    keys = list(shapes)
-    config = shipped_config("sd3_transformer")
     width, in_channels, patch, _ = shapes["x_embedder.proj.weight"]
     has_qk_norm = "joint_blocks.0.x_block.attn.ln_q.weight" in shapes
-    config.update((structure or {}).get("transformer", {}))
     head_dim = shapes["joint_blocks.0.x_block.attn.ln_q.weight"][0] if has_qk_norm else config["attention_head_dim"]
-    config.update(
+    return dict(
         patch_size=patch, in_channels=in_channels, out_channels=shapes["final_layer.linear.weight"][0] // patch ** 2,
         num_layers=_count(keys, "joint_blocks.{}."), attention_head_dim=head_dim, num_attention_heads=width // head_dim,
         joint_attention_dim=shapes["context_embedder.weight"][1], caption_projection_dim=shapes["context_embedder.weight"][0],
@@ -182,28 +193,23 @@ def sd3_config(shapes: dict, structure: dict | None = None) -> dict:
                                     if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes),  # MMDiT-X (3.5 Medium)
         qk_norm="rms_norm" if has_qk_norm else None,
     )
-    return config
 
 
 # ---- Z-Image ---------------------------------------------------------------------------------
 convert_zimage = _diffusers_converter("convert_z_image_transformer_checkpoint_to_diffusers")
 
 
-def zimage_config(shapes: dict, structure: dict | None = None) -> dict:
+@_config_reader("zimage_transformer")
+def zimage_config(shapes, keys, config) -> dict:
     """ZImageTransformer2DModel config from ComfyUI's NextDiT-layout tensor shapes."""
-    shapes = strip_diffusion_prefix(shapes)
-    keys = list(shapes)
-    config = shipped_config("zimage_transformer")
     dim, cap_feat_dim = shapes["cap_embedder.1.weight"]
     head_dim = shapes["layers.0.attention.q_norm.weight"][0]
     patch = config["all_patch_size"][0] ** 2 * config["all_f_patch_size"][0]
-    config.update(
+    return dict(
         dim=dim, cap_feat_dim=cap_feat_dim, n_heads=dim // head_dim, n_kv_heads=dim // head_dim,
         n_layers=_count(keys, "layers.{}."), n_refiner_layers=_count(keys, "noise_refiner.{}."),
         in_channels=shapes["x_embedder.weight"][1] // patch,
     )
-    config.update((structure or {}).get("transformer", {}))
-    return config
 
 
 CONVERTERS = {"flux": (flux_config, convert_flux), "sd3": (sd3_config, convert_sd3),
