@@ -3,6 +3,8 @@ their text encoder and VAE files (tests/dit_export.py writes the tiny models in 
 the diffusers folders of their pipelines, the refusals, and the real-size key layouts."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -374,3 +376,21 @@ def test_sample_renders_from_comfyui_files(comfy_files, tmp_path):
     assert images
     with Image.open(images[0]) as image:
         assert image.size == (64, 64)
+
+
+def test_each_file_is_read_once_and_let_go_after_its_last_part(comfy_files, monkeypatch):
+    """An SD3.5 checkpoint serves several parts from one read; a file no later part needs is not
+    kept (Flux.1-dev's 24 GB of tensors are not held while T5-XXL loads)."""
+    from core.checkpoints import dit_files
+
+    reads = []
+    real_read = dit_files.read_file
+    monkeypatch.setattr(dit_files, "read_file", lambda path: reads.append(path) or real_read(path))
+    files = comfy_files("tiny-flux")
+    bundle, alone = dit_files.Part(Path(files["base"]), ""), dit_files.Part(Path(files["vae"]), "")
+    cache = dit_files._Files([bundle, bundle, alone])
+    cache.state(bundle)
+    assert Path(files["base"]) in cache._cache  # a second part still needs it
+    cache.state(bundle)
+    cache.state(alone)
+    assert reads == [Path(files["base"]), Path(files["vae"])] and cache._cache == {}

@@ -9,6 +9,7 @@ needs is checked from the files' headers before any tensor is read.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,15 +121,20 @@ def plan(base: Path, base_shapes: dict, base_metadata: dict, family: str, text_e
 
 
 class _Files:
-    """Each file read once (an SD3.5 checkpoint serves several parts)."""
+    """Each file read once (an SD3.5 checkpoint serves several parts) and let go after its last
+    part, so Flux.1-dev's 24 GB file is not held in memory while T5-XXL loads."""
 
-    def __init__(self):
+    def __init__(self, parts):
         self._cache = {}
+        self._uses = Counter(part.path for part in parts)
 
     def state(self, part: Part) -> dict:
-        if part.path not in self._cache:
-            self._cache[part.path] = read_file(part.path)[0]
-        tensors = self._cache[part.path]
+        tensors = self._cache.pop(part.path, None)
+        if tensors is None:
+            tensors = read_file(part.path)[0]
+        self._uses[part.path] -= 1
+        if self._uses[part.path] > 0:
+            self._cache[part.path] = tensors
         return strip_prefix(tensors, part.prefix) if part.prefix else tensors
 
 
@@ -169,7 +175,8 @@ def load(plan_: Plan, *, dtype, tokenizer=None):
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                            SD3Transformer2DModel, StableDiffusion3Pipeline, ZImagePipeline, ZImageTransformer2DModel)
 
-    family, files = plan_.family, _Files()
+    family = plan_.family
+    files = _Files([plan_.transformer, *plan_.encoders.values(), plan_.vae])
     hints = [plan_.transformer.path, *(p.path for p in plan_.encoders.values()), plan_.vae.path, tokenizer]
 
     state = strip_diffusion_prefix(files.state(plan_.transformer))
