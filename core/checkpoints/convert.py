@@ -256,9 +256,15 @@ def load_into(model: torch.nn.Module, state: dict, dtype: torch.dtype, what: str
 
 
 
+ALIGNMENT = 64  # bytes: what CPU kernels' vectorised paths assume
+
+
 def _own(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor`` in ``dtype`` (floating tensors only) in freshly allocated memory: tensors read
-    from a file can sit at unaligned addresses, where CPU kernels take other code paths and the
-    model's outputs drift from the same weights' by ~1e-7."""
+    """``tensor`` in ``dtype`` (floating tensors only), at an aligned address: tensors read from a
+    file can sit at unaligned ones, where CPU kernels take other code paths and the model's outputs
+    drift from the same weights' by ~1e-7. Aligned tensors already in ``dtype`` are adopted as they
+    are, so a model read in its file's dtype does not take twice the file's memory."""
     out = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    return out.clone() if out.data_ptr() == tensor.data_ptr() else out
+    if out.data_ptr() == tensor.data_ptr() and tensor.data_ptr() % ALIGNMENT:
+        return out.clone()
+    return out
