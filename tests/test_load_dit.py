@@ -409,3 +409,21 @@ def test_aligned_tensors_in_their_dtype_are_adopted_not_copied():
     assert copied.data_ptr() != unaligned.data_ptr() and copied.data_ptr() % 64 == 0
     assert torch.equal(copied, unaligned)
     assert _own(aligned, torch.float32).dtype == torch.float32  # a cast is a copy anyway
+
+
+@pytest.mark.parametrize("command", ["sample", "build-pairs", "evaluate"])
+def test_commands_refuse_an_incomplete_base_with_one_line(command, comfy_files, nothing_loads, tmp_path, capsys):
+    """sample / build-pairs / evaluate on a Flux.1 file without its T5: one ``error:`` line naming
+    what is missing, no traceback, nothing read."""
+    from trainers.cli import main
+
+    files = comfy_files("tiny-flux")
+    clip_only = [p for p in files["text_encoders"] if "clip" in Path(p).name]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a person waving\n")
+    extra = {"sample": ["--prompt", "a hand"], "build-pairs": ["--prompts", str(prompts)],
+             "evaluate": ["--prompts", str(prompts), "--lora", f"{files['vae']}:x"]}[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--base", files["base"], "--text-encoders", *clip_only, "--vae", files["vae"],
+              "--output", str(tmp_path / "out"), *extra])
+    assert str(exit_.value).startswith("error: ") and "T5-XXL" in str(exit_.value), exit_.value

@@ -14,6 +14,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "models/vae (Flux and Z-Image: ae.safetensors)")
 
 
+def load_pipeline_of(args):
+    """The ``--base`` pipeline of a command, or ``error: ...`` and exit status 1 for a base that
+    cannot load (a missing text encoder, a file of no known layout), without a traceback."""
+    from core.checkpoints import load_pipeline
+
+    try:
+        return load_pipeline(args.base, **load_kwargs(args))
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def load_kwargs(args) -> dict:
     """load_pipeline's keyword arguments from parsed flags (--tokenizer and the two above)."""
     return {"tokenizer": getattr(args, "tokenizer", None), "text_encoders": args.text_encoders, "vae": args.vae}

@@ -232,12 +232,11 @@ class PairMaker:
             self.common.update(width=args.size[0], height=args.size[1])
 
     def records(self, positions: list[int]):
-        from core.checkpoints import load_pipeline
         from core.families import family_of
 
         if not positions:
             return
-        pipe = load_pipeline(self.args.base, **base_files.load_kwargs(self.args)).to(shards.Share.device())
+        pipe = base_files.load_pipeline_of(self.args).to(shards.Share.device())
         use_sampler(pipe, self.args.sampler)
         family = family_of(pipe, shards.Share.device())
         try:

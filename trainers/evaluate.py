@@ -140,11 +140,10 @@ def render_missing(args, models: list[Model], prompts: list[str], todo: list[Ren
     """Generate the images not rendered yet, one model (and strength) at a time."""
     from tqdm import tqdm
 
-    from core.checkpoints import load_pipeline
     from core.lora_format import load_into_pipeline, lora_architecture, lora_fits
     from core.families import family_of
 
-    pipe = load_pipeline(args.base, **base_files.load_kwargs(args)).to(shards.Share.device())
+    pipe = base_files.load_pipeline_of(args).to(shards.Share.device())
     family = family_of(pipe, shards.Share.device())
     arch = family.name
     for model in models:

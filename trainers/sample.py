@@ -79,8 +79,6 @@ def lan_generate(pipe, prompt: str, *, seed: int, strength: float, **kwargs):
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.checkpoints import load_pipeline
-
     if args.lan and args.lora is None:
         raise SystemExit("--lan needs --lora: LAN matches the LoRA model to the model without it")
     if not 0.0 <= args.lan_strength <= 1.0:
@@ -89,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"LoRA file not found: {args.lora}")
     from core.families import family_of
 
-    pipe = load_pipeline(args.base, **base_files.load_kwargs(args))
+    pipe = base_files.load_pipeline_of(args)
     family = family_of(pipe)
     try:
         family.require_rendering()  # before the LoRA loads, and for --lan, which calls the pipeline itself
