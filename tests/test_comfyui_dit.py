@@ -10,7 +10,11 @@ width, so Z-Image has no small-model graph.)
 
 Text encoders are left out: T5-XXL alone has 4.7 B parameters. A test-only node
 (``tests/comfy_test_nodes/seeded_conditioning.py``) gives the graphs seeded conditioning of the
-model's width instead; what is tested is the diffusion model, its LoRA and the samplers."""
+model's width instead; what is tested is the diffusion model, its LoRA and the samplers.
+
+The Train nodes train on that Flux.1 from ComfyUI's folders (the trainer reads the diffusion model
+with small text encoder files of its widths and a full-size random VAE): the shipped Flux.1
+workflow, and Train HG-DPO LoRA building pairs with the Flux pipeline."""
 from __future__ import annotations
 
 import json
@@ -245,8 +249,22 @@ def flux_companions(folder: Path, dit: DiT) -> dict:
             "vae": _vae_file(vae, folder / "ae_random.safetensors")}
 
 
+@pytest.fixture(scope="module")
+def flux_files(dit_server):
+    """The small Flux.1 (ComfyUI's classes) and its companions in the server's model folders, by the
+    names ComfyUI lists them under."""
+    (server, built), dit = dit_server, SMALL["flux"]
+    if built["flux"]["detected"] != dit.widths:
+        pytest.skip(f"ComfyUI {comfyui_harness.version_label(server.tree)} reads no Flux width from the weights")
+    files = flux_companions(server.base_dir, dit)
+    return {"unet_name": server.add_model("diffusion_models", server.base_dir / "small-flux.safetensors"),
+            "clip_l": server.add_model("text_encoders", files["clip_l"]),
+            "t5": server.add_model("text_encoders", files["t5"]), "vae": server.add_model("vae", files["vae"])}
+
+
 @pytest.mark.heavy
-def test_shipped_flux_workflow_trains_on_the_diffusion_model_and_samples_with_its_lora(dit_server, sample_photos):
+def test_shipped_flux_workflow_trains_on_the_diffusion_model_and_samples_with_its_lora(dit_server, flux_files,
+                                                                                         sample_photos):
     """workflows/train_fairhuman_lora_flux.json as the browser queues it: the Train node trains
     on the Flux.1 diffusion model ComfyUI's own classes built (read by the trainer from
     models/diffusion_models with its text encoders and VAE), with the workflow's fp8 base weights,
@@ -256,13 +274,7 @@ def test_shipped_flux_workflow_trains_on_the_diffusion_model_and_samples_with_it
     from comfyui_harness import workflow_to_api
     from core.lora_format import read_lora_metadata
 
-    (server, built), dit = dit_server, SMALL["flux"]
-    if built["flux"]["detected"] != dit.widths:
-        pytest.skip(f"ComfyUI {comfyui_harness.version_label(server.tree)} reads no Flux width from the weights")
-    files = flux_companions(server.base_dir, dit)
-    names = {"unet_name": server.add_model("diffusion_models", server.base_dir / "small-flux.safetensors"),
-             "clip_l": server.add_model("text_encoders", files["clip_l"]),
-             "t5": server.add_model("text_encoders", files["t5"]), "vae": server.add_model("vae", files["vae"])}
+    (server, _), dit, names = dit_server, SMALL["flux"], flux_files
     photos = server.base_dir / "input" / "flux photos"
     photos.mkdir(parents=True, exist_ok=True)
     for path in sample_photos[:2]:
@@ -298,3 +310,34 @@ def test_shipped_flux_workflow_trains_on_the_diffusion_model_and_samples_with_it
     config = json.loads((Path(job["run_dir"]) / "train" / "config.json").read_text())
     assert (config["base_weights"], config["unload_text_encoders"]) == ("fp8", True)
     assert Path(config["base"]).name == names["unet_name"] and len(config["text_encoders"]) == 2
+
+
+@pytest.mark.heavy
+def test_hgdpo_node_builds_pairs_and_trains_on_a_flux_diffusion_model(dit_server, flux_files):
+    """Train HG-DPO LoRA on the same Flux.1 files: pairs rendered by the Flux pipeline the trainer
+    reads from ComfyUI's folders, scored, then one Fair DPO step; the LoRA applies to UNETLoader's
+    model with every key."""
+    from core.lora_format import read_lora_metadata
+
+    (server, _), names = dit_server, flux_files
+    graph = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": names["unet_name"], "weight_dtype": "default"}},
+        "2": {"class_type": "HGDPOTrainLoRA", "inputs": {
+            "ckpt_name": "none", "prompts": "a photo of a person waving\ntwo people shaking hands",
+            "images_per_prompt": 2, "scorer": "anatomy", "output_name": "flux dpo", "steps": 1, "mode": "wait",
+            "resolution": 64, "rank": 4, "learning_rate": 1e-3, "sampling_steps": 2, "mixed_precision": "no",
+            "checkpoint_every": 0, "method": "fair-dpo", "model": ["1", 0], "diffusion_model": names["unet_name"],
+            "text_encoder_1": names["clip_l"], "text_encoder_2": names["t5"], "vae": names["vae"]}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
+    }
+    before = len(server.log())
+    server.run(graph, timeout=1800)
+    log = server.log()[before:]
+    lora = server.base_dir / "models" / "loras" / "fairhuman" / "flux dpo.safetensors"
+    assert lora.is_file(), log[-3000:]
+    meta = read_lora_metadata(lora)
+    assert meta["fairhuman.base_arch"] == "flux" and meta["fairhuman.method"] == "fair-dpo"
+    assert "lora key not loaded" not in log and "LoRA modules match nothing" not in log, log[-3000:]
+    job = next(j for j in server.get("/fairhuman/jobs")["jobs"] if j["output_name"] == "flux dpo")
+    pairs = [json.loads(line) for line in (Path(job["run_dir"]) / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 2
