@@ -262,6 +262,23 @@ def flux_files(dit_server):
             "t5": server.add_model("text_encoders", files["t5"]), "vae": server.add_model("vae", files["vae"])}
 
 
+def run_flux_training(server, prompt: dict, output_name: str, method: str) -> tuple[dict, dict]:
+    """Run a graph whose Train node (wait mode) trains ``output_name`` on the small Flux.1: its LoRA
+    is in models/loras/fairhuman, made by ``method`` for Flux, and applied with every key. Returns
+    (the prompt's history entry, the job's summary)."""
+    from core.lora_format import read_lora_metadata
+
+    before = len(server.log())
+    entry = server.run(prompt, timeout=1800)
+    log = server.log()[before:]
+    lora = server.base_dir / "models" / "loras" / "fairhuman" / f"{output_name}.safetensors"
+    assert lora.is_file(), log[-3000:]
+    meta = read_lora_metadata(lora)
+    assert meta["fairhuman.base_arch"] == "flux" and meta["fairhuman.method"] == method
+    assert "lora key not loaded" not in log and "LoRA modules match nothing" not in log, log[-3000:]
+    return entry, next(j for j in server.get("/fairhuman/jobs")["jobs"] if j["output_name"] == output_name)
+
+
 @pytest.mark.heavy
 def test_shipped_flux_workflow_trains_on_the_diffusion_model_and_samples_with_its_lora(dit_server, flux_files,
                                                                                          sample_photos):
@@ -272,7 +289,6 @@ def test_shipped_flux_workflow_trains_on_the_diffusion_model_and_samples_with_it
     models/loras/fairhuman, applies to UNETLoader's model with every key, and the graph samples
     and decodes with it. Only the text encoding is the test node's (see the module docstring)."""
     from comfyui_harness import workflow_to_api
-    from core.lora_format import read_lora_metadata
 
     (server, _), dit, names = dit_server, SMALL["flux"], flux_files
     photos = server.base_dir / "input" / "flux photos"
@@ -296,17 +312,9 @@ def test_shipped_flux_workflow_trains_on_the_diffusion_model_and_samples_with_it
     api[by_type["EmptySD3LatentImage"]]["inputs"].update(width=64, height=64)
     api[by_type["KSampler"]]["inputs"]["steps"] = 1
 
-    before = len(server.log())
-    entry = server.run(api, timeout=1800)
-    log = server.log()[before:]
-    lora = server.base_dir / "models" / "loras" / "fairhuman" / "flux workflow.safetensors"
-    assert lora.is_file(), log[-3000:]
-    meta = read_lora_metadata(lora)
-    assert meta["fairhuman.base_arch"] == "flux" and meta["fairhuman.method"] == "fairhuman"
-    assert "lora key not loaded" not in log and "LoRA modules match nothing" not in log, log[-3000:]
+    entry, job = run_flux_training(server, api, "flux workflow", "fairhuman")
     images = server.outputs(entry, by_type["SaveImage"])
     assert images and all(p.is_file() for p in images)
-    job = next(j for j in server.get("/fairhuman/jobs")["jobs"] if j["output_name"] == "flux workflow")
     config = json.loads((Path(job["run_dir"]) / "train" / "config.json").read_text())
     assert (config["base_weights"], config["unload_text_encoders"]) == ("fp8", True)
     assert Path(config["base"]).name == names["unet_name"] and len(config["text_encoders"]) == 2
@@ -317,8 +325,6 @@ def test_hgdpo_node_builds_pairs_and_trains_on_a_flux_diffusion_model(dit_server
     """Train HG-DPO LoRA on the same Flux.1 files: pairs rendered by the Flux pipeline the trainer
     reads from ComfyUI's folders, scored, then one Fair DPO step; the LoRA applies to UNETLoader's
     model with every key."""
-    from core.lora_format import read_lora_metadata
-
     (server, _), names = dit_server, flux_files
     graph = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": names["unet_name"], "weight_dtype": "default"}},
@@ -330,14 +336,6 @@ def test_hgdpo_node_builds_pairs_and_trains_on_a_flux_diffusion_model(dit_server
             "text_encoder_1": names["clip_l"], "text_encoder_2": names["t5"], "vae": names["vae"]}},
         "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
     }
-    before = len(server.log())
-    server.run(graph, timeout=1800)
-    log = server.log()[before:]
-    lora = server.base_dir / "models" / "loras" / "fairhuman" / "flux dpo.safetensors"
-    assert lora.is_file(), log[-3000:]
-    meta = read_lora_metadata(lora)
-    assert meta["fairhuman.base_arch"] == "flux" and meta["fairhuman.method"] == "fair-dpo"
-    assert "lora key not loaded" not in log and "LoRA modules match nothing" not in log, log[-3000:]
-    job = next(j for j in server.get("/fairhuman/jobs")["jobs"] if j["output_name"] == "flux dpo")
+    _, job = run_flux_training(server, graph, "flux dpo", "fair-dpo")
     pairs = [json.loads(line) for line in (Path(job["run_dir"]) / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 2
