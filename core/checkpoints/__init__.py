@@ -27,8 +27,8 @@ from ..tiny_models import TINY_BASES, build_tiny_pipeline
 
 ARCHITECTURES = ("sd15", "sdxl")
 DIT_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "ZImagePipeline")
-__all__ = ["ARCHITECTURES", "CLIP_VOCAB_SIZE", "architecture", "clip_tokenizer", "find_clip_tokenizer",
-           "load_diffusers_folder", "load_pipeline", "load_single_file"]
+__all__ = ["ARCHITECTURES", "CLIP_VOCAB_SIZE", "architecture", "clip_tokenizer", "dit_file_family",
+           "find_clip_tokenizer", "load_diffusers_folder", "load_pipeline", "load_single_file"]
 
 
 def architecture(state_dict_keys) -> str:
